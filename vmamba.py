@@ -1,0 +1,1033 @@
+"""VMamba: Visual State Space Model, in one file.
+
+Liu et al., "VMamba: Visual State Space Model", NeurIPS 2024 (arXiv:2401.10166).
+
+A vision backbone that replaces attention with SS2D: every feature map is read as
+four 1-D sequences (row-major, column-major and both reversed), each sequence goes
+through a Mamba-1 selective scan, and the four results are summed back onto the
+pixels. Cost grows linearly with the number of pixels.
+
+This file needs only ``torch`` and ``einops``. It runs the released checkpoints
+exactly, on CPU with a fast pure-PyTorch scan, and on CUDA with the compiled
+``mamba_ssm`` kernel or Triton kernels when they are installed.
+
+Usage::
+
+    import vmamba
+    model = vmamba.vmamba_tiny_s1l8(pretrained=True).eval()    # ImageNet-1K, 82.6% top-1
+    logits = model(torch.randn(1, 3, 224, 224))                 # (1, 1000)
+
+    backbone = vmamba.Backbone_VSSM(**vmamba.model_config("vmamba_tiny_s1l8"))
+    features = backbone(torch.randn(1, 3, 512, 512))            # 4 maps, strides 4..32
+
+    vmamba.load_pretrained(model, "https://host/ckpt.pth")      # any released layout
+
+Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` for more.
+
+License: MIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+__all__ = [
+    "selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "available_backends",
+    "set_backend", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "load_pretrained",
+    "checkpoint_filter_fn", "list_models", "create_model", "model_config",
+]
+
+# ----------------------------------------------------------------------------------------
+# Optional accelerated kernels. Each import is tried once; a missing one is never an error
+# until somebody asks for that backend by name.
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+except Exception:  # ImportError, or an "undefined symbol" OSError from a broken build
+    _mamba_selective_scan_fn = None
+
+BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+_INSTALL_HINTS = {
+    "mamba_ssm": "pip install mamba-ssm --no-build-isolation (needs a CUDA toolkit matching torch)",
+    "triton": "pip install triton (Linux; ships with the CUDA builds of torch)",
+}
+_forced_backend: Optional[str] = None
+
+
+def _warn_once(message: str, _seen: set = set()) -> None:
+    if message not in _seen:
+        _seen.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------
+# Selective scan: the reference, the fast pure-PyTorch form, and the public dispatcher.
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       delta_softplus: bool = True) -> Tensor:
+    """Grouped Mamba-1 selective scan, one step at a time, in float64. The oracle.
+
+    Shapes (K groups of D channels, state size N, length L)::
+
+        u, delta    (B, K*D, L)     input and step size
+        A           (K*D, N)        negative decay rates
+        B, C        (B, K, N, L)    input and output projections, shared by a group
+        D           (K*D,)          skip connection, optional
+        delta_bias  (K*D,)          added to delta before softplus, optional
+
+    Recurrence, with ``dt = softplus(delta + delta_bias)``::
+
+        h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
+        y_t = <C_t, h_t> + D * u_t
+
+    Returns y as float64, (B, K*D, L). Slow (a Python loop over L): use it for tests.
+    """
+    batch, channels, length = u.shape
+    groups = B.shape[1]
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    dt = F.softplus(delta) if delta_softplus else delta
+    B = B.repeat_interleave(channels // groups, dim=1)                 # (B, K*D, N, L)
+    C = C.repeat_interleave(channels // groups, dim=1)                 # (B, K*D, N, L)
+    h = u.new_zeros(batch, channels, A.shape[1])                       # (B, K*D, N)
+    ys = []
+    for dt_t, u_t, b_t, c_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        h = torch.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t
+        ys.append((h * c_t).sum(-1))
+    y = torch.stack(ys, dim=-1)                                        # (B, K*D, L)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    return y
+
+
+
+def _selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+    # TEMPORARY: replaced by the chunked engine.
+    return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus).float()
+
+
+def _ss2d_scan_torch(x, dts, A, Bs, Cs, Ds, delta_bias):
+    # TEMPORARY: composition
+    b, h, w, d = x.shape
+    xs = cross_scan(x.permute(0, 3, 1, 2))
+    dts = cross_scan(rearrange(dts, "b h w k d -> b (k d) h w")).view(b, 4, 4, d, h * w)
+    dts = torch.stack([dts[:, k, k] for k in range(4)], 1)
+    Bs = cross_scan(rearrange(Bs, "b h w k n -> b (k n) h w")).view(b, 4, 4, -1, h * w)
+    Bs = torch.stack([Bs[:, k, k] for k in range(4)], 1)
+    Cs = cross_scan(rearrange(Cs, "b h w k n -> b (k n) h w")).view(b, 4, 4, -1, h * w)
+    Cs = torch.stack([Cs[:, k, k] for k in range(4)], 1)
+    ys = _selective_scan_torch(xs.reshape(b, 4 * d, -1), dts.reshape(b, 4 * d, -1), A.reshape(4 * d, -1),
+                               Bs, Cs, Ds.reshape(-1), delta_bias.reshape(-1))
+    return cross_merge(ys.view(b, 4, d, h, w)).permute(0, 2, 3, 1)
+
+#@@TRITON@@
+_HAS_TRITON = False
+
+def _triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if not _HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def available_backends(device: Union[str, torch.device] = "cuda") -> List[str]:
+    """The selective-scan backends that can run on ``device``, fastest first."""
+    device = torch.device(device)
+    names = []
+    if device.type == "cuda" and _mamba_selective_scan_fn is not None:
+        names.append("mamba_ssm")
+    if _triton_usable(device):
+        names.append("triton")
+    return names + ["torch"]
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force the backend that ``"auto"`` resolves to, for every SS2D layer in the process.
+
+    ``None`` restores automatic choice. The environment variable ``VMAMBA_BACKEND`` does
+    the same without code changes; this function takes precedence over it.
+    """
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
+    _forced_backend = None if name == "auto" else name
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn a requested backend into the one that runs, or raise saying how to get it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = _forced_backend or os.environ.get("VMAMBA_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"VMAMBA_BACKEND={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        best = available_backends(device)[0]
+        if device.type == "cuda" and best == "torch":
+            _warn_once("vmamba: CUDA tensors are using the pure-PyTorch selective scan, which is "
+                       f"slow on GPU. For speed: {_INSTALL_HINTS['triton']}, or "
+                       f"{_INSTALL_HINTS['mamba_ssm']}.")
+        return best
+    if backend == "mamba_ssm":
+        if _mamba_selective_scan_fn is None:
+            raise RuntimeError("backend 'mamba_ssm' is not available (its CUDA kernel did not import); "
+                               f"install it with: {_INSTALL_HINTS['mamba_ssm']}")
+        if device.type != "cuda":
+            raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and not _triton_usable(device):
+        if not _HAS_TRITON:
+            raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
+                         f"got tensors on {device}")
+    return backend
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   delta_softplus: bool = True, backend: str = "auto") -> Tensor:
+    """Grouped Mamba-1 selective scan; shapes and recurrence as in :func:`selective_scan_ref`.
+
+    Returns float32 (B, K*D, L) whatever the input dtype; differentiable in every input.
+    ``backend``: ``"torch"`` (pure PyTorch, any device), ``"triton"`` (CUDA, no compiler
+    needed), ``"mamba_ssm"`` (CUDA, the compiled kernel) or ``"auto"`` (the fastest that
+    runs on the inputs' device; see :func:`set_backend`).
+    """
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"selective_scan: {name} must be a Tensor, got {type(t).__name__}")
+    if u.ndim != 3 or delta.shape != u.shape:
+        raise ValueError(f"selective_scan: u and delta must both be (B, K*D, L), got {tuple(u.shape)} "
+                         f"and {tuple(delta.shape)}")
+    batch, channels, length = u.shape
+    if B.ndim != 4 or B.shape != C.shape or B.shape[0] != batch or B.shape[3] != length:
+        raise ValueError(f"selective_scan: B and C must be (B, K, N, L) = ({batch}, K, N, {length}), "
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}")
+    groups, state = B.shape[1], B.shape[2]
+    if channels % groups or A.shape != (channels, state):
+        raise ValueError(f"selective_scan: A must be (K*D, N) = ({channels}, {state}) with K*D divisible "
+                         f"by K={groups}, got {tuple(A.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (channels,):
+            raise ValueError(f"selective_scan: {name} must be ({channels},), got {tuple(t.shape)}")
+    backend = _resolve_backend(backend, u.device)
+    if backend == "mamba_ssm":
+        y = _mamba_selective_scan_fn(u.contiguous(), delta.contiguous(), A.float().contiguous(),
+                                     B.contiguous(), C.contiguous(),
+                                     None if D is None else D.float(), z=None,
+                                     delta_bias=None if delta_bias is None else delta_bias.float(),
+                                     delta_softplus=delta_softplus)
+        return y.float()
+    if backend == "triton":
+        return _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return _selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-scan and cross-merge: a feature map as four sequences, and back.
+
+
+def _cross_scan_torch(x: Tensor) -> Tensor:
+    rows = x.flatten(2)                                               # (B, C, L) row-major
+    cols = x.transpose(2, 3).flatten(2)                               # (B, C, L) column-major
+    xs = torch.stack([rows, cols], dim=1)                             # (B, 2, C, L)
+    return torch.cat([xs, xs.flip(-1)], dim=1)                        # (B, 4, C, L)
+
+
+def _cross_merge_torch(ys: Tensor) -> Tensor:
+    b, _, c, h, w = ys.shape
+    ys = ys.flatten(3)                                                # (B, 4, C, L)
+    ys = ys[:, :2] + ys[:, 2:].flip(-1)                               # (B, 2, C, L)
+    rows = ys[:, 0].view(b, c, h, w)
+    cols = ys[:, 1].view(b, c, w, h).transpose(2, 3)
+    return rows + cols                                                # (B, C, H, W)
+
+
+def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    if x.ndim != 4:
+        raise ValueError(f"cross_scan expects (B, C, H, W), got shape {tuple(x.shape)}")
+    if backend != "torch" and _resolve_backend(backend, x.device) == "triton":
+        return _cross_scan_triton(x)
+    return _cross_scan_torch(x)
+
+
+def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
+    """(B, 4, C, H, W) -> (B, C, H, W): the adjoint of :func:`cross_scan`.
+
+    Sequence k of ``ys`` is laid out in scan order (its H, W dims are only a shape);
+    each is mapped back to its pixels and the four are summed.
+    """
+    if ys.ndim != 5 or ys.shape[1] != 4:
+        raise ValueError(f"cross_merge expects (B, 4, C, H, W), got shape {tuple(ys.shape)}")
+    if backend != "torch" and _resolve_backend(backend, ys.device) == "triton":
+        return _cross_merge_triton(ys)
+    return _cross_merge_torch(ys)
+
+
+# ----------------------------------------------------------------------------------------
+# Layers. Every layer runs channels-last, (B, H, W, C): LayerNorm and Linear then act on
+# contiguous channels with no permute copies. "ln2d" models (the authors' channels-first
+# variant) have the same weights and compute the same function, so they run this way too.
+
+
+def _one_of(name: str, value: Any, accepted: Sequence[Any]) -> Any:
+    """Normalise a string option, or raise ValueError listing the accepted values."""
+    key = value.lower() if isinstance(value, str) else value
+    if key not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(accepted)}")
+    return key
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)``; keeps the authors' Sequential indices in the state dict."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2, on the last dim."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+FORWARD_TYPES = ("v0", "v05", "v05_noz")
+
+
+class SS2D(nn.Module):
+    """2-D selective scan: VMamba's replacement for attention.
+
+    Input and output are channels-last (B, H, W, d_model), or (B, d_model, H, W) with
+    ``channel_first=True``. ``forward_type``: ``"v0"`` and ``"v05"`` gate the output
+    with ``silu(z)`` from a second half of ``in_proj``; ``"v05_noz"`` does not.
+    """
+
+    def __init__(self, d_model: int = 96, d_state: int = 16, ssm_ratio: float = 2.0,
+                 dt_rank: Union[int, str] = "auto", act_layer: str = "silu", d_conv: int = 3,
+                 conv_bias: bool = True, dropout: float = 0.0, bias: bool = False,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, initialize: str = "v0",
+                 forward_type: str = "v05_noz", channel_first: bool = False):
+        super().__init__()
+        self.forward_type = _one_of("forward_type", forward_type, FORWARD_TYPES)
+        _one_of("ssm_act_layer", act_layer, ("silu",))
+        _one_of("dt_init", dt_init, ("random",))
+        _one_of("ssm_init", initialize, ("v0",))
+        k, d_inner = 4, int(ssm_ratio * d_model)
+        rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.d_inner, self.d_state, self.dt_rank, self.channel_first = d_inner, d_state, rank, channel_first
+        self.gated = self.forward_type in ("v0", "v05")
+        self.backend = "auto"
+
+        # Per-direction projections, stacked over the K=4 scan directions.
+        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        if self.forward_type != "v0":  # registration order follows the released state dicts
+            self.out_norm = nn.LayerNorm(d_inner)
+        self.in_proj = nn.Linear(d_model, d_inner * (2 if self.gated else 1), bias=bias)
+        self.conv2d = (nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
+                                 bias=conv_bias) if d_conv > 1 else None)
+        if self.forward_type == "v0":
+            self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self._dt_init = (dt_min, dt_max, dt_scale, dt_init_floor)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Initialise the state-space parameters (kept apart from generic Linear init)."""
+        dt_min, dt_max, dt_scale, floor = self._dt_init
+        d_inner, rank = self.d_inner, self.dt_rank
+        # x_proj: what nn.Linear(d_inner, R + 2N) would draw, for each direction.
+        bound = d_inner ** -0.5
+        self.x_proj_weight.uniform_(-bound, bound)
+        # dt_proj weight: keeps the variance of dt independent of the rank R.
+        std = rank ** -0.5 * dt_scale
+        self.dt_projs_weight.uniform_(-std, std)
+        # dt bias: inverse softplus of dt drawn log-uniformly in [dt_min, dt_max], so that
+        # softplus(bias) starts in that range.
+        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # A = -exp(A_logs) = -(1, 2, ..., N) per channel: the S4D-real initialisation.
+        n = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(n).expand_as(self.A_logs))
+        # D = 1: the skip connection starts as identity.
+        self.Ds.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channel_first:
+            x = x.permute(0, 2, 3, 1)                                 # (B, H, W, C)
+        x = self.in_proj(x)                                           # (B, H, W, D or 2D)
+        z = None
+        if self.gated:
+            x, z = x.chunk(2, dim=-1)
+        if self.conv2d is not None:
+            x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
+        x = F.silu(x)
+        y = ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                      self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D) float32
+        if not torch.is_autocast_enabled(y.device.type):
+            y = y.to(x.dtype)  # a model cast to half precision stays in it
+        y = self.out_norm(y)
+        if z is not None:
+            y = y * F.silu(z)
+        out = self.dropout(self.out_proj(y))
+        return out.permute(0, 3, 1, 2) if self.channel_first else out
+
+
+def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+              A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
+    """The four-direction selective scan of SS2D on a channels-last map.
+
+    x (B, H, W, D); x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R);
+    dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,). Returns float32 (B, H, W, D):
+    ``cross_merge(selective_scan(cross_scan(x), ...))``.
+    """
+    b, h, w, d = x.shape
+    k, n, r = 4, A_logs.shape[1], dt_projs_weight.shape[2]
+    A = -torch.exp(A_logs.float())                                    # (4*D, N)
+    backend = _resolve_backend(backend, x.device)
+    if backend == "torch":
+        # Per-pixel projections are direction-independent work: compute them once in
+        # pixel order and let the scan walk the pixels in each direction's order.
+        proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
+        dts, Bs, Cs = proj.split([r, n, n], dim=-1)                   # (B, H, W, 4, R|N|N)
+        dts = torch.einsum("bhwkr,kdr->bhwkd", dts, dt_projs_weight)  # (B, H, W, 4, D)
+        return _ss2d_scan_torch(x, dts, A.view(k, d, n), Bs, Cs, Ds.view(k, d), dt_projs_bias)
+    xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
+    proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
+    dts, Bs, Cs = proj.split([r, n, n], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)        # (B, 4, D, L)
+    ys = selective_scan(xs.reshape(b, k * d, h * w), dts.reshape(b, k * d, h * w), A,
+                        Bs.contiguous(), Cs.contiguous(), Ds.float(), dt_projs_bias.reshape(-1).float(),
+                        delta_softplus=True, backend=backend)         # (B, 4*D, L)
+    y = cross_merge(ys.view(b, k, d, h, w), backend)                  # (B, D, H, W)
+    return y.permute(0, 2, 3, 1)
+
+
+class VSSBlock(nn.Module):
+    """Pre-norm residual block: ``x + drop_path(SS2D(norm(x)))``, then an optional MLP.
+
+    Input and output are channels-last (B, H, W, hidden_dim), or (B, C, H, W) with
+    ``channel_first=True``. Keyword names follow the authors' code.
+    """
+
+    def __init__(self, hidden_dim: int = 96, drop_path: float = 0.0, channel_first: bool = False,
+                 ssm_d_state: int = 16, ssm_ratio: float = 2.0, ssm_dt_rank: Union[int, str] = "auto",
+                 ssm_act_layer: str = "silu", ssm_conv: int = 3, ssm_conv_bias: bool = True,
+                 ssm_drop_rate: float = 0.0, ssm_init: str = "v0", forward_type: str = "v05_noz",
+                 mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu", mlp_drop_rate: float = 0.0,
+                 gmlp: bool = False, post_norm: bool = False):
+        super().__init__()
+        _one_of("mlp_act_layer", mlp_act_layer, ("gelu",))
+        _one_of("gmlp", gmlp, (False,))
+        self.channel_first, self.post_norm = channel_first, post_norm
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.op = SS2D(d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
+                       act_layer=ssm_act_layer, d_conv=ssm_conv, conv_bias=ssm_conv_bias,
+                       dropout=ssm_drop_rate, initialize=ssm_init, forward_type=forward_type)
+        self.drop_path = DropPath(drop_path)
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(hidden_dim)
+            self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio), drop=mlp_drop_rate)
+        else:
+            self.norm2 = self.mlp = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channel_first:
+            x = x.permute(0, 2, 3, 1)                                 # (B, H, W, C)
+        if self.post_norm:
+            x = x + self.drop_path(self.norm(self.op(x)))
+        else:
+            x = x + self.drop_path(self.op(self.norm(x)))
+        if self.mlp is not None:
+            if self.post_norm:
+                x = x + self.drop_path(self.norm2(self.mlp(x)))
+            else:
+                x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x.permute(0, 3, 1, 2) if self.channel_first else x
+
+
+class PatchMerging(nn.Module):
+    """Downsample "v1": 2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[1:3]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))                  # pad bottom row / right column
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2],
+                       x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)    # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+def _make_patch_embed(version: str, in_chans: int, dim: int, patch_size: int) -> nn.Sequential:
+    """NCHW image -> channels-last (B, H/patch, W/patch, dim)."""
+    if version == "v1":
+        return nn.Sequential(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size),
+                             Permute(0, 2, 3, 1), nn.LayerNorm(dim))
+    stride = patch_size // 2
+    return nn.Sequential(
+        nn.Conv2d(in_chans, dim // 2, 3, stride=stride, padding=1), Permute(0, 2, 3, 1),
+        nn.LayerNorm(dim // 2), Permute(0, 3, 1, 2), nn.GELU(),
+        nn.Conv2d(dim // 2, dim, 3, stride=stride, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(dim))
+
+
+def _make_downsample(version: str, dim: int, out_dim: int) -> nn.Module:
+    """Channels-last (B, H, W, dim) -> (B, ceil(H/2), ceil(W/2), out_dim)."""
+    if version == "v1":
+        return PatchMerging(dim, out_dim)
+    conv = (nn.Conv2d(dim, out_dim, 2, stride=2) if version == "v2"
+            else nn.Conv2d(dim, out_dim, 3, stride=2, padding=1))
+    return nn.Sequential(Permute(0, 3, 1, 2), conv, Permute(0, 2, 3, 1), nn.LayerNorm(out_dim))
+
+
+class ClassifierHead(nn.Module):
+    """LayerNorm -> global average pool -> Linear, on a channels-last map."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.norm(x).mean(dim=(1, 2))                             # (B, C)
+        return x if pre_logits else self.head(x)
+
+
+class VSSM(nn.Module):
+    """VMamba classifier. Keyword names are the authors', so their configs work as they are.
+
+    Defaults build VMamba-T (s1l8). Supported values: ``forward_type`` "v0" | "v05" |
+    "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" | "v2" |
+    "v3"; ``norm_layer`` "ln" | "ln2d" (same weights, same outputs). ``dims`` is the
+    first stage's width (doubled per stage) or one width per stage.
+
+    Input: float (B, in_chans, H, W). Output: logits (B, num_classes).
+    """
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96,
+                 ssm_d_state: int = 1, ssm_ratio: float = 1.0, ssm_dt_rank: Union[int, str] = "auto",
+                 ssm_act_layer: str = "silu", ssm_conv: int = 3, ssm_conv_bias: bool = False,
+                 ssm_drop_rate: float = 0.0, ssm_init: str = "v0", forward_type: str = "v05_noz",
+                 mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu", mlp_drop_rate: float = 0.0,
+                 gmlp: bool = False, drop_path_rate: float = 0.2, patch_norm: bool = True,
+                 norm_layer: str = "ln2d", downsample_version: str = "v3",
+                 patchembed_version: str = "v2", use_checkpoint: bool = False, posembed: bool = False,
+                 imgsize: int = 224, check_finite: bool = False):
+        super().__init__()
+        self.norm_layer = _one_of("norm_layer", norm_layer, ("ln", "ln2d"))
+        self.channel_first = self.norm_layer == "ln2d"
+        patchembed_version = _one_of("patchembed_version", patchembed_version, ("v1", "v2"))
+        downsample_version = _one_of("downsample_version", downsample_version, ("v1", "v2", "v3"))
+        _one_of("forward_type", forward_type, FORWARD_TYPES)
+        _one_of("patch_norm", patch_norm, (True,))
+        _one_of("posembed", posembed, (False,))
+        if isinstance(dims, int):
+            dims = [dims * 2 ** i for i in range(len(depths))]
+        dims = [int(d) for d in dims]
+        if len(dims) != len(depths) or not depths:
+            raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, "
+                             f"depths={list(depths)}")
+        self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
+        self.depths, self.dims, self.num_features = list(depths), dims, dims[-1]
+        self.head_hidden_size = dims[-1]
+        self.check_finite = check_finite
+        self.grad_checkpointing = use_checkpoint
+        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"layers.{i}")
+                             for i, d in enumerate(dims)]
+
+        self.patch_embed = _make_patch_embed(patchembed_version, in_chans, dims[0], patch_size)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()   # rises linearly
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            blocks = nn.Sequential(*[
+                VSSBlock(dims[i], drop_path=rates[sum(depths[:i]) + j], ssm_d_state=ssm_d_state,
+                         ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act_layer,
+                         ssm_conv=ssm_conv, ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate,
+                         ssm_init=ssm_init, forward_type=forward_type, mlp_ratio=mlp_ratio,
+                         mlp_act_layer=mlp_act_layer, mlp_drop_rate=mlp_drop_rate, gmlp=gmlp)
+                for j in range(depth)])
+            downsample = (_make_downsample(downsample_version, dims[i], dims[i + 1])
+                          if i + 1 < len(depths) else nn.Identity())
+            self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
+        self.classifier = ClassifierHead(dims[-1], num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Generic layers only: SS2D's own parameters are set in SS2D.reset_ssm_parameters.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass: same results, much less memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Parameter names to exclude from weight decay: the SSM's A, D and dt biases."""
+        return {name for name, _ in self.named_parameters()
+                if name.rsplit(".", 1)[-1] in ("A_logs", "Ds", "dt_projs_bias")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported; expected 'avg' or None")
+        self.num_classes = num_classes
+        self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier.head.apply(self._init_weights)
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        expected = f"a float tensor of shape (B, {self.in_chans}, H, W)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected {expected}, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            hint = " (channels-last input? use x.permute(0, 3, 1, 2))" if x.shape[3] == self.in_chans else ""
+            raise ValueError(f"expected {expected}, got {x.shape[1]} channels in shape {tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected {expected}, got dtype {x.dtype}; convert with x.float() "
+                            "(and normalise as in training)")
+        if x.shape[0] == 0 or min(x.shape[2:]) < self.patch_size:
+            raise ValueError(f"expected {expected} with batch >= 1 and H, W >= {self.patch_size}, "
+                             f"got shape {tuple(x.shape)}")
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or Inf values")
+        return x
+
+    def _stage(self, i: int, x: Tensor) -> Tensor:
+        """Blocks of stage i on a channels-last map (before its downsample)."""
+        for block in self.layers[i].blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Stage outputs (before downsampling) as a list, plus the final features.
+
+        ``indices``: stage indices, or an int n for the last n stages (default: all).
+        ``norm`` applies the classifier's LayerNorm to the last stage's map.
+        ``output_fmt``: "NCHW" or "NHWC". Returns ``intermediates`` if
+        ``intermediates_only`` else ``(final_features, intermediates)``.
+        """
+        fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
+        n = len(self.layers)
+        if indices is None:
+            indices = list(range(n))
+        elif isinstance(indices, int):
+            indices = list(range(n - indices, n))
+        indices = [i % n if -n <= i < n else i for i in indices]
+        if any(not 0 <= i < n for i in indices):
+            raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
+        last = max(indices) if (stop_early or intermediates_only) else n - 1
+        x = self.patch_embed(self._check_input(x))                    # (B, H/4, W/4, C0)
+        intermediates = []
+        for i in range(last + 1):
+            x = self._stage(i, x)
+            if i in indices:
+                o = self.classifier.norm(x) if (norm and i == n - 1) else x
+                intermediates.append(o.permute(0, 3, 1, 2) if fmt == "nchw" else o)
+            x = self.layers[i].downsample(x)
+        if intermediates_only:
+            return intermediates
+        return (x.permute(0, 3, 1, 2) if fmt == "nchw" else x), intermediates
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final stage's map, (B, num_features, H/32, W/32), before the classifier's norm."""
+        x = self.patch_embed(self._check_input(x))                    # (B, H/4, W/4, C0)
+        for i, layer in enumerate(self.layers):
+            x = layer.downsample(self._stage(i, x))
+        return x.permute(0, 3, 1, 2)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, C, H, W) features -> logits, or pooled features with ``pre_logits``."""
+        return self.classifier(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class Backbone_VSSM(VSSM):
+    """VMamba backbone for detection and segmentation (the authors' ``Backbone_VSSM``).
+
+    Returns a list of NCHW maps, one per stage in ``out_indices`` (strides 4, 8, 16, 32),
+    each through its own LayerNorm ``outnorm{i}``. ``pretrained``: a path, URL or state
+    dict to load (a classification checkpoint works: its head is ignored).
+    """
+
+    def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
+                 norm_layer: str = "ln", **kwargs: Any):
+        kwargs["num_classes"] = 0
+        super().__init__(norm_layer=norm_layer, **kwargs)
+        n = len(self.layers)
+        if any(not 0 <= i < n for i in out_indices) or not out_indices:
+            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {list(out_indices)}")
+        self.out_indices = sorted(set(out_indices))
+        del self.classifier
+        for i in self.out_indices:
+            self.add_module(f"outnorm{i}", nn.LayerNorm(self.dims[i]))
+        self.feature_info = [self.feature_info[i] for i in self.out_indices]
+        if pretrained:
+            load_pretrained(self, pretrained)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.patch_embed(self._check_input(x))                    # (B, H/4, W/4, C0)
+        outs = []
+        for i in range(self.out_indices[-1] + 1):
+            x = self._stage(i, x)
+            if i in self.out_indices:
+                out = getattr(self, f"outnorm{i}")(x)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())    # (B, C_i, H_i, W_i)
+            x = self.layers[i].downsample(x)
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise TypeError("Backbone_VSSM has no classifier: call the backbone itself for its feature maps")
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        raise TypeError("Backbone_VSSM has no classifier head")
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: reading files safely, downloading once, converting any released layout.
+
+#@@SAFELOAD@@
+def _load_checkpoint_file(path):
+    # TEMPORARY
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _download(url, sha256=None, progress=True):
+    # TEMPORARY
+    dst = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.exists(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        torch.hub.download_url_to_file(url, dst, progress=progress)
+    return dst
+
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema")   # the first one present is used
+_PREFIXES = ("module.", "backbone.")
+# The February 2024 layout of the vanilla models -> ours.
+_RENAMES = (
+    (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
+    (re.compile(r"^patch_embed\.norm\."), "patch_embed.2."),
+    (re.compile(r"\.ln_1\."), ".norm."),
+    (re.compile(r"\.self_attention\."), ".op."),
+    (re.compile(r"^norm\."), "classifier.norm."),
+    (re.compile(r"^head\."), "classifier.head."),
+)
+# The authors' newer single-file layout: unstacked projections -> stacked parameters.
+_UNSTACKED = {"op.x_proj.weight": "op.x_proj_weight", "op.dt_projs.weight": "op.dt_projs_weight",
+              "op.dt_projs.bias": "op.dt_projs_bias"}
+_MERGING = re.compile(r"^(layers\.\d+\.downsample)\.([12])\.(weight|bias)$")
+
+
+def _unwrap_checkpoint(ckpt: Any) -> Dict[str, Tensor]:
+    while isinstance(ckpt, dict):
+        inner = next((ckpt[k] for k in _WRAPPER_KEYS if isinstance(ckpt.get(k), dict)), None)
+        if inner is None:
+            break
+        ckpt = inner
+    if not isinstance(ckpt, dict) or not any(isinstance(v, Tensor) for v in ckpt.values()):
+        raise ValueError("no state dict found: expected a dict of tensors, or one inside a "
+                         f"{'/'.join(repr(k) for k in _WRAPPER_KEYS)} entry; got {type(ckpt).__name__}"
+                         + (f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""))
+    return {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
+
+
+def checkpoint_filter_fn(checkpoint: Any, model: nn.Module) -> Dict[str, Tensor]:
+    """Convert any known checkpoint layout to ``model``'s state-dict layout.
+
+    Accepts the released layout, the authors' newer single-file layout (unstacked
+    ``x_proj``/``dt_projs``, ``downsample.1/.2`` patch merging), the February 2024 layout
+    (``patch_embed.proj``, ``ln_1``, ``self_attention``, top-level ``norm``/``head``),
+    ``module.``/``backbone.`` prefixes and ``model``/``state_dict``/``model_ema`` wrappers.
+    Pure: neither argument is modified. Keys the model does not know are passed through
+    (``load_pretrained`` reports them).
+    """
+    state = _unwrap_checkpoint(checkpoint)
+    if any(k.startswith("backbone.") for k in state):   # detection/segmentation: keep the backbone
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    own = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        for pattern, repl in _RENAMES:
+            key = pattern.sub(repl, key)
+        for old, new in _UNSTACKED.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        merging = _MERGING.match(key)
+        if merging and merging.group(1) + ".norm.weight" in own:
+            part = "norm" if merging.group(2) == "1" else "reduction"
+            key = f"{merging.group(1)}.{part}.{merging.group(3)}"
+        if key in own and value.shape != own[key].shape and value.numel() == own[key].numel() \
+                and key.rsplit(".", 1)[-1] in ("x_proj_weight", "dt_projs_weight", "dt_projs_bias"):
+            value = value.reshape(own[key].shape)
+        out[key] = value
+    if not hasattr(model, "classifier"):
+        out = {k: v for k, v in out.items() if not k.startswith("classifier.")}
+    return out
+
+
+def _is_url(source: Any) -> bool:
+    return isinstance(source, str) and source.split("://", 1)[0].lower() in ("http", "https")
+
+
+def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
+                    sha256: Optional[str] = None, progress: bool = True) -> nn.Module:
+    """Load weights into ``model`` from a path, an http(s) URL or an in-memory state dict.
+
+    URLs are downloaded once into torch.hub's cache (``torch.hub.get_dir()/checkpoints``)
+    with a progress bar, and checked against ``sha256`` when given. Any layout of
+    :func:`checkpoint_filter_fn` is accepted. Checkpoint files are read without running
+    any code they contain.
+
+    ``strict`` (default): every parameter must be loaded with the right shape, except a
+    classifier head whose class count differs from the model's (it stays freshly
+    initialised, with a warning) and a backbone's ``outnorm`` layers when the checkpoint
+    is a classification one. On any error the model is left unchanged. Returns ``model``.
+    """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str):
+        path = _download(source, sha256=sha256, progress=progress) if _is_url(source) else source
+        checkpoint = _load_checkpoint_file(path)
+    elif isinstance(source, dict):
+        checkpoint = source
+    else:
+        raise TypeError(f"source must be a path, an http(s) URL or a state dict, got {type(source).__name__}")
+    name = source if isinstance(source, str) else "the given state dict"
+    try:
+        state = checkpoint_filter_fn(checkpoint, model)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    own = model.state_dict()
+    tolerated = set()
+    head = "classifier.head.weight"
+    if head in own and head in state and state[head].shape != own[head].shape:
+        _warn_once(f"vmamba: the checkpoint's head has {state[head].shape[0]} classes and the model "
+                   f"{own[head].shape[0]}: classifier.head is left freshly initialised.")
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.head.")}
+        tolerated |= {k for k in own if k.startswith("classifier.head.")}
+    if not any(k.startswith("outnorm") for k in state):
+        tolerated |= {k for k in own if k.startswith("outnorm")}
+    missing = [k for k in own if k not in state and k not in tolerated]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        report = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped "
+                  f"of {len(own)} model keys")
+        examples = "; ".join(f"{label} e.g. {items[:3]}" for label, items in
+                             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
+                             if items)
+        if strict:
+            raise ValueError(f"cannot load {name} into {type(model).__name__} ({report}): {examples}. "
+                             "Is it a checkpoint of another architecture? The model is unchanged.")
+        warnings.warn(f"vmamba: partial load of {name} ({report}): {examples}", stacklevel=2)
+        state = {k: v for k, v in state.items() if k in own and state[k].shape == own[k].shape}
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# The model zoo: the nine ImageNet-1K models released by the authors.
+
+_RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
+_VANILLA = dict(ssm_d_state=16, ssm_ratio=2.0, ssm_conv_bias=True, forward_type="v0", mlp_ratio=0.0,
+                downsample_version="v1", patchembed_version="v1", norm_layer="ln")
+_V2 = dict(ssm_d_state=1, ssm_conv_bias=False, forward_type="v05_noz", mlp_ratio=4.0,
+           downsample_version="v3", patchembed_version="v2", norm_layer="ln2d")
+
+# name: (architecture, checkpoint, params, GFLOPs at 224 px, ImageNet-1K top-1)
+_ZOO: Dict[str, Tuple[Dict[str, Any], str, int, float, float]] = {
+    "vanilla_vmamba_tiny": (dict(_VANILLA, depths=[2, 2, 9, 2], dims=96, drop_path_rate=0.2),
+                            "%23v0cls/vssmtiny_dp01_ckpt_epoch_292.pth", 22893448, 5.6, 82.2),
+    "vanilla_vmamba_small": (dict(_VANILLA, depths=[2, 2, 27, 2], dims=96, drop_path_rate=0.3),
+                             "%23v0cls/vssmsmall_dp03_ckpt_epoch_238.pth", 44417416, 11.2, 83.5),
+    "vanilla_vmamba_base": (dict(_VANILLA, depths=[2, 2, 27, 2], dims=128, drop_path_rate=0.6),
+                            "%23v0cls/vssmbase_dp06_ckpt_epoch_241.pth", 76254056, 18.0, 83.7),
+    "vmamba_tiny_s2l5": (dict(_V2, depths=[2, 2, 5, 2], dims=96, ssm_ratio=2.0, drop_path_rate=0.2),
+                         "%23v2cls/vssm_tiny_0230_ckpt_epoch_262.pth", 30705832, 4.9, 82.5),
+    "vmamba_small_s2l15": (dict(_V2, depths=[2, 2, 15, 2], dims=96, ssm_ratio=2.0, drop_path_rate=0.3),
+                           "%23v2cls/vssm_small_0229_ckpt_epoch_222.pth", 50147752, 8.7, 83.6),
+    "vmamba_base_s2l15": (dict(_V2, depths=[2, 2, 15, 2], dims=128, ssm_ratio=2.0, drop_path_rate=0.6),
+                          "%23v2cls/vssm_base_0229_ckpt_epoch_237.pth", 88557800, 15.4, 83.9),
+    "vmamba_tiny_s1l8": (dict(_V2, depths=[2, 2, 8, 2], dims=96, ssm_ratio=1.0, drop_path_rate=0.2),
+                         "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth", 30249064, 4.9, 82.6),
+    "vmamba_small_s1l20": (dict(_V2, depths=[2, 2, 20, 2], dims=96, ssm_ratio=1.0, drop_path_rate=0.3),
+                           "%23v2cls/vssm1_small_0229s_ckpt_epoch_240.pth", 49012840, 8.6, 83.3),
+    "vmamba_base_s1l20": (dict(_V2, depths=[2, 2, 20, 2], dims=128, ssm_ratio=1.0, drop_path_rate=0.5),
+                          "%23v2cls/vssm1_base_0229s_ckpt_epoch_225.pth", 86614504, 15.2, 83.8),
+}
+# Evaluation transform of every released model.
+EVAL_CONFIG = dict(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def list_models() -> List[str]:
+    """Names of the released models, accepted by :func:`create_model`."""
+    return list(_ZOO)
+
+
+def model_config(name: str) -> Dict[str, Any]:
+    """Constructor keywords of a released model (a fresh dict: safe to modify)."""
+    if name not in _ZOO:
+        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in _ZOO[name][0].items()}
+
+
+def pretrained_url(name: str) -> str:
+    """Download URL of a released model's checkpoint."""
+    model_config(name)
+    return _RELEASES + _ZOO[name][1]
+
+
+def _build(name: str, pretrained: Union[bool, str, dict], **kwargs: Any) -> VSSM:
+    """``VSSM(**config, **kwargs)`` (or ``Backbone_VSSM`` with ``features_only=True``)."""
+    model_args = model_config(name)
+    if kwargs.pop("features_only", False):
+        model_args["norm_layer"] = "ln"  # a backbone's layout; weights are the same
+        model = Backbone_VSSM(**dict(model_args, **kwargs))
+    else:
+        model = VSSM(**dict(model_args, **kwargs))
+    if pretrained is True:
+        load_pretrained(model, pretrained_url(name))
+    elif pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def vanilla_vmamba_tiny(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-T, vanilla (v0, N=16, no MLP): 22.9M params, 5.6 GFLOPs, 82.2% top-1."""
+    return _build("vanilla_vmamba_tiny", pretrained, **kwargs)
+
+
+def vanilla_vmamba_small(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-S, vanilla (v0, N=16, no MLP): 44.4M params, 11.2 GFLOPs, 83.5% top-1."""
+    return _build("vanilla_vmamba_small", pretrained, **kwargs)
+
+
+def vanilla_vmamba_base(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-B, vanilla (v0, N=16, no MLP): 76.3M params, 18.0 GFLOPs, 83.7% top-1."""
+    return _build("vanilla_vmamba_base", pretrained, **kwargs)
+
+
+def vmamba_tiny_s2l5(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-T (ssm_ratio 2, depth 5 in stage 3): 30.7M params, 4.9 GFLOPs, 82.5% top-1."""
+    return _build("vmamba_tiny_s2l5", pretrained, **kwargs)
+
+
+def vmamba_small_s2l15(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-S (ssm_ratio 2, depth 15 in stage 3): 50.1M params, 8.7 GFLOPs, 83.6% top-1."""
+    return _build("vmamba_small_s2l15", pretrained, **kwargs)
+
+
+def vmamba_base_s2l15(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-B (ssm_ratio 2, depth 15 in stage 3): 88.6M params, 15.4 GFLOPs, 83.9% top-1."""
+    return _build("vmamba_base_s2l15", pretrained, **kwargs)
+
+
+def vmamba_tiny_s1l8(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-T (ssm_ratio 1, depth 8 in stage 3): 30.2M params, 4.9 GFLOPs, 82.6% top-1."""
+    return _build("vmamba_tiny_s1l8", pretrained, **kwargs)
+
+
+def vmamba_small_s1l20(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-S (ssm_ratio 1, depth 20 in stage 3): 49.0M params, 8.6 GFLOPs, 83.3% top-1."""
+    return _build("vmamba_small_s1l20", pretrained, **kwargs)
+
+
+def vmamba_base_s1l20(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """VMamba-B (ssm_ratio 1, depth 20 in stage 3): 86.6M params, 15.2 GFLOPs, 83.8% top-1."""
+    return _build("vmamba_base_s1l20", pretrained, **kwargs)
+
+
+def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+    """Build a released model by name; ``pretrained`` is False, True (the released
+    weights) or a path/URL. Every keyword reaches the model (``num_classes=10`` works;
+    ``features_only=True, out_indices=(1, 2, 3)`` gives a :class:`Backbone_VSSM`)."""
+    model_config(name)
+    return globals()[name](pretrained=pretrained, **kwargs)
