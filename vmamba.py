@@ -596,7 +596,8 @@ class VSSM(nn.Module):
                              for i, d in enumerate(dims)]
 
         self.patch_embed = _make_patch_embed(patchembed_version, in_chans, dims[0], patch_size)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()   # rises linearly
+        total = sum(depths)
+        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]   # rises linearly
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             blocks = nn.Sequential(*[
@@ -885,9 +886,10 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
     own = model.state_dict()
     tolerated = set()
     head = "classifier.head.weight"
-    if head in own and head in state and state[head].shape != own[head].shape:
-        _warn_once(f"vmamba: the checkpoint's head has {state[head].shape[0]} classes and the model "
-                   f"{own[head].shape[0]}: classifier.head is left freshly initialised.")
+    if (head in own and head in state and state[head].ndim == 2
+            and state[head].shape[0] != own[head].shape[0] and state[head].shape[1] == own[head].shape[1]):
+        warnings.warn(f"vmamba: the checkpoint's head has {state[head].shape[0]} classes and the model "
+                      f"{own[head].shape[0]}: classifier.head is left freshly initialised.", stacklevel=2)
         state = {k: v for k, v in state.items() if not k.startswith("classifier.head.")}
         tolerated |= {k for k in own if k.startswith("classifier.head.")}
     if not any(k.startswith("outnorm") for k in state):
@@ -1031,3 +1033,88 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any)
     ``features_only=True, out_indices=(1, 2, 3)`` gives a :class:`Backbone_VSSM`)."""
     model_config(name)
     return globals()[name](pretrained=pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: ``python vmamba.py`` runs an offline smoke test of this file.
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    """Build each model, run forward and backward, compare every backend with torch."""
+    device = _resolve_device(args.device)
+    names = args.model.split(",") if args.model else list_models()
+    rows, failures = [], 0
+    for name in names:
+        row = dict(model=name, params="-", output="-", backend="torch", time="-", status="ok")
+        try:
+            torch.manual_seed(0)
+            model = create_model(name, pretrained=args.pretrained or False).to(device)
+            row["params"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
+            x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+            set_backend("torch")
+            start = time.perf_counter()
+            out = model(x)
+            out.float().square().mean().backward()
+            row["time"] = f"{(time.perf_counter() - start) * 1e3:.0f} ms"
+            row["output"] = "x".join(map(str, out.shape))
+            no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
+            if not out.isfinite().all() or no_grad:
+                raise RuntimeError(f"non-finite output or gradient missing for {no_grad[:3]}")
+            model.eval()
+            with torch.no_grad():
+                ref = model(x).float()
+                for backend in available_backends(device)[:-1]:
+                    set_backend(backend)
+                    err = ((model(x).float() - ref).abs().max() / ref.abs().max()).item()
+                    row["backend"] += f", {backend} (rel. err {err:.1e})"
+                    if not err < 1e-3:
+                        raise RuntimeError(f"backend {backend} differs from torch by {err:.1e}")
+        except Exception as e:  # report every model, then fail
+            row["status"], failures = f"FAILED: {type(e).__name__}: {e}", failures + 1
+        finally:
+            set_backend(None)
+        rows.append(row)
+    print(f"vmamba.py smoke test: torch {torch.__version__}, device {device}, "
+          f"{args.batch}x3x{args.img_size}x{args.img_size}, forward + backward, random weights"
+          if not args.pretrained else f"pretrained={args.pretrained}")
+    _print_table(rows, ["model", "params", "output", "time", "backend", "status"])
+    print("all ok" if not failures else f"{failures} model(s) failed")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vmamba.py", description="VMamba in one file. Without a command: an offline smoke test "
+        "that builds the zoo models, runs forward and backward and compares every available backend.")
+    parser.add_argument("--model", default=None, help=f"comma-separated model names (default: all of {list_models()})")
+    parser.add_argument("--img-size", type=int, default=64, help="input resolution (default: 64)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH_OR_URL",
+                        help="load the released weights (needs network), or the given file/URL")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    #@@COMMANDS@@
+    args = parser.parse_args(argv)
+    if args.command is None:
+        return _smoke(args)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Every released checkpoint layout loads; failures are loud and change nothing."""
+import functools
+import http.server
+import threading
+
+import pytest
+import torch
+
+import vmamba
+
+
+def _model(fixture, **overrides):
+    return vmamba.VSSM(**dict(fixture["config"], **overrides)).eval()
+
+
+def _logits(model, fixture):
+    with torch.no_grad():
+        return model(fixture["input"])
+
+
+def _newer_single_file_layout(state):
+    """The authors' later vmamba.py: unstacked projections, Sequential patch merging."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("op.x_proj_weight"):
+            key, value = key.replace("x_proj_weight", "x_proj.weight"), value.flatten(0, 1)
+        elif key.endswith("op.dt_projs_weight"):
+            key, value = key.replace("dt_projs_weight", "dt_projs.weight"), value.flatten(0, 1)
+        elif key.endswith("op.dt_projs_bias"):
+            key, value = key.replace("dt_projs_bias", "dt_projs.bias"), value.flatten()
+        key = key.replace("downsample.norm.", "downsample.1.").replace("downsample.reduction.", "downsample.2.")
+        out[key] = value
+    return out
+
+
+def _february_layout(state):
+    """The first release of the vanilla models."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
+        key = key.replace(".norm.", ".ln_1.") if ".blocks." in key else key
+        key = key.replace(".op.", ".self_attention.").replace("classifier.norm.", "norm.")
+        out[key.replace("classifier.head.", "head.")] = value
+    return out
+
+
+LAYOUTS = {
+    "released": lambda sd: sd,
+    "newer_single_file": _newer_single_file_layout,
+    "february": _february_layout,
+    "ddp_prefix": lambda sd: {"module." + k: v for k, v in sd.items()},
+    "backbone_prefix": lambda sd: {**{"backbone." + k: v for k, v in sd.items()},
+                                   "decode_head.conv.weight": torch.zeros(1)},
+    "model_wrapper": lambda sd: {"model": sd, "optimizer": {"lr": 1.0}, "epoch": 3},
+    "model_ema_wrapper": lambda sd: {"model_ema": sd},
+    "state_dict_wrapper": lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads(fixture, layout, tmp_path):
+    state = LAYOUTS[layout](dict(fixture["state_dict"]))
+    if layout == "february" and fixture["config"]["forward_type"] != "v0":
+        pytest.skip("the February 2024 layout exists for the vanilla (v0) models only")
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    for source in (state, str(path), path):
+        model = vmamba.load_pretrained(_model(fixture), source)
+        assert ((_logits(model, fixture) - fixture["output"]).abs().max() / fixture["output"].abs().max()) < 1e-5
+    saved = model.state_dict()
+    assert set(saved) == set(fixture["state_dict"])
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www, and a private hub cache."""
+    root = tmp_path / "www"
+    root.mkdir()
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_load_by_url(fixture, http_root):
+    root, base = http_root
+    torch.save({"model": fixture["state_dict"], "epoch": 1}, root / "vssm_ckpt_epoch_1.pth")
+    url = f"{base}/vssm_ckpt_epoch_1.pth"
+    model = vmamba.load_pretrained(_model(fixture), url, progress=False)
+    assert torch.allclose(_logits(model, fixture), fixture["output"], rtol=1e-4, atol=1e-5)
+    cached = list((root.parent / "hub" / "checkpoints").iterdir())
+    assert [p.name for p in cached] == ["vssm_ckpt_epoch_1.pth"]
+    # create_model(pretrained=URL) goes through the same path, and num_classes reaches the model
+    cfg = {k: v for k, v in fixture["config"].items() if k != "num_classes"}
+    model = vmamba.VSSM(num_classes=10, **cfg)
+    assert vmamba.load_pretrained(model, url) is model
+
+
+def test_failed_load_leaves_model_unchanged(fixture):
+    model = _model(fixture)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = dict(fixture["state_dict"])
+    del broken["layers.2.blocks.1.op.Ds"]
+    broken["layers.0.blocks.0.op.A_logs"] = torch.zeros(3, 3)
+    broken["something.else"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"1 missing, 1 unexpected, 1 mis-shaped") as info:
+        vmamba.load_pretrained(model, broken)
+    assert "layers.2.blocks.1.op.Ds" in str(info.value) and "something.else" in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    other = vmamba.create_model("vmamba_tiny_s1l8", num_classes=10).state_dict()
+    with pytest.raises(ValueError, match="another architecture"):
+        vmamba.load_pretrained(model, other)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_strict_load_warns_and_loads_the_rest(fixture):
+    model = _model(fixture)
+    partial = {k: v for k, v in fixture["state_dict"].items() if not k.startswith("layers.3")}
+    with pytest.warns(UserWarning, match="partial load"):
+        vmamba.load_pretrained(model, partial, strict=False)
+    assert torch.equal(model.patch_embed[0].weight, fixture["state_dict"]["patch_embed.0.weight"])
+
+
+def test_other_num_classes_keeps_fresh_head(fixture):
+    cfg = dict(fixture["config"], num_classes=7)
+    model = vmamba.VSSM(**cfg)
+    head = model.classifier.head.weight.clone()
+    with pytest.warns(UserWarning, match="10 classes and the model 7"):
+        vmamba.load_pretrained(model, fixture["state_dict"])
+    assert torch.equal(model.classifier.head.weight, head)
+    assert torch.equal(model.patch_embed[0].weight, fixture["state_dict"]["patch_embed.0.weight"])
+
+
+def test_classification_checkpoint_into_backbone(fixture):
+    cfg = {k: v for k, v in fixture["config"].items() if k != "num_classes"}
+    backbone = vmamba.Backbone_VSSM(out_indices=(1, 2), pretrained=fixture["state_dict"], **cfg)
+    assert torch.equal(backbone.patch_embed[0].weight, fixture["state_dict"]["patch_embed.0.weight"])
+    assert not hasattr(backbone, "classifier") and hasattr(backbone, "outnorm1")
+
+
+def test_bad_sources():
+    model = vmamba.VSSM(depths=[1], dims=8, num_classes=2)
+    with pytest.raises(TypeError, match="path, an http"):
+        vmamba.load_pretrained(model, 42)
+    with pytest.raises(ValueError, match="no state dict found"):
+        vmamba.load_pretrained(model, {"epoch": 3})
