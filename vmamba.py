@@ -61,6 +61,13 @@ try:
 except Exception:  # ImportError, or an "undefined symbol" OSError from a broken build
     _mamba_selective_scan_fn = None
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+_HAS_TRITON = triton is not None
+
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 _INSTALL_HINTS = {
     "mamba_ssm": "pip install mamba-ssm --no-build-isolation (needs a CUDA toolkit matching torch)",
@@ -138,8 +145,511 @@ def _ss2d_scan_torch(x, dts, A, Bs, Cs, Ds, delta_bias):
                                Bs, Cs, Ds.reshape(-1), delta_bias.reshape(-1))
     return cross_merge(ys.view(b, 4, d, h, w)).permute(0, 2, 3, 1)
 
-#@@TRITON@@
-_HAS_TRITON = False
+# ----------------------------------------------------------------------------------------
+# Triton kernels: the selective scan and the cross-scan/merge on CUDA with nothing to
+# compile ahead of time. On CPU they run under TRITON_INTERPRET=1 (set before import),
+# which is how they are tested without a GPU. Wrapped as torch custom ops with fake
+# implementations and registered autograd, so torch.compile traces through them.
+
+# Custom-op namespace; per module name, so "python vmamba.py" and "import vmamba" can coexist.
+_OPS_NS = "vmamba_" + re.sub(r"\W", "_", __name__)
+
+
+def _require_triton():
+    if not _HAS_TRITON:
+        raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
+    """Tile sizes (BLOCK_D, BLOCK_N, BLOCK_L) of the selective-scan kernels.
+
+    One program owns BLOCK_D channels of one group and walks L in chunks of BLOCK_L; its
+    working tile is BLOCK_D * BLOCK_N * BLOCK_L float32 values (about 2048). This is the
+    single place to tune for a GPU; forward and backward must agree on BLOCK_L because the
+    forward stores one state per chunk for the backward.
+    """
+    block_n = _next_pow2(N)
+    block_d = min(_next_pow2(D), max(2, 32 // block_n))
+    block_l = max(16, min(_next_pow2(L), 2048 // (block_d * block_n)))
+    return block_d, block_n, block_l
+
+
+if triton is not None:
+
+    @triton.jit
+    def _affine_combine(a1, b1, a2, b2):
+        """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
+        """Like _affine_combine, but a segment also carries its *exclusive* map (ea, eb): the
+        composition of all its steps except the last one. A leaf is (a, b, 1, 0).
+
+        The exclusive map of "left then right" is all of left followed by right's exclusive
+        part. Scanning with this combine yields, at every position, both the inclusive
+        prefix (h_t) and the exclusive prefix (h_{t-1}) without shifting registers or
+        dividing by a (which may underflow to 0)."""
+        return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+
+    @triton.jit
+    def _softplus(z):
+        """log(1 + exp(z)) in float32, linear above 20 and without log(1+x) cancellation
+        for very negative z."""
+        ez = tl.exp(tl.minimum(z, 20.0))
+        small = ez - 0.5 * ez * ez + ez * ez * ez / 3.0  # log1p series, |error| < ez^4/4
+        return tl.where(z > 20.0, z, tl.where(ez < 1e-3, small, tl.log(1.0 + ez)))
+
+    # reverse_mask is never specialized: a constexpr 1 would break `reverse_mask >> k`.
+    @triton.jit(do_not_specialize=["reverse_mask"])
+    def _scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr,
+        y_ptr, states_ptr,
+        L, N, D, K, n_chunks, reverse_mask,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        """Selective-scan forward. Grid: (batch * K, cdiv(D, BLOCK_D)).
+
+        Contiguous inputs: u, delta (B, K*D, L) any float dtype; A (K*D, N); B, C (B, K, N, L);
+        Dskip, bias (K*D,). Outputs: y (B, K*D, L) float32; states (B, K*D, n_chunks, N)
+        float32, the state *before* each chunk (processing order), kept for the backward.
+
+        Group k is reversed when bit k of reverse_mask is set: processing step s then reads
+        memory position L-1-s, so y = flip(scan(flip(inputs))) without flipping in memory.
+
+        Per chunk of BLOCK_L steps the recurrence h_s = a_s * h_{s-1} + b_s, with
+        a_s = exp(dt_s * A) and b_s = dt_s * B_s * u_s, is an associative scan over the
+        affine maps (a_s, b_s); the state at the chunk start is the carry (in registers):
+        h_s = (a_{s0}...a_s) * h_{s0-1} + scan_b_s.
+        """
+        pid_bk = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        b = pid_bk // K
+        k = pid_bk % K
+        rev = ((reverse_mask >> k) & 1) != 0
+
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_l = tl.arange(0, BLOCK_L)
+        d_mask = offs_d < D
+        n_mask = offs_n < N
+        chan = k * D + offs_d                                  # (BD,) global channel index
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+
+        # Padded states get A = 0 and B = 0, so they stay exactly 0.
+        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+
+        row = (b * K * D + chan).to(tl.int64) * L              # (BD,) start of each u/delta row
+        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L    # (BN,) start of each B/C row
+        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * n_chunks * N + offs_n[None, :]
+        is_last = (offs_l == BLOCK_L - 1)[None, None, :]
+
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for c in range(n_chunks):
+            s = c * BLOCK_L + offs_l                            # processing steps
+            s_mask = s < L
+            pos = tl.where(s_mask, tl.where(rev, L - 1 - s, s), 0)  # memory positions
+            dl_mask = d_mask[:, None] & s_mask[None, :]
+            nl_mask = n_mask[:, None] & s_mask[None, :]
+
+            tl.store(st_ptrs + c * N, h, mask=dn_mask)
+
+            u = tl.load(u_ptr + row[:, None] + pos[None, :], mask=dl_mask, other=0.0).to(tl.float32)
+            dt = tl.load(delta_ptr + row[:, None] + pos[None, :], mask=dl_mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias[:, None]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
+            Bv = tl.load(B_ptr + bc_row[:, None] + pos[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bc_row[:, None] + pos[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+
+            a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
+            bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
+            pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
+            hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
+
+            y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            tl.store(y_ptr + row[:, None] + pos[None, :], y, mask=dl_mask)
+
+            # Padded tail steps are identities, so the last column is the state after the chunk.
+            h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
+
+    # reverse_mask is never specialized: a constexpr 1 would break `reverse_mask >> k`.
+    @triton.jit(do_not_specialize=["reverse_mask"])
+    def _scan_bwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, dy_ptr, states_ptr,
+        du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+        L, N, D, K, n_chunks, reverse_mask,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        """Selective-scan backward. Grid and inputs as _scan_fwd_kernel, plus dy (B, K*D, L)
+        float32 and the forward's chunk states.
+
+        Outputs (float32, contiguous): du, ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed
+        by the caller and accumulated with atomic adds across the channel blocks of a
+        group; per-batch partials dA (B, K*D, N), dD and dbias (B, K*D), summed by the caller.
+
+        Chunks are visited last to first. Each chunk recomputes h_{s-1} and h_s from its
+        stored start state, then runs the adjoint recurrence backwards in time. With
+        q_s = dL/dh_s and p_s = a_s * q_s (the part of q_s flowing into h_{s-1}):
+            p_s = a_s * (C_s dy_s + p_{s+1}),   q_s = C_s dy_s + p_{s+1},
+        a reverse affine scan over the leaves (a_s, a_s C_s dy_s) whose exclusive prefix is
+        p_{s+1}; the carry between chunks is p at the chunk's first step. Then
+            dL/db_s = q_s,  dL/d(dt_s A) = q_s a_s h_{s-1},  dL/dC_s = dy_s h_s.
+        """
+        pid_bk = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        b = pid_bk // K
+        k = pid_bk % K
+        rev = ((reverse_mask >> k) & 1) != 0
+
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_l = tl.arange(0, BLOCK_L)
+        d_mask = offs_d < D
+        n_mask = offs_n < N
+        chan = k * D + offs_d
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+
+        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+
+        row = (b * K * D + chan).to(tl.int64) * L
+        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L
+        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * n_chunks * N + offs_n[None, :]
+        is_first = (offs_l == 0)[None, None, :]
+        ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_L), 1.0, tl.float32)
+        zeros = tl.zeros((BLOCK_D, BLOCK_N, BLOCK_L), dtype=tl.float32)
+
+        p = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)      # p at the step after this chunk
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(n_chunks):
+            c = n_chunks - 1 - i
+            s = c * BLOCK_L + offs_l
+            s_mask = s < L
+            pos = tl.where(s_mask, tl.where(rev, L - 1 - s, s), 0)
+            dl_mask = d_mask[:, None] & s_mask[None, :]
+            nl_mask = n_mask[:, None] & s_mask[None, :]
+            offs_dl = row[:, None] + pos[None, :]
+            offs_nl = bc_row[:, None] + pos[None, :]
+
+            u = tl.load(u_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+            z = tl.load(delta_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += bias[:, None]
+            if SOFTPLUS:
+                dt = _softplus(z)
+            else:
+                dt = z
+            dt = tl.where(dl_mask, dt, 0.0)
+            Bv = tl.load(B_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+
+            # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
+            h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
+            a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
+            bx = (dt * u)[:, None, :] * Bv[None, :, :]
+            _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2,
+                                               combine_fn=_affine_combine_excl)
+            a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
+            hs = a_hprev + bx                                   # h_s
+
+            # Adjoint, backwards in time: exclusive reverse prefix gives p_{s+1}.
+            cdy = Cv[None, :, :] * dy[:, None, :]
+            _, _, ra, rb = tl.associative_scan((a, a * cdy, ones, zeros), axis=2,
+                                               combine_fn=_affine_combine_excl, reverse=True)
+            q = cdy + ra * p[:, :, None] + rb                  # dL/dh_s
+            p = tl.sum(tl.where(is_first, a * q, 0.0), axis=2)
+
+            # Parameter and input gradients (padded steps/states have q = 0 and dt = 0).
+            qa_h = q * a_hprev                                  # dL/d(dt_s * A)
+            ddt = tl.sum(qa_h * A[:, :, None] + q * Bv[None, :, :] * u[:, None, :], axis=1)
+            du = dt * tl.sum(q * Bv[None, :, :], axis=1)
+            if HAS_D:
+                du += Dskip[:, None] * dy
+                dD_acc += tl.sum(dy * u, axis=1)
+            dA_acc += tl.sum(qa_h * dt[:, None, :], axis=2)
+            if SOFTPLUS:
+                ddelta = ddt * tl.sigmoid(z)
+            else:
+                ddelta = ddt
+            if HAS_BIAS:
+                dbias_acc += tl.sum(tl.where(dl_mask, ddelta, 0.0), axis=1)
+            tl.store(du_ptr + offs_dl, du, mask=dl_mask)
+            tl.store(ddelta_ptr + offs_dl, ddelta, mask=dl_mask)
+
+            # B and C are shared by the group's channels: reduce this block, add atomically.
+            dB = tl.sum(q * (dt * u)[:, None, :], axis=0)        # (BN, BL)
+            dC = tl.sum(hs * dy[:, None, :], axis=0)
+            tl.atomic_add(dB_ptr + offs_nl, dB, mask=nl_mask)
+            tl.atomic_add(dC_ptr + offs_nl, dC, mask=nl_mask)
+
+        part = (b * K * D + chan).to(tl.int64)
+        tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=dn_mask)
+        if HAS_D:
+            tl.store(dD_ptr + part, dD_acc, mask=d_mask)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
+
+    @triton.jit
+    def _cross_kernel(src_ptr, dst_ptr, C, H, W, stride_k, MERGE: tl.constexpr, BLOCK: tl.constexpr):
+        """Cross-scan (MERGE=False) or cross-merge (MERGE=True). Grid: (batch * C, cdiv(H*W, BLOCK)).
+
+        For pixel p = h*W + w (row-major) and its column-major index t = w*H + h, the four
+        sequences hold that pixel at positions p, t, L-1-p, L-1-t (k = 0..3).
+        Scan:  src x (B, C, H, W) -> dst (B, 4, C, L), each pixel read once, written 4 times.
+        Merge: src ys (B, 4, C, L) -> dst (B, C, H, W), sum of the 4 entries in float32.
+        Both contiguous; dst has the dtype of src.
+        """
+        pid_bc = tl.program_id(0)
+        pid_l = tl.program_id(1)
+        L = H * W
+        b = pid_bc // C
+        ch = pid_bc % C
+        p = pid_l * BLOCK + tl.arange(0, BLOCK)
+        mask = p < L
+        t = (p % W) * H + p // W
+        pix = pid_bc.to(tl.int64) * L + p                       # offsets into the (B, C, H, W) map
+        seq0 = (b * 4 * C + ch).to(tl.int64) * L               # start of sequence k=0 for (b, ch)
+        seq1 = seq0 + stride_k                                  # stride_k = C * L
+        seq2 = seq1 + stride_k
+        seq3 = seq2 + stride_k
+        offs = (seq0 + p, seq1 + t, seq2 + (L - 1 - p), seq3 + (L - 1 - t))
+        if MERGE:
+            acc = tl.load(src_ptr + offs[0], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(src_ptr + offs[1], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(src_ptr + offs[2], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(src_ptr + offs[3], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst_ptr + pix, acc.to(dst_ptr.dtype.element_ty), mask=mask)
+        else:
+            x = tl.load(src_ptr + pix, mask=mask)
+            tl.store(dst_ptr + offs[0], x, mask=mask)
+            tl.store(dst_ptr + offs[1], x, mask=mask)
+            tl.store(dst_ptr + offs[2], x, mask=mask)
+            tl.store(dst_ptr + offs[3], x, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Selective scan: custom ops and autograd
+# ----------------------------------------------------------------------------------------
+
+def _scan_shapes(u, A, Bs):
+    Bsz, KD, L = u.shape
+    K, N = Bs.shape[1], A.shape[1]
+    if KD % K != 0:
+        raise ValueError(f"K*D={KD} is not a multiple of K={K}")
+    return Bsz, K, KD // K, N, L
+
+
+@torch.library.custom_op(f"{_OPS_NS}::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor, Cs: torch.Tensor,
+    Ds: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool, reverse_mask: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns y (B, K*D, L) float32 and the chunk-start states (B, K*D, n_chunks, N) float32."""
+    _require_triton()
+    Bsz, K, D, N, L = _scan_shapes(u, A, Bs)
+    if tuple(Bs.shape) != (Bsz, K, N, L) or tuple(Cs.shape) != (Bsz, K, N, L):
+        raise ValueError(f"B and C must be (batch, K, N, L) = {(Bsz, K, N, L)}, got "
+                         f"{tuple(Bs.shape)} and {tuple(Cs.shape)}")
+    block_d, block_n, block_l = _scan_blocks(D, N, L)
+    n_chunks = triton.cdiv(L, block_l)
+    y = torch.empty((Bsz, K * D, L), device=u.device, dtype=torch.float32)
+    states = torch.empty((Bsz, K * D, n_chunks, N), device=u.device, dtype=torch.float32)
+    u, delta, A, Bs, Cs = (t.contiguous() for t in (u, delta, A, Bs, Cs))
+    # Absent optional inputs get a dummy pointer; the kernel never reads it (HAS_* = False).
+    Dp = Ds.contiguous() if Ds is not None else u
+    biasp = delta_bias.contiguous() if delta_bias is not None else u
+    grid = (Bsz * K, triton.cdiv(D, block_d))
+    _scan_fwd_kernel[grid](
+        u, delta, A, Bs, Cs, Dp, biasp, y, states,
+        L, N, D, K, n_chunks, reverse_mask,
+        HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4,
+    )
+    return y, states
+
+
+@_selective_scan_fwd.register_fake
+def _(u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, reverse_mask):
+    Bsz, K, D, N, L = _scan_shapes(u, A, Bs)
+    n_chunks = -(-L // _scan_blocks(D, N, L)[2])
+    return (u.new_empty((Bsz, K * D, L), dtype=torch.float32),
+            u.new_empty((Bsz, K * D, n_chunks, N), dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_OPS_NS}::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(
+    dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor,
+    Cs: torch.Tensor, Ds: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+    states: torch.Tensor, delta_softplus: bool, reverse_mask: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Returns (du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype; dD and
+    ddelta_bias are (K*D,) float32 zeros when the input is absent."""
+    _require_triton()
+    Bsz, K, D, N, L = _scan_shapes(u, A, Bs)
+    block_d, block_n, block_l = _scan_blocks(D, N, L)
+    n_chunks = states.shape[2]
+    dev, f32 = u.device, torch.float32
+    dy, u, delta, A, Bs, Cs = (t.contiguous() for t in (dy, u, delta, A, Bs, Cs))
+    Dp = Ds.contiguous() if Ds is not None else u
+    biasp = delta_bias.contiguous() if delta_bias is not None else u
+    du = torch.empty((Bsz, K * D, L), device=dev, dtype=f32)
+    ddelta = torch.empty((Bsz, K * D, L), device=dev, dtype=f32)
+    dB = torch.zeros((Bsz, K, N, L), device=dev, dtype=f32)     # atomic accumulation targets
+    dC = torch.zeros((Bsz, K, N, L), device=dev, dtype=f32)
+    dA = torch.zeros((Bsz, K * D, N), device=dev, dtype=f32)    # per-batch partials
+    dD = torch.zeros((Bsz, K * D), device=dev, dtype=f32)
+    dbias = torch.zeros((Bsz, K * D), device=dev, dtype=f32)
+    grid = (Bsz * K, triton.cdiv(D, block_d))
+    _scan_bwd_kernel[grid](
+        u, delta, A, Bs, Cs, Dp, biasp, dy, states,
+        du, ddelta, dA, dB, dC, dD, dbias,
+        L, N, D, K, n_chunks, reverse_mask,
+        HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4,
+    )
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(Bs.dtype),
+            dC.to(Cs.dtype), dD.sum(0).to(Ds.dtype if Ds is not None else f32),
+            dbias.sum(0).to(delta_bias.dtype if delta_bias is not None else f32))
+
+
+@_selective_scan_bwd.register_fake
+def _(dy, u, delta, A, Bs, Cs, Ds, delta_bias, states, delta_softplus, reverse_mask):
+    KD = u.shape[1]
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
+            torch.empty_like(Bs), torch.empty_like(Cs),
+            u.new_empty((KD,), dtype=Ds.dtype if Ds is not None else torch.float32),
+            u.new_empty((KD,), dtype=delta_bias.dtype if delta_bias is not None else torch.float32))
+
+
+def _selective_scan_setup_context(ctx, inputs, output):
+    u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, reverse_mask = inputs
+    ctx.save_for_backward(u, delta, A, Bs, Cs, Ds, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.reverse_mask = reverse_mask
+    ctx.mark_non_differentiable(output[1])
+
+
+def _selective_scan_backward(ctx, dy, dstates):
+    u, delta, A, Bs, Cs, Ds, delta_bias, states = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias = _selective_scan_bwd(
+        dy, u, delta, A, Bs, Cs, Ds, delta_bias, states, ctx.delta_softplus, ctx.reverse_mask)
+    return (du, ddelta, dA, dB, dC,
+            dD if Ds is not None else None, dbias if delta_bias is not None else None, None, None)
+
+
+_selective_scan_fwd.register_autograd(_selective_scan_backward,
+                                      setup_context=_selective_scan_setup_context)
+
+
+def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
+                          reverse: Optional[Sequence[bool]] = None):
+    """Grouped Mamba-1 selective scan (see SPEC.md "Selective scan").
+
+    u, delta: (batch, K*D, L); A: (K*D, N), N <= 16 recommended; B, C: (batch, K, N, L),
+    shared by the D channels of group k (channel c is in group c // D); D, delta_bias: (K*D,)
+    or None. Any float dtype; computed in float32.
+    reverse: optional sequence of K bools; a flagged group is scanned from L-1 down to 0,
+    i.e. its output is flip(scan(flip(inputs))) along L.
+    Returns y: (batch, K*D, L) float32. Differentiable in all tensor inputs.
+    """
+    mask = 0
+    if reverse is not None:
+        if len(reverse) != B.shape[1]:
+            raise ValueError(f"reverse has {len(reverse)} flags for K={B.shape[1]} groups")
+        mask = sum(1 << k for k, flag in enumerate(reverse) if flag)
+    y, _ = _selective_scan_fwd(
+        u, delta, A, B, C, D, delta_bias, bool(delta_softplus), mask)
+    return y
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-scan / cross-merge: custom ops, each the other's backward
+# ----------------------------------------------------------------------------------------
+
+def _cross_launch(src, dst, Bsz, C, H, W, merge):
+    _require_triton()
+    L = H * W
+    block = min(1024, _next_pow2(L))
+    _cross_kernel[(Bsz * C, triton.cdiv(L, block))](
+        src, dst, C, H, W, C * L, MERGE=merge, BLOCK=block, num_warps=4)
+    return dst
+
+
+@torch.library.custom_op(f"{_OPS_NS}::cross_scan", mutates_args=())
+def _cross_scan(x: torch.Tensor) -> torch.Tensor:
+    Bsz, C, H, W = x.shape
+    out = torch.empty((Bsz, 4, C, H * W), device=x.device, dtype=x.dtype)
+    return _cross_launch(x.contiguous(), out, Bsz, C, H, W, merge=False)
+
+
+@_cross_scan.register_fake
+def _(x):
+    Bsz, C, H, W = x.shape
+    return x.new_empty((Bsz, 4, C, H * W))
+
+
+@torch.library.custom_op(f"{_OPS_NS}::cross_merge", mutates_args=())
+def _cross_merge(ys: torch.Tensor) -> torch.Tensor:
+    Bsz, four, C, H, W = ys.shape
+    out = torch.empty((Bsz, C, H, W), device=ys.device, dtype=ys.dtype)
+    return _cross_launch(ys.contiguous(), out, Bsz, C, H, W, merge=True)
+
+
+@_cross_merge.register_fake
+def _(ys):
+    Bsz, four, C, H, W = ys.shape
+    return ys.new_empty((Bsz, C, H, W))
+
+
+def _save_hw(ctx, inputs, output):
+    ctx.hw = inputs[0].shape[-2:]
+
+
+_cross_scan.register_autograd(
+    lambda ctx, g: _cross_merge(g.reshape(*g.shape[:3], *ctx.hw)),
+    setup_context=_save_hw)
+_cross_merge.register_autograd(
+    lambda ctx, g: _cross_scan(g).reshape(g.shape[0], 4, g.shape[1], *ctx.hw),
+    setup_context=_save_hw)
+
+
+def _cross_scan_triton(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    if x.dim() != 4:
+        raise ValueError(f"cross_scan expects (B, C, H, W), got {tuple(x.shape)}")
+    return _cross_scan(x)
+
+
+def _cross_merge_triton(ys: torch.Tensor) -> torch.Tensor:
+    """(B, 4, C, H, W) -> (B, C, H, W): the adjoint of _cross_scan_triton (map each of the four
+    sequences back to its pixels and sum)."""
+    if ys.dim() != 5 or ys.shape[1] != 4:
+        raise ValueError(f"cross_merge expects (B, 4, C, H, W), got {tuple(ys.shape)}")
+    return _cross_merge(ys)
+
 
 def _triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
@@ -180,7 +690,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"VMAMBA_BACKEND={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        best = available_backends(device)[0]
+        best = available_backends(device)[0] if device.type == "cuda" else "torch"
         if device.type == "cuda" and best == "torch":
             _warn_once("vmamba: CUDA tensors are using the pure-PyTorch selective scan, which is "
                        f"slow on GPU. For speed: {_INSTALL_HINTS['triton']}, or "

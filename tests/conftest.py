@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on CPU under the interpreter, which must be chosen before they are
+# defined (at import of vmamba). The "auto" backend on CPU stays pure PyTorch regardless.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("VMAMBA_SHARED", ROOT.parent / "shared"))
