@@ -29,27 +29,40 @@ License: MIT.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import contextlib
+import dataclasses
+import errno
+import hashlib
+import http.client
 import math
 import os
+import pickle
+import posixpath
 import re
 import sys
+import tarfile
 import time
+import types
+import urllib.parse
+import urllib.request
+import uuid
 import warnings
-from collections import OrderedDict
+import zipfile
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, _weights_only_unpickler
 
 __all__ = [
     "selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "available_backends",
     "set_backend", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "load_pretrained",
-    "checkpoint_filter_fn", "list_models", "create_model", "model_config",
+    "checkpoint_filter_fn", "load_checkpoint_file", "download_cached", "list_models", "create_model", "model_config",
 ]
 
 # ----------------------------------------------------------------------------------------
@@ -1276,19 +1289,577 @@ class Backbone_VSSM(VSSM):
 # ----------------------------------------------------------------------------------------
 # Checkpoints: reading files safely, downloading once, converting any released layout.
 
-#@@SAFELOAD@@
-def _load_checkpoint_file(path):
-    # TEMPORARY
-    return torch.load(path, map_location="cpu", weights_only=True)
+# Inert placeholders
 
 
-def _download(url, sha256=None, progress=True):
-    # TEMPORARY
-    dst = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.exists(dst):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        torch.hub.download_url_to_file(url, dst, progress=progress)
-    return dst
+@dataclasses.dataclass(frozen=True)
+class PickledGlobal:
+    """Stand-in for a class or function that a checkpoint refers to by name.
+
+    The named module is never imported and the name is never looked up.
+    """
+
+    module: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class PickledObject:
+    """Stand-in for an object the pickle would have built by calling ``factory``.
+
+    Nothing is called: the arguments and any later pickle operations on the
+    object are only recorded.
+
+    Attributes:
+        factory: the placeholder that would have been called / instantiated.
+        args, kwargs: the arguments it would have been called with.
+        state: what ``__setstate__`` would have received (e.g. the instance
+            ``__dict__`` of a plain Python object), or None.
+        listitems: items appended to it (list subclasses).
+        dictitems: items assigned to it (dict subclasses such as yacs' CfgNode).
+    """
+
+    factory: "PickledGlobal | PickledObject"
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    state: Any = None
+    listitems: list = dataclasses.field(default_factory=list)
+    dictitems: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def global_name(self) -> str:
+        """Dotted name of the global at the root of the factory chain."""
+        factory = self.factory
+        while isinstance(factory, PickledObject):
+            factory = factory.factory
+        return str(factory)
+
+    def __repr__(self) -> str:
+        # Deliberately short: args/state may hold large tensors or cycles.
+        return f"<PickledObject {self.global_name}>"
+
+
+_PLACEHOLDER_TYPES = (PickledGlobal, PickledObject)
+
+
+# Restricted unpickler
+
+# Mirrors torch's weights_only loader: globals from these modules are never
+# admitted, even if a user allowlisted them with add_safe_globals().
+_BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
+
+
+def _admitted_globals() -> dict[str, Any]:
+    """Globals that ``torch.load(weights_only=True)`` admits, keyed "module.name".
+
+    These are the tensor/storage/dtype/rebuild-function globals torch itself
+    calls with untrusted arguments when loading with ``weights_only=True``,
+    plus anything the user allowlisted via torch.serialization.add_safe_globals.
+    """
+    admitted = dict(_weights_only_unpickler._get_allowed_globals())
+    admitted.update(_weights_only_unpickler._get_user_allowed_globals())
+    # Legacy sparse tensor constructors (torch.sparse.FloatTensor, ...): torch's
+    # own unpickler queues their results for invariant validation, which a
+    # plain pickle_module cannot do, so they stay placeholders. Modern sparse
+    # tensors use torch._utils._rebuild_sparse_tensor, which queues itself.
+    return {
+        key: obj
+        for key, obj in admitted.items()
+        if not (
+            isinstance(obj, type)
+            and obj in torch._tensor_classes
+            and "sparse" in obj.__module__
+        )
+    }
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that never imports or calls anything outside the allowlist.
+
+    Built on the pure-Python ``pickle._Unpickler`` rather than the C
+    ``pickle.Unpickler`` because overriding ``find_class`` alone is not
+    enough: the C implementation would still call ``__setstate__`` /
+    ``append`` / ``__setitem__`` / ``__new__`` on whatever object is on the
+    stack. Here every opcode that calls into an object is overridden:
+
+    * GLOBAL / STACK_GLOBAL / INST: admitted globals resolve to the real
+      object; every other name becomes a :class:`PickledGlobal`.
+    * REDUCE / NEWOBJ / NEWOBJ_EX / INST / OBJ: admitted callables are called
+      (exactly as torch's weights_only loader would); calling a placeholder
+      yields a new :class:`PickledObject`; anything else is refused.
+    * BUILD: recorded on placeholders; applied to tensors, parameters and
+      instances of admitted types with torch's weights_only rules.
+    * APPEND(S) / SETITEM(S) / ADDITEMS: only on plain containers (or recorded
+      on placeholders).
+    * PERSID / BINPERSID: only tensor storages (and legacy module class
+      references, which resolve to the already-restricted class object).
+    * EXT1/2/4 (copyreg extension registry): refused.
+
+    ``torch.load`` subclasses this class and installs its own
+    ``persistent_load`` which materialises tensor storages.
+    """
+
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self._admitted = _admitted_globals()
+        # Identity lookup: `x in list` would use __eq__ of untrusted objects.
+        self._admitted_by_id = {id(obj): obj for obj in self._admitted.values()}
+
+    def _is_admitted(self, obj: Any) -> bool:
+        return self._admitted_by_id.get(id(obj)) is obj
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3 and self.fix_imports:
+            # Python 2 pickles: same renaming as pickle.Unpickler (pure data).
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        if module not in _BLOCKED_MODULES:
+            admitted = self._admitted.get(f"{module}.{name}")
+            if admitted is not None:
+                return admitted
+        return PickledGlobal(module, name)
+
+    def _call(self, func: Any, args: Any, kwargs: dict) -> Any:
+        """Result of ``func(*args, **kwargs)``, only for admitted callables."""
+        if isinstance(func, _PLACEHOLDER_TYPES):
+            return PickledObject(func, tuple(args), dict(kwargs))
+        if self._is_admitted(func):
+            return func(*args, **kwargs)
+        raise pickle.UnpicklingError(
+            f"refusing to call non-allowlisted object of type {type(func).__name__}"
+        )
+
+    def _new(self, cls: Any, args: Any, kwargs: dict) -> Any:
+        """Result of ``cls.__new__(cls, *args, **kwargs)`` (NEWOBJ)."""
+        if isinstance(cls, _PLACEHOLDER_TYPES):
+            return PickledObject(cls, tuple(args), dict(kwargs))
+        if cls is torch.nn.Parameter:
+            # Same special case as torch's weights_only unpickler.
+            return torch.nn.Parameter(*args, **kwargs)
+        if isinstance(cls, type) and self._is_admitted(cls):
+            return cls.__new__(cls, *args, **kwargs)
+        raise pickle.UnpicklingError(
+            f"refusing to instantiate non-allowlisted object of type {type(cls).__name__}"
+        )
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        self.stack[-1] = self._call(self.stack[-1], args, {})
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args, {}))
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args, kwargs))
+
+    def _instantiate(self, klass, args):
+        # Shared by the protocol 0/1 opcodes INST and OBJ.
+        self.append(self._call(klass, args, {}))
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        kind = type(inst)
+        if kind is PickledObject:
+            inst.state = state
+        elif kind is torch.Tensor:
+            inst.set_(*state)  # legacy tensor pickles, as in torch's loader
+        elif kind is torch.nn.Parameter:
+            inst.__setstate__(state)
+        elif kind is OrderedDict:
+            inst.__dict__.update(state)
+        elif self._is_admitted(kind):
+            # Instance of an admitted type: standard pickle BUILD semantics.
+            setstate = getattr(inst, "__setstate__", None)
+            if setstate is not None:
+                setstate(state)
+                return
+            slotstate = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slotstate = state
+            if state:
+                inst.__dict__.update(state)
+            for key, value in (slotstate or {}).items():
+                setattr(inst, key, value)
+        else:
+            raise pickle.UnpicklingError(
+                f"refusing to set the state of a {kind.__name__} object"
+            )
+
+    def _list_target(self) -> list:
+        target = self.stack[-1]
+        if isinstance(target, PickledObject):
+            return target.listitems
+        if type(target) is list or (
+            isinstance(target, list) and self._is_admitted(type(target))
+        ):
+            return target
+        raise pickle.UnpicklingError(
+            f"refusing to append to a {type(target).__name__} object"
+        )
+
+    def _dict_target(self) -> dict:
+        target = self.stack[-1]
+        if isinstance(target, PickledObject):
+            return target.dictitems
+        if type(target) in (dict, OrderedDict, Counter):
+            return target
+        raise pickle.UnpicklingError(
+            f"refusing to set items on a {type(target).__name__} object"
+        )
+
+    def load_append(self):
+        value = self.stack.pop()
+        self._list_target().append(value)
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._list_target().extend(items)
+
+    def load_setitem(self):
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._dict_target()[key] = value
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        target = self._dict_target()
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def load_additems(self):
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if type(target) is not set:
+            raise pickle.UnpicklingError(
+                f"refusing to add items to a {type(target).__name__} object"
+            )
+        target.update(items)
+
+    def _checked_persistent_load(self, pid: Any) -> Any:
+        """Resolve a persistent id; only tensor storages are accepted."""
+        typename = pid[0] if type(pid) is tuple and pid else None
+        if isinstance(typename, bytes):
+            typename = typename.decode("ascii", "replace")
+        if typename == "storage":
+            return self.persistent_load(pid)  # installed by torch.load
+        if typename == "module" and len(pid) == 4:
+            # Legacy-format nn.Module pickles reference their class as
+            # ("module", cls, source_file, source). torch would compare the
+            # source with the current class (and may write a .patch file); the
+            # class is a placeholder here anyway, so just return it.
+            return pid[1]
+        raise pickle.UnpicklingError(f"unsupported persistent id type {typename!r}")
+
+    def load_persid(self):
+        pid = self.readline()[:-1].decode("ascii")
+        self.append(self._checked_persistent_load(pid))
+
+    def load_binpersid(self):
+        pid = self.stack.pop()
+        self.append(self._checked_persistent_load(pid))
+
+    def get_extension(self, code):
+        # The copyreg extension registry would resolve names outside
+        # find_class and cache the result process-wide; torch never uses it.
+        raise pickle.UnpicklingError("pickle extension codes are not supported")
+
+
+# pickle._Unpickler dispatches through a class-level {opcode: function} table
+# built from its own methods; rebind it so the overrides above take effect.
+_RestrictedUnpickler.dispatch = {
+    opcode: getattr(_RestrictedUnpickler, func.__name__)
+    for opcode, func in pickle._Unpickler.dispatch.items()
+}
+
+
+def _restricted_load(file, **kwargs) -> Any:
+    """``pickle.load`` counterpart of :class:`_RestrictedUnpickler`."""
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load(pickle_module=...) needs `Unpickler` and `load` (the latter for
+# the legacy non-zip format's header records), and a `__name__`.
+_RESTRICTED_PICKLE = types.ModuleType(
+    f"{__name__}._restricted_pickle",
+    "pickle module stand-in that turns unknown globals into placeholders",
+)
+_RESTRICTED_PICKLE.Unpickler = _RestrictedUnpickler
+_RESTRICTED_PICKLE.load = _restricted_load
+_RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError
+
+
+# Checkpoint loading
+
+
+def _check_format_for_restricted_load(source: str) -> None:
+    """Refuse archive formats that torch.load handles outside the unpickler.
+
+    ``torch.load(weights_only=False)`` hands TorchScript archives to
+    ``torch.jit.load`` (which runs TorchScript code) and extracts legacy tar
+    checkpoints to disk. torch.load(weights_only=True) already rejects both
+    before unpickling, so this is a local guarantee rather than a new rule.
+    """
+    with open(source, "rb") as file:
+        magic = file.read(4)
+    if magic == b"PK\x03\x04":
+        with zipfile.ZipFile(source) as archive:
+            names = archive.namelist()
+        if any(posixpath.basename(name) == "constants.pkl" for name in names):
+            raise ValueError(
+                f"{source} is a TorchScript archive; load it with torch.jit.load "
+                "only if you trust its source"
+            )
+    elif tarfile.is_tarfile(source):
+        raise ValueError(f"{source} uses the legacy tar checkpoint format")
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """Load a checkpoint onto the CPU without executing code from its pickle.
+
+    Tries ``torch.load(path, map_location="cpu", weights_only=True)`` first.
+    If torch's weights-only unpickler rejects the file (typically a global it
+    does not allow, such as a config class, ``argparse.Namespace`` or numpy
+    scalar in training metadata), the file is loaded again with a restricted
+    unpickler that admits exactly the globals torch's weights-only loader
+    admits (tensors, storages, dtypes, tensor rebuild functions, plain
+    containers) and replaces every other class or function with an inert
+    :class:`PickledGlobal`; objects built from them become
+    :class:`PickledObject` records. Nothing outside the allowlist is imported
+    or called, so e.g. ``__reduce__`` payloads calling ``os.system`` or
+    ``eval`` come back as placeholders instead of running.
+
+    Supports the zip format (default ``torch.save``) and the legacy non-zip
+    format (``_use_new_zipfile_serialization=False``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: the file is truncated, corrupt or not a PyTorch checkpoint
+            (chained from the underlying error).
+    """
+    source = os.fspath(path)
+    if not os.path.exists(source):
+        raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", source)
+    if os.path.isdir(source):
+        raise IsADirectoryError(
+            errno.EISDIR, "Checkpoint path is a directory, not a file", source
+        )
+    # Surface permission problems as the OSError they are, not as "corrupt".
+    with open(source, "rb"):
+        pass
+
+    try:
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # torch reports every weights-only rejection (disallowed global,
+            # unsupported opcode, ...) as UnpicklingError; other failures
+            # (corrupt zip, TorchScript, legacy tar) are final.
+            # The aborted attempt may have queued sparse tensors for
+            # validation without ever validating (or, in the legacy format,
+            # filling) them; drop them so they cannot fail the next load.
+            torch._utils._sparse_tensors_to_validate.clear()
+        _check_format_for_restricted_load(source)
+        # weights_only=True always validates sparse tensors (bad indices can
+        # cause out-of-bounds reads later); otherwise torch only does so when
+        # this (process-global) switch is on.
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            return torch.load(
+                source,
+                map_location="cpu",
+                weights_only=False,
+                pickle_module=_RESTRICTED_PICKLE,
+            )
+    except Exception as err:
+        raise ValueError(
+            f"{source} could not be read as a PyTorch checkpoint: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+# Cached download
+
+# Socket timeout (seconds) for connecting and for each read.
+_DOWNLOAD_TIMEOUT_S = 60.0
+_DOWNLOAD_CHUNK_BYTES = 1 << 20
+_MAX_FILE_NAME_CHARS = 200
+_SHA256_RE = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _cache_file_name(url: str) -> str:
+    """Filesystem-safe cache file name derived from the last URL path segment.
+
+    The segment is percent-decoded, then every character outside
+    ``[A-Za-z0-9._+-]`` (path separators, '#', '%', spaces, control and
+    non-ASCII characters) becomes '_'. Leading dots are dropped so the result
+    is never '.', '..' or a hidden file.
+    """
+    segment = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    name = urllib.parse.unquote(segment, errors="replace")
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
+    if not name:
+        raise ValueError(f"cannot derive a cache file name from URL {url!r}")
+    if len(name) > _MAX_FILE_NAME_CHARS:
+        stem, ext = os.path.splitext(name)
+        ext = ext[:20]
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = f"{stem[: _MAX_FILE_NAME_CHARS - len(ext) - 17]}-{digest}{ext}"
+    return name
+
+
+def _normalize_sha256(sha256: str | None) -> str | None:
+    """Lower-case hex digest or prefix (>= 8 chars); ValueError if malformed."""
+    if sha256 is None:
+        return None
+    normalized = sha256.strip().lower()
+    if not _SHA256_RE.fullmatch(normalized):
+        raise ValueError(
+            "sha256 must be a SHA-256 hex digest or a prefix of at least 8 hex "
+            f"characters, got {sha256!r}"
+        )
+    return normalized
+
+
+def _file_sha256(path: str) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(_DOWNLOAD_CHUNK_BYTES), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _fetch(url: str, out, dest: str, progress: bool) -> str:
+    """Stream ``url`` into the open file ``out``; return the body's SHA-256.
+
+    Network failures (HTTP error status, refused connection, timeout, a body
+    shorter than its Content-Length) raise RuntimeError naming URL and ``dest``.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
+    hasher = hashlib.sha256()
+    received = 0
+    try:
+        with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            length_header = response.headers.get("Content-Length")
+            expected = int(length_header) if length_header else None
+            # torch.hub.tqdm is the real tqdm when installed, else torch's
+            # minimal stderr fallback; both honour `disable`.
+            with torch.hub.tqdm(
+                total=expected,
+                disable=not progress,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+            ) as bar:
+                while chunk := response.read(_DOWNLOAD_CHUNK_BYTES):
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        # OSError covers urllib.error.URLError/HTTPError, refused or reset
+        # connections and timeouts; HTTPException covers malformed or cut-off
+        # responses; ValueError a malformed Content-Length.
+        raise RuntimeError(f"Failed to download {url} to {dest}: {err}") from err
+    # http.client returns EOF silently when a server closes early, so check.
+    if expected is not None and received != expected:
+        raise RuntimeError(
+            f"Failed to download {url} to {dest}: connection closed after "
+            f"{received} of {expected} bytes"
+        )
+    return hasher.hexdigest()
+
+
+def _download_atomically(
+    url: str, dest: str, expected_sha256: str | None, progress: bool
+) -> None:
+    """Download into a temporary file next to ``dest``, then rename it.
+
+    The rename is atomic on the same filesystem, so ``dest`` either does not
+    exist or holds a complete (and, if requested, verified) download.
+    """
+    partial = f"{dest}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(partial, "xb") as out:
+            actual = _fetch(url, out, dest, progress)
+        if expected_sha256 is not None and not actual.startswith(expected_sha256):
+            raise ValueError(
+                f"SHA-256 mismatch for {url}: expected {expected_sha256}, got "
+                f"{actual}; the download was deleted"
+            )
+        os.replace(partial, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+
+
+def download_cached(
+    url: str,
+    sha256: str | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> str:
+    """Download ``url`` once into a cache directory and return the local path.
+
+    Args:
+        url: http:// or https:// URL. The cache file name is the last path
+            segment, percent-decoded and sanitised (see ``_cache_file_name``);
+            different URLs with the same file name share one cache entry, as
+            with torch.hub.
+        sha256: optional expected SHA-256, the full hex digest or a prefix of
+            at least 8 hex characters. A fresh download that does not match is
+            deleted and raises ValueError; a cached file that does not match is
+            deleted and downloaded again (once).
+        progress: show a progress bar on stderr.
+        cache_dir: defaults to ``<torch.hub.get_dir()>/checkpoints``.
+
+    Returns:
+        Path of the cached file.
+
+    Raises:
+        ValueError: bad URL scheme / sha256 argument, or SHA-256 mismatch
+            (message names the URL, expected and actual digest).
+        RuntimeError: the download failed (HTTP error, unreachable host,
+            timeout, truncated body); the message names the URL and the cache
+            path, and the original error is chained. No file is left at the
+            cache path.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"only http(s) URLs can be downloaded, got {url!r}")
+    expected = _normalize_sha256(sha256)
+    if cache_dir is None:
+        cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cache_dir = os.fspath(cache_dir)
+    dest = os.path.join(cache_dir, _cache_file_name(url))
+
+    if os.path.isfile(dest):
+        if expected is None:
+            return dest
+        actual = _file_sha256(dest)
+        if actual.startswith(expected):
+            return dest
+        warnings.warn(
+            f"Cached file {dest} has SHA-256 {actual}, expected {expected}; "
+            f"downloading {url} again",
+            stacklevel=2,
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dest)
+
+    os.makedirs(cache_dir, exist_ok=True)
+    _download_atomically(url, dest, expected, progress)
+    return dest
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema")   # the first one present is used
@@ -1382,8 +1953,8 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
-        path = _download(source, sha256=sha256, progress=progress) if _is_url(source) else source
-        checkpoint = _load_checkpoint_file(path)
+        path = download_cached(source, sha256=sha256, progress=progress) if _is_url(source) else source
+        checkpoint = load_checkpoint_file(path)
     elif isinstance(source, dict):
         checkpoint = source
     else:
