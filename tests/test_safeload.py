@@ -517,7 +517,7 @@ def test_connection_refused(tmp_path):
 
 
 def test_timeout(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(safeload, "_DOWNLOAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(vmamba, "_DOWNLOAD_TIMEOUT_S", 0.3)
     server.mode = "slow"
     url = f"{server.base_url}/model.pth"
     with pytest.raises(RuntimeError, match="timed out") as excinfo:
