@@ -2116,6 +2116,12 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any)
     return globals()[name](pretrained=pretrained, **kwargs)
 
 
+#@@ECOSYSTEM@@
+
+
+#@@ANALYSIS@@
+
+
 # ----------------------------------------------------------------------------------------
 # Command line: ``python vmamba.py`` runs an offline smoke test of this file.
 
