@@ -41,6 +41,7 @@ import os
 import pickle
 import posixpath
 import re
+import statistics
 import sys
 import tarfile
 import time
@@ -2185,6 +2186,104 @@ def _smoke(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _timm_model(name: str, size: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit(f"--compare {name}: timm is not installed (pip install timm)") from None
+    try:
+        return timm.create_model(name, pretrained=False, img_size=size)
+    except TypeError:  # models without a fixed input size take no img_size
+        return timm.create_model(name, pretrained=False)
+
+
+def _bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Median/min/max latency of each model at each size, runs interleaved round-robin."""
+    device = _resolve_device(args.device)
+    names = [(n, "vmamba") for n in args.model.split(",")]
+    names += [(n, "timm") for n in args.compare.split(",")] if args.compare else []
+    train = args.mode == "train"
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        x = torch.randn(args.batch, 3, size, size, device=device)
+        models = {}
+        for name, kind in names:
+            torch.manual_seed(0)
+            model = create_model(name) if kind == "vmamba" else _timm_model(name, size)
+            models[name] = model.to(device).train(train)
+
+        def step(model: nn.Module) -> None:
+            if train:
+                model(x).float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode():
+                    model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        times: Dict[str, List[float]] = {name: [] for name in models}
+        for i in range(args.warmup + args.repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                step(model)
+                if i >= args.warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        base = None
+        for name, kind in names:
+            t = sorted(times[name])
+            median = statistics.median(t)
+            base = median if kind == "timm" and base is None else base
+            rows.append(dict(model=name, size=size, batch=args.batch, mode=args.mode, device=str(device),
+                             threads=torch.get_num_threads(), median_ms=round(median, 2),
+                             min_ms=round(t[0], 2), max_ms=round(t[-1], 2), ratio=None))
+        for row in rows[-len(names):]:
+            row["ratio"] = round(row["median_ms"] / base, 3) if base else "-"
+    return rows
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Time models side by side in one run and print (and optionally save) the table."""
+    torch.set_num_threads(args.threads)
+    rows = _bench_rows(args)
+    compared = args.compare.split(",")[0] if args.compare else None
+    print(f"vmamba.py bench: torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
+          f"{args.mode}, median of {args.repeats} after {args.warmup} warm-up runs, interleaved"
+          + (f"; ratio = median / {compared}'s" if compared else ""))
+    _print_table(rows, ["model", "size", "median_ms", "min_ms", "max_ms", "ratio"])
+    if args.csv:
+        import csv
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _add_bench_command(commands: Any) -> None:
+    bench = commands.add_parser("bench", help="latency of models side by side (median, min, max, ratio)",
+                                description="Latency of vmamba models, and of timm models with --compare, "
+                                "measured interleaved in one run. Ratios are to the first --compare model.")
+    bench.add_argument("--model", default="vmamba_tiny_s1l8", help="comma-separated zoo names")
+    bench.add_argument("--sizes", default="224", help="comma-separated resolutions (default: 224)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                       help=f"torch threads (default: {torch.get_num_threads()})")
+    bench.add_argument("--mode", choices=("infer", "train"), default="infer",
+                       help="infer: eval forward; train: forward + backward in train mode")
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    bench.add_argument("--compare", default=None, metavar="NAME[,NAME]", help="timm models to time alongside")
+    bench.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
+    bench.set_defaults(run=_bench)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vmamba.py", description="VMamba in one file. Without a command: an offline smoke test "
@@ -2196,6 +2295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH_OR_URL",
                         help="load the released weights (needs network), or the given file/URL")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_bench_command(commands)
     #@@COMMANDS@@
     args = parser.parse_args(argv)
     if args.command is None:
