@@ -146,24 +146,521 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 
-def _selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    # TEMPORARY: replaced by the chunked engine.
-    return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus).float()
+# ----------------------------------------------------------------------------------------
+# The pure-PyTorch scan engine (backend "torch").
+#
+# Recurrence (per channel d, state n), computed in float32:
+#     dt_t = softplus(delta_t + delta_bias)            (or delta_t + delta_bias)
+#     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_{-1} = 0
+#     y_t  = <C_t, h_t> + D * u_t
+#
+# Engine. The sequence is split into nc chunks of T steps and stored time-major,
+# (T, B, nc, ...), so one fused multiply-add advances every chunk by one step:
+#   1. a local pass per chunk from a zero state gives each chunk's exit state;
+#   2. a log-depth scan over chunks turns exit states into each chunk's entry carry
+#      (chunk decays are exp(A * sum of dt), so nothing is ever divided by a decay);
+#   3. a second pass per chunk, started from its carry, produces the states.
+# The backward recomputes states from the stored entry carries and runs the adjoint
+# recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} with the same machinery, time reversed.
+# Work is split into blocks of batch rows and chunks so that each working tensor stays
+# ~1M elements; blocks of one sequence run in order and hand their exit state on.
+
+_BLOCK_ELEMS = 1 << 20  # target size of one (T, b, n, G, N, D) working tensor
+_EXP_FLOOR = -80.0
 
 
-def _ss2d_scan_torch(x, dts, A, Bs, Cs, Ds, delta_bias):
-    # TEMPORARY: composition
-    b, h, w, d = x.shape
-    xs = cross_scan(x.permute(0, 3, 1, 2))
-    dts = cross_scan(rearrange(dts, "b h w k d -> b (k d) h w")).view(b, 4, 4, d, h * w)
-    dts = torch.stack([dts[:, k, k] for k in range(4)], 1)
-    Bs = cross_scan(rearrange(Bs, "b h w k n -> b (k n) h w")).view(b, 4, 4, -1, h * w)
-    Bs = torch.stack([Bs[:, k, k] for k in range(4)], 1)
-    Cs = cross_scan(rearrange(Cs, "b h w k n -> b (k n) h w")).view(b, 4, 4, -1, h * w)
-    Cs = torch.stack([Cs[:, k, k] for k in range(4)], 1)
-    ys = _selective_scan_torch(xs.reshape(b, 4 * d, -1), dts.reshape(b, 4 * d, -1), A.reshape(4 * d, -1),
-                               Bs, Cs, Ds.reshape(-1), delta_bias.reshape(-1))
-    return cross_merge(ys.view(b, 4, d, h, w)).permute(0, 2, 3, 1)
+# ----------------------------------------------------------------------------
+# Layout helpers
+# ----------------------------------------------------------------------------
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _softplus(z: Tensor) -> Tensor:
+    # F.softplus (threshold 20) is exact in float32 and the fastest option measured here.
+    return F.softplus(z)
+
+
+def _chunk_len(L: int, N: int) -> int:
+    """Chunk length T: a single chunk for short sequences, else the T in a small range
+    that pads least (ties go to the longer chunk). Traced graphs use short chunks: their
+    size grows with T, while the chunk carry scan adds only log2(nc) levels."""
+    lo, hi = (8, 16) if _tracing() else (32, 64) if N == 1 else (16, 24)
+    if L <= hi:
+        return max(L, 1)
+    return min(range(lo, hi + 1), key=lambda t: (-(-L // t) * t, -t))
+
+
+def _to_tm(seq: Tensor, T: int) -> Tensor:
+    """(B, L, *rest) -> time-major (T, B, nc, *rest), zero-padded to nc*T (a strided view
+    unless padded)."""
+    bsz, L = seq.shape[:2]
+    nc = -(-L // T)
+    if nc * T != L:
+        pad = seq.new_zeros((bsz, nc * T - L) + tuple(seq.shape[2:]))
+        seq = torch.cat([seq, pad], 1)
+    return seq.reshape((bsz, nc, T) + tuple(seq.shape[2:])).movedim(2, 0)
+
+
+def _from_tm(x: Tensor, L: int) -> Tensor:
+    """(T, B, nc, *rest) -> (B, L, *rest) (drops the padding)."""
+    T, bsz, nc = x.shape[:3]
+    return x.movedim(0, 2).reshape((bsz, nc * T) + tuple(x.shape[3:]))[:, :L]
+
+
+Block = Tuple[int, int, int, int]
+
+
+def _blocks(bsz: int, nc: int, per_chunk: int, reverse: bool, tracing: bool) -> List[Block]:
+    """Blocks (b0, b1, c0, c1) of batch rows and chunks of ~_BLOCK_ELEMS elements
+    (per_chunk per row and chunk), chunks in the scan's iteration order."""
+    if tracing:
+        return [(0, bsz, 0, nc)]
+    n = max(1, _BLOCK_ELEMS // per_chunk)  # chunks per block
+    if n >= nc:
+        rows = n // nc
+        return [(b, min(b + rows, bsz), 0, nc) for b in range(0, bsz, rows)]
+    n = -(-nc // -(-nc // n))  # balance the chunk blocks
+    cs = [(c, min(c + n, nc)) for c in range(0, nc, n)]
+    if reverse:
+        cs.reverse()
+    return [(b, b + 1, c0, c1) for b in range(bsz) for c0, c1 in cs]
+
+
+# ----------------------------------------------------------------------------
+# Chunked scan machinery. Layouts (channels innermost, so broadcasts over N or over
+# channels run on contiguous inner loops; chunks of a block along dim 1 of chunk tensors):
+#   full tensors      (T, b, n, G, N, D)    a = exp(dt A), x = dt u B, states
+#   per step / chunk  (b, n, G, N, D)
+#   dt, u, y, dy      (T, b, n, G, D);   Bm, Cm (T, b, n, G, N);   A (G, N, D)
+# "reverse" iterates t = T-1..0 and chunks last..first. "shift" uses the previous step's decay:
+#   shift=False: s_t = a_t * s_prev + x_t     (the forward recurrence)
+#   shift=True:  s_t = a_prev * s_prev + x_t  (its adjoint, run in the opposite order)
+# ----------------------------------------------------------------------------
+class _Buffers:
+    """Reusable flat float32 work buffers for the eager path: blocks reuse the same pages
+    instead of allocating (and page-faulting) fresh ~4 MB tensors."""
+
+    def __init__(self):
+        self.store: Dict[str, Tensor] = {}
+
+    def get(self, name: str, shape) -> Tensor:
+        n = math.prod(shape)
+        buf = self.store.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.store[name] = torch.empty(n)
+        return buf[:n].view(shape)
+
+
+def _mul(x: Tensor, y: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
+    """x * y, written into the work buffer `name` when bufs is given (eager path)."""
+    if bufs is None:
+        return x * y
+    return torch.mul(x, y, out=bufs.get(name, torch.broadcast_shapes(x.shape, y.shape)))
+
+
+def _decay(z: Tensor, inplace: bool, clamp: bool = True) -> Tensor:
+    """exp(max(z, _EXP_FLOOR)), in place on z when inplace; clamp=False when z is known
+    to stay above the floor."""
+    if inplace:
+        return (z.clamp_(min=_EXP_FLOOR) if clamp else z).exp_()
+    return torch.exp(z.clamp(min=_EXP_FLOOR) if clamp else z)
+
+
+def _needs_clamp(dt: Tensor, A: Tensor, inplace: bool) -> bool:
+    """Whether some dt * A may fall below _EXP_FLOOR (always assumed when tracing)."""
+    return not inplace or float(dt.max()) * float(A.min()) < _EXP_FLOOR
+
+
+def _contract_n(h: Tensor, C: Tensor) -> Tensor:
+    """sum_n C[..., n] * h[..., n, :]. h: (..., N, D); C: (..., N) -> (..., D)."""
+    if C.shape[-1] == 1:
+        return h.squeeze(-2) * C
+    return torch.matmul(C.unsqueeze(-2), h).squeeze(-2)
+
+
+def _order(T: int, reverse: bool) -> List[int]:
+    return list(range(T - 1, -1, -1)) if reverse else list(range(T))
+
+
+def _prev_chunk(x: Tensor, reverse: bool, first: Optional[Tensor] = None) -> Tensor:
+    """Value of the previous chunk in iteration order along dim 1; the first chunk gets
+    `first` (b, ...) or zero."""
+    edge = torch.zeros_like(x[:, :1]) if first is None else first.unsqueeze(1)
+    if reverse:
+        return torch.cat([x[:, 1:], edge], 1)
+    return torch.cat([edge, x[:, :-1]], 1)
+
+
+def _chunk_windows(dt: Tensor, reverse: bool, shift: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per chunk, the sum of dt over the decays applied across it, and (shift) the dt of
+    the decay applied on entry. dt: (T, B, nc, G, D) -> (B, nc, G, D) each."""
+    dsum = dt.sum(0)
+    if not shift:
+        return dsum, None
+    last = dt[0] if reverse else dt[-1]
+    # across chunk c: the previous chunk's last decay, then c's decays but its last
+    dprev = _prev_chunk(last, reverse)
+    return dsum - last + dprev, dprev
+
+
+def _exit_states(a: Tensor, x: Tensor, reverse: bool, shift: bool, inplace: bool) -> Tensor:
+    """Each chunk's final state from a zero entry state. -> (b, n, G, N, D)."""
+    ts = _order(x.shape[0], reverse)
+    s = x[ts[0]].clone() if inplace else x[ts[0]]
+    for p, t in zip(ts[:-1], ts[1:]):
+        j = p if shift else t
+        s = torch.addcmul(x[t], a[j], s, out=s) if inplace else torch.addcmul(x[t], a[j], s)
+    return s
+
+
+def _carry_scan(S: Tensor, P: Tensor, reverse: bool, need_q: bool) -> Tuple[Tensor, Tensor]:
+    """Log-depth scan over chunks (dim 1): X_c = S_c + P_c * X_prev(c) from a zero start.
+    Also returns Q_c, the product of P from the block's first chunk through c (need_q)."""
+    n = S.shape[1]
+    X, Q = S, P
+    s = 1
+    while s < n:
+        if reverse:
+            X = torch.cat([torch.addcmul(X[:, :-s], Q[:, :-s], X[:, s:]), X[:, n - s:]], 1)
+            if need_q or 2 * s < n:
+                Q = torch.cat([Q[:, :-s] * Q[:, s:], Q[:, n - s:]], 1)
+        else:
+            X = torch.cat([X[:, :s], torch.addcmul(X[:, s:], Q[:, s:], X[:, :-s])], 1)
+            if need_q or 2 * s < n:
+                Q = torch.cat([Q[:, :s], Q[:, s:] * Q[:, :-s]], 1)
+        s *= 2
+    return X, Q
+
+
+def _entry_carries(a: Tensor, x: Tensor, P: Tensor, alpha: Tensor, carry: Optional[Tensor],
+                   reverse: bool, shift: bool, inplace: bool) -> Tuple[Tensor, Tensor]:
+    """Term added to the first step of each chunk so that the chunked scan equals the
+    global one, and the block's exit state. a, x: (T, b, n, G, N, D); P (decay across each
+    chunk), alpha (decay on entry): (b, n, G, N, D); carry: state before the block
+    (b, G, N, D) or None for zero. -> (b, n, G, N, D), (b, G, N, D)."""
+    X, Q = _carry_scan(_exit_states(a, x, reverse, shift, inplace), P, reverse, carry is not None)
+    if carry is not None:
+        X = torch.addcmul(X, Q, carry.unsqueeze(1))
+    E = alpha * _prev_chunk(X, reverse, carry)
+    return E, (X[:, 0] if reverse else X[:, -1])
+
+
+def _scan_pass(a: Tensor, x: Tensor, E: Tensor, reverse: bool, shift: bool, inplace: bool) -> Tensor:
+    """States of every step given the entry carries E. In place on x when inplace."""
+    ts = _order(x.shape[0], reverse)
+    pairs = list(zip(ts[:-1], ts[1:]))
+    if inplace:
+        x[ts[0]].add_(E)
+        for p, t in pairs:
+            x[t].addcmul_(a[p if shift else t], x[p])
+        return x
+    outs = [x[ts[0]] + E]
+    for p, t in pairs:
+        outs.append(torch.addcmul(x[t], a[p if shift else t], outs[-1]))
+    if reverse:
+        outs.reverse()
+    return torch.stack(outs)
+
+
+def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: Tensor,
+               carry: Optional[Tensor], reverse: bool, bufs: Optional[_Buffers],
+               clamp: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """One block. dt, u: (T, b, n, G, D); Bm, Cm: (T, b, n, G, N); A: (G, N, D); dwin
+    (b, n, G, D) from _chunk_windows; bufs: work buffers (eager, in place) or None
+    (out of place, traceable). -> y (T, b, n, G, D) without the D term, entry carries
+    (b, n, G, N, D), exit state (b, G, N, D)."""
+    inplace = bufs is not None
+    a = _decay(_mul(dt.unsqueeze(-2), A, bufs, "a"), inplace, clamp)  # (T, b, n, G, N, D)
+    x = _mul((dt * u).unsqueeze(-2), Bm.unsqueeze(-1), bufs, "x")
+    P = _decay(dwin.unsqueeze(-2) * A, inplace)
+    E, carry = _entry_carries(a, x, P, a[-1 if reverse else 0], carry, reverse, False, inplace)
+    h = _scan_pass(a, x, E, reverse, False, inplace)
+    return _contract_n(h, Cm), E, carry
+
+
+def _block_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, E: Tensor, dy: Tensor,
+               gwin: Tensor, gprev: Tensor, carry: Optional[Tensor], reverse: bool, bufs: _Buffers,
+               clamp: bool):
+    """Gradients for one block (shapes as _block_fwd; dy like y; gwin, gprev from
+    _chunk_windows(shift=True); carry: adjoint state after the block).
+    -> du, ddt (T, b, n, G, D); dB, dC (T, b, n, G, N); dA (G, N, D); adjoint exit state."""
+    a = _decay(_mul(dt.unsqueeze(-2), A, bufs, "a"), True, clamp)  # (T, b, n, G, N, D)
+    dtu = dt * u
+    h = _mul(dtu.unsqueeze(-2), Bm.unsqueeze(-1), bufs, "h")
+    h = _scan_pass(a, h, E, reverse, False, True)
+    dC = _mul(h, dy.unsqueeze(-2), bufs, "t").sum(-1)
+    g = _mul(dy.unsqueeze(-2), Cm.unsqueeze(-1), bufs, "g")  # becomes dL/dh_t after the adjoint scan
+    P = _decay(gwin.unsqueeze(-2) * A, True)
+    alpha = _decay(gprev.unsqueeze(-2) * A, True)
+    Eg, carry = _entry_carries(a, g, P, alpha, carry, not reverse, True, True)
+    g = _scan_pass(a, g, Eg, not reverse, True, True)
+    gB = _contract_n(g, Bm)
+    dB = _mul(g, dtu.unsqueeze(-2), bufs, "t").sum(-1)
+    # r_t = g_t * a_t * h_prev(t); at each chunk's first step a * h_prev is exactly E
+    if reverse:
+        a[:-1].mul_(h[1:])
+        a[-1].copy_(E)
+    else:
+        a[1:].mul_(h[:-1])
+        a[0].copy_(E)
+    r = a.mul_(g)
+    ddt = torch.addcmul(_mul(r, A, bufs, "t").sum(-2), u, gB)
+    dA = _mul(r, dt.unsqueeze(-2), bufs, "t").sum((0, 1, 2))
+    return dt * gB, ddt, dB, dC, dA, carry
+
+
+def _starts_sequence(blk: Block, nc: int, reverse: bool) -> bool:
+    return blk[3] == nc if reverse else blk[2] == 0
+
+
+def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse: bool,
+              inplace: bool) -> Tuple[Tensor, List[Tensor]]:
+    """Chunked scan over time-major inputs. dt, u: (T, B, nc, G, D); Bm, Cm: (T, B, nc, G, N);
+    A: (G, N, D). -> y (T, B, nc, G, D) without the D term, entry carries of each block."""
+    T, bsz, nc, G, D = dt.shape
+    blocks = _blocks(bsz, nc, T * G * A.shape[1] * D, reverse, not inplace)
+    dwin, _ = _chunk_windows(dt, reverse, False)
+    y = None if len(blocks) == 1 else dt.new_empty(dt.shape)
+    Es, carry = [], None
+    bufs = _Buffers() if inplace else None
+    clamp = _needs_clamp(dt, A, inplace)
+    for blk in blocks:
+        b0, b1, c0, c1 = blk
+        sl = (slice(None), slice(b0, b1), slice(c0, c1))
+        carry = None if _starts_sequence(blk, nc, reverse) else carry
+        yb, E, carry = _block_fwd(dt[sl], u[sl], Bm[sl], Cm[sl], A, dwin[b0:b1, c0:c1], carry, reverse, bufs,
+                                  clamp)
+        Es.append(E)
+        if y is None:
+            y = yb
+        else:
+            y[sl].copy_(yb)
+    return y, Es
+
+
+def _scan_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Es: List[Tensor], dy: Tensor,
+              reverse: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of _scan_fwd. -> du, ddt (T, B, nc, G, D); dB, dC (T, B, nc, G, N); dA (G, N, D)."""
+    T, bsz, nc, G, D = dt.shape
+    N = A.shape[1]
+    blocks = _blocks(bsz, nc, T * G * N * D, reverse, False)
+    gwin, gprev = _chunk_windows(dt, not reverse, True)
+    du, ddt = dt.new_empty(dt.shape), dt.new_empty(dt.shape)
+    dB, dC = Bm.new_empty(Bm.shape), Bm.new_empty(Bm.shape)
+    dA, carry = None, None
+    bufs = _Buffers()
+    clamp = _needs_clamp(dt, A, True)
+    for blk, E in zip(reversed(blocks), reversed(Es)):  # the adjoint runs the other way
+        b0, b1, c0, c1 = blk
+        sl = (slice(None), slice(b0, b1), slice(c0, c1))
+        carry = None if _starts_sequence(blk, nc, not reverse) else carry
+        g = _block_bwd(dt[sl], u[sl], Bm[sl], Cm[sl], A, E, dy[sl], gwin[b0:b1, c0:c1], gprev[b0:b1, c0:c1],
+                       carry, reverse, bufs, clamp)
+        for buf, val in zip((du, ddt, dB, dC), g[:4]):
+            buf[sl].copy_(val)
+        dA = g[4] if dA is None else dA + g[4]
+        carry = g[5]
+    return du, ddt, dB, dC, dA
+
+
+# ----------------------------------------------------------------------------
+# Public layout: u, delta (B, KD, L); B, C (B, K, N, L)
+# ----------------------------------------------------------------------------
+def _prep_dt(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool) -> Tuple[Tensor, Tensor]:
+    z = delta.float()
+    if delta_bias is not None:
+        z = z + delta_bias.float()[:, None]
+    return z, (_softplus(z) if softplus else z)
+
+
+def _tm(t: Tensor, K: int, T: int) -> Tensor:
+    """(B, K*c, L) or (B, K, c, L) -> contiguous float32 time-major (T, B, nc, K, c)."""
+    bsz, L = t.shape[0], t.shape[-1]
+    t = t.float().reshape(bsz, K, -1, L).permute(0, 3, 1, 2)  # (B, L, K, c)
+    return _to_tm(t, T).contiguous()
+
+
+def _untm(t: Tensor, L: int) -> Tensor:
+    """(T, B, nc, K, c) -> (B, K*c, L)."""
+    s = _from_tm(t, L)  # (B, L, K, c)
+    return s.permute(0, 2, 3, 1).reshape(s.shape[0], -1, L)
+
+
+def _ss_inputs(u, dt, A, Bm, Cm):
+    """-> time-major dt, u (T, B, nc, K, Dg); Bm, Cm (T, B, nc, K, N); A (K, N, Dg)."""
+    L = u.shape[-1]
+    K, N = Bm.shape[1], A.shape[1]
+    T = _chunk_len(L, N)
+    return (_tm(dt, K, T), _tm(u, K, T), _tm(Bm, K, T), _tm(Cm, K, T),
+            A.float().reshape(K, -1, N).transpose(1, 2).contiguous())
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, Bm, Cm, D, delta_bias, softplus):
+        z, dt = _prep_dt(delta, delta_bias, softplus)
+        uf = u.float()
+        y, Es = _scan_fwd(*_ss_inputs(uf, dt, A, Bm, Cm), False, True)
+        y = _untm(y, u.shape[-1])
+        if D is not None:
+            y = torch.addcmul(y, D.float()[:, None], uf)
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, A, Bm, Cm, D, delta_bias, *Es)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        u, delta, A, Bm, Cm, D, delta_bias = saved[:7]
+        Es = list(saved[7:])
+        z, dt = _prep_dt(delta, delta_bias, ctx.softplus)
+        uf, dy = u.float(), dy.float()
+        bsz, kd, L = u.shape
+        K, N = Bm.shape[1], A.shape[1]
+        dt_t, u_t, B_t, C_t, A3 = _ss_inputs(uf, dt, A, Bm, Cm)
+        du, ddt, dB, dC, dA = _scan_bwd(dt_t, u_t, B_t, C_t, A3, Es, _tm(dy, K, dt_t.shape[0]), False)
+        du, ddelta = _untm(du, L), _untm(ddt, L)
+        if ctx.softplus:
+            ddelta = ddelta * torch.sigmoid(z)
+        dD = dbias = None
+        if D is not None:
+            du = torch.addcmul(du, D.float()[:, None], dy)
+            dD = (dy * uf).sum((0, 2)).to(D.dtype)
+        if delta_bias is not None:
+            dbias = ddelta.sum((0, 2)).to(delta_bias.dtype)
+        dA = dA.transpose(1, 2).reshape(kd, N)  # (K, N, Dg) -> (KD, N)
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype),
+                _untm(dB, L).reshape(bsz, K, N, L).to(Bm.dtype), _untm(dC, L).reshape(bsz, K, N, L).to(Cm.dtype),
+                dD, dbias, None)
+
+
+def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                         delta_softplus: bool = True) -> Tensor:
+    """Chunked selective scan. u, delta: (B, K*D, L); A: (K*D, N); B, C: (B, K, N, L);
+    D, delta_bias: (K*D,) or None. Returns float32 (B, K*D, L). Differentiable in all
+    tensor inputs; traced (ONNX) calls take an out-of-place path."""
+    if _tracing():
+        z, dt = _prep_dt(delta, delta_bias, delta_softplus)
+        uf = u.float()
+        y = _untm(_scan_fwd(*_ss_inputs(uf, dt, A, B, C), False, False)[0], u.shape[-1])
+        return y if D is None else torch.addcmul(y, D.float()[:, None], uf)
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+# ----------------------------------------------------------------------------
+# Fused SS2D: x (B, H, W, D) shared by 4 directions, per-direction inputs in pixel order.
+# Row-major layout (k=0 forward, k=2 reverse) and column-major layout (k=1 forward,
+# k=3 reverse) are stacked as G=2 groups; the reverse directions are scanned backwards.
+# ----------------------------------------------------------------------------
+def _row(t: Tensor) -> Tensor:
+    """(B, H, W, *rest) -> (B, H*W, *rest), row-major pixel order."""
+    return t.reshape((t.shape[0], t.shape[1] * t.shape[2]) + tuple(t.shape[3:]))
+
+
+def _col(t: Tensor) -> Tensor:
+    """(B, H, W, *rest) -> (B, W*H, *rest), column-major pixel order (copies)."""
+    return _row(t.transpose(1, 2))
+
+
+def _pair_tm(row_src: Tensor, col_src: Tensor, T: int) -> Tensor:
+    """Pixel-order (B, H, W, X) tensors -> time-major (T, B, nc, 2, X): group 0 row-major
+    order of row_src, group 1 column-major order of col_src."""
+    return torch.stack([_to_tm(_row(row_src), T), _to_tm(_col(col_src), T)], 3)
+
+
+def _unpair(t: Tensor, H: int, W: int) -> Tuple[Tensor, Tensor]:
+    """Time-major (T, B, nc, 2, X) -> the two groups back in pixel order, each (B, H, W, X)."""
+    s = _from_tm(t, H * W)  # (B, L, 2, X)
+    bsz, X = s.shape[0], s.shape[-1]
+    return s[:, :, 0].reshape(bsz, H, W, X), s[:, :, 1].reshape(bsz, W, H, X).transpose(1, 2)
+
+
+def _ss2d_prep(x, dts, A, Bs, Cs, delta_bias, softplus):
+    """Shared preparation. Returns z, u (T, B, nc, 2, D), and for the forward (k=0,1) and
+    reverse (k=2,3) scans: dt (T, B, nc, 2, D), B and C (T, B, nc, 2, N), A (2, N, D)."""
+    T = _chunk_len(x.shape[1] * x.shape[2], A.shape[-1])
+    z = dts.float()
+    if delta_bias is not None:
+        z = z + delta_bias.float()
+    dt = _softplus(z) if softplus else z  # (B, H, W, 4, D)
+    Bf, Cf = Bs.float(), Cs.float()
+    u_t = _pair_tm(x.float(), x.float(), T)
+    At = A.float().transpose(1, 2).contiguous()  # (4, N, D)
+    fwd = (_pair_tm(dt[:, :, :, 0], dt[:, :, :, 1], T), _pair_tm(Bf[:, :, :, 0], Bf[:, :, :, 1], T),
+           _pair_tm(Cf[:, :, :, 0], Cf[:, :, :, 1], T), At[0:2])
+    rev = (_pair_tm(dt[:, :, :, 2], dt[:, :, :, 3], T), _pair_tm(Bf[:, :, :, 2], Bf[:, :, :, 3], T),
+           _pair_tm(Cf[:, :, :, 2], Cf[:, :, :, 3], T), At[2:4])
+    return z, u_t, fwd, rev
+
+
+def _ss2d_forward(x, dts, A, Bs, Cs, Ds, delta_bias, softplus, inplace):
+    """-> y (B, H, W, D) float32, and the entry carries of the forward and reverse scans."""
+    H, W = x.shape[1:3]
+    z, u_t, fwd, rev = _ss2d_prep(x, dts, A, Bs, Cs, delta_bias, softplus)
+    yf, Ef = _scan_fwd(fwd[0], u_t, fwd[1], fwd[2], fwd[3], False, inplace)
+    yr, Er = _scan_fwd(rev[0], u_t, rev[1], rev[2], rev[3], True, inplace)
+    y_row, y_col = _unpair(yf + yr, H, W)
+    y = y_row + y_col
+    if Ds is not None:
+        y = torch.addcmul(y, x.float(), Ds.float().sum(0))
+    return y, Ef, Er
+
+
+class _SS2DFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dts, A, Bs, Cs, Ds, delta_bias, softplus):
+        y, Ef, Er = _ss2d_forward(x, dts, A, Bs, Cs, Ds, delta_bias, softplus, True)
+        ctx.softplus, ctx.n_fwd = softplus, len(Ef)
+        ctx.save_for_backward(x, dts, A, Bs, Cs, Ds, delta_bias, *Ef, *Er)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        x, dts, A, Bs, Cs, Ds, delta_bias = saved[:7]
+        Ef, Er = list(saved[7:7 + ctx.n_fwd]), list(saved[7 + ctx.n_fwd:])
+        H, W, D = x.shape[1:]
+        dy = dy.float()
+        z, u_t, fwd, rev = _ss2d_prep(x, dts, A, Bs, Cs, delta_bias, ctx.softplus)
+        dy_t = _pair_tm(dy, dy, u_t.shape[0])  # (T, B, nc, 2, D)
+        gf = _scan_bwd(fwd[0], u_t, fwd[1], fwd[2], fwd[3], Ef, dy_t, False)
+        gr = _scan_bwd(rev[0], u_t, rev[1], rev[2], rev[3], Er, dy_t, True)
+
+        def per_dir(tf, tr):  # two (T, B, nc, 2, X) -> (B, H, W, 4, X) in direction order
+            f0, f1 = _unpair(tf, H, W)
+            r0, r1 = _unpair(tr, H, W)
+            return torch.stack([f0, f1, r0, r1], 3)
+
+        u_row, u_col = _unpair(gf[0] + gr[0], H, W)
+        dx = u_row + u_col
+        ddts = per_dir(gf[1], gr[1])
+        if ctx.softplus:
+            ddts = ddts * torch.sigmoid(z)
+        dDs = dbias = None
+        if Ds is not None:
+            dx = torch.addcmul(dx, dy, Ds.float().sum(0))
+            dDs = (dy * x.float()).sum((0, 1, 2)).expand(4, D).contiguous().to(Ds.dtype)
+        if delta_bias is not None:
+            dbias = ddts.sum((0, 1, 2)).to(delta_bias.dtype)
+        dA = torch.cat([gf[4], gr[4]], 0).transpose(1, 2)  # (4, N, D) -> (4, D, N)
+        return (dx.to(x.dtype), ddts.to(dts.dtype), dA.to(A.dtype), per_dir(gf[2], gr[2]).to(Bs.dtype),
+                per_dir(gf[3], gr[3]).to(Cs.dtype), dDs, dbias, None)
+
+
+def _ss2d_scan_torch(x: Tensor, dts: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
+                    Ds: Optional[Tensor], delta_bias: Optional[Tensor],
+                    delta_softplus: bool = True) -> Tensor:
+    """Fused cross-scan + 4-direction selective scan + cross-merge.
+    x: (B, H, W, D); dts: (B, H, W, 4, D); Bs, Cs: (B, H, W, 4, N) (pixel order);
+    A: (4, D, N); Ds, delta_bias: (4, D) or None. Direction k: 0 row-major, 1 column-major,
+    2 and 3 their reverses. Returns float32 (B, H, W, D): the sum of the four scans'
+    outputs at each pixel."""
+    if _tracing():
+        return _ss2d_forward(x, dts, A, Bs, Cs, Ds, delta_bias, delta_softplus, False)[0]
+    return _SS2DFn.apply(x, dts, A, Bs, Cs, Ds, delta_bias, delta_softplus)
+
 
 # ----------------------------------------------------------------------------------------
 # Triton kernels: the selective scan and the cross-scan/merge on CUDA with nothing to
@@ -217,7 +714,7 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
 
     @triton.jit
-    def _softplus(z):
+    def _softplus_tl(z):
         """log(1 + exp(z)) in float32, linear above 20 and without log(1+x) cancellation
         for very negative z."""
         ez = tl.exp(tl.minimum(z, 20.0))
@@ -288,7 +785,7 @@ if triton is not None:
             if HAS_BIAS:
                 dt += bias[:, None]
             if SOFTPLUS:
-                dt = _softplus(dt)
+                dt = _softplus_tl(dt)
             dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
             Bv = tl.load(B_ptr + bc_row[:, None] + pos[None, :], mask=nl_mask, other=0.0).to(tl.float32)
             Cv = tl.load(C_ptr + bc_row[:, None] + pos[None, :], mask=nl_mask, other=0.0).to(tl.float32)
@@ -376,7 +873,7 @@ if triton is not None:
             if HAS_BIAS:
                 z += bias[:, None]
             if SOFTPLUS:
-                dt = _softplus(z)
+                dt = _softplus_tl(z)
             else:
                 dt = z
             dt = tl.where(dl_mask, dt, 0.0)
@@ -1205,6 +1702,19 @@ class VSSM(nn.Module):
                 x = block(x)
         return x
 
+    def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+        """Stage numbers from timm-style ``indices``: None (all stages), an int n (the last n)
+        or stage numbers (negative ones count from the end)."""
+        n = len(self.layers)
+        if indices is None:
+            indices = list(range(n))
+        elif isinstance(indices, int):
+            indices = list(range(n - indices, n))
+        indices = [i % n if -n <= i < n else i for i in indices]
+        if any(not 0 <= i < n for i in indices):
+            raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
+        return indices
+
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
@@ -1217,13 +1727,7 @@ class VSSM(nn.Module):
         """
         fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
         n = len(self.layers)
-        if indices is None:
-            indices = list(range(n))
-        elif isinstance(indices, int):
-            indices = list(range(n - indices, n))
-        indices = [i % n if -n <= i < n else i for i in indices]
-        if any(not 0 <= i < n for i in indices):
-            raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
+        indices = self._stage_indices(indices)
         last = max(indices) if (stop_early or intermediates_only) else n - 1
         x = self.patch_embed(self._check_input(x))                    # (B, H/4, W/4, C0)
         intermediates = []
@@ -1237,6 +1741,24 @@ class VSSM(nn.Module):
             return intermediates
         return (x.permute(0, 3, 1, 2) if fmt == "nchw" else x), intermediates
 
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what feature extraction at stages ``indices`` never uses (timm's API).
+
+        Stages after the last of ``indices`` go, with that stage's downsample; with
+        ``prune_head`` the classifier's Linear, with ``prune_norm`` its LayerNorm. Afterwards
+        the model is only for :meth:`forward_intermediates`. Returns the indices as stage numbers.
+        """
+        indices = self._stage_indices(indices)
+        last = max(indices)
+        self.layers = self.layers[:last + 1]
+        self.layers[last].downsample = nn.Identity()
+        if hasattr(self, "classifier"):  # Backbone_VSSM has none
+            if prune_head:
+                self.reset_classifier(0)
+            if prune_norm or last < len(self.dims) - 1:
+                self.classifier.norm = nn.Identity()
+        return indices
     def forward_features(self, x: Tensor) -> Tensor:
         """Final stage's map, (B, num_features, H/32, W/32), before the classifier's norm."""
         x = self.patch_embed(self._check_input(x))                    # (B, H/4, W/4, C0)
@@ -1250,6 +1772,65 @@ class VSSM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def flops(self, shape: Sequence[int] = (3, 224, 224)) -> float:
+        """GFLOPs, counted as multiply-adds, of one input of ``shape`` (C, H, W).
+
+        Dense operations (Linear, convolution, matmul) are counted by
+        ``torch.utils.flop_counter`` (its count / 2); each selective scan of length L,
+        D channels (all four directions of an SS2D) and state size N adds 9*L*D*N, the Mamba
+        authors' estimate and the convention of the published table. Normalisations and
+        element-wise operations are not counted. The model may be on any device (meta
+        included) and is not modified: the count runs on zero-filled CPU stand-ins of its
+        parameters.
+
+        Every counted cost is per pixel except the classifier's Linear, so when H and W are
+        multiples of the network's stride s the count is a + b*H*W exactly; it is then
+        taken at s x s and 2s x s (fast) and evaluated at H x W.
+        """
+        c, h, w = shape
+        stride = self.patch_size * 2 ** (len(self.dims) - 1)
+        if h % stride or w % stride:
+            return self._count_flops((c, h, w)) / 1e9
+        small, large = self._count_flops((c, stride, stride)), self._count_flops((c, 2 * stride, stride))
+        per_pixel = (large - small) / stride ** 2
+        return (small + per_pixel * (h * w - stride ** 2)) / 1e9
+
+    def _count_flops(self, shape: Sequence[int]) -> float:
+        """Multiply-adds of one forward pass on a (1, *shape) input; see :meth:`flops`."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        scans = []
+
+        def record_scan(module: SS2D, args: Tuple[Tensor], output: Tensor) -> None:
+            x = args[0]                                               # (B, H, W, C) or (B, C, H, W)
+            h, w = x.shape[2:] if module.channel_first else x.shape[1:3]
+            scans.append(9 * x.shape[0] * h * w * 4 * module.d_inner * module.d_state)
+
+        hooks = [m.register_forward_hook(record_scan) for m in self.modules() if isinstance(m, SS2D)]
+        named = list(self.named_parameters()) + list(self.named_buffers())
+        try:
+            # Zeros, not fake or meta tensors: the torch scan reads values (its clamp test).
+            tensors = {name: torch.zeros(t.shape, dtype=t.dtype) for name, t in named}
+            x = torch.zeros(1, *shape, dtype=named[0][1].dtype)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                torch.func.functional_call(self, tensors, (x,))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return counter.get_total_flops() / 2 + sum(scans)
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load a downloaded checkpoint file: timm's hook for ``pretrained=True``.
+
+        Same as the module's :func:`load_pretrained` (any released layout, read without
+        running pickled code), except that a head with another class count is replaced
+        silently, as timm does when ``num_classes`` is given.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="vmamba: the checkpoint's head")
+            load_pretrained(self, checkpoint_path)  # the module function
 
 
 class Backbone_VSSM(VSSM):
@@ -2123,6 +2704,131 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any)
     return globals()[name](pretrained=pretrained, **kwargs)
 
 
+# ----------------------------------------------------------------------------------------
+# Ecosystem: the FLOPs table, timm's registry and OpenMMLab's. Each optional package is
+# imported here, only when present; nothing else in this file needs them.
+
+
+def _flops_table(shape: Sequence[int] = (3, 224, 224),
+                 names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Params and GFLOPs of zoo models (default: all) beside the published GFLOPs.
+
+    Models are built on the meta device (no initialisation), so this takes seconds. Each row:
+    ``model``, ``params_m`` (millions), ``gflops``, ``published_gflops`` (at 224 px) and
+    ``error`` (relative, only at 224 px).
+    """
+    rows = []
+    for name in names or list_models():
+        with torch.device("meta"):
+            model = create_model(name)
+        gflops = model.flops(shape)
+        published = _ZOO[name][3]
+        at_224 = tuple(shape) == (3, 224, 224)
+        rows.append(dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                         gflops=round(gflops, 2), published_gflops=published,
+                         error=f"{gflops / published - 1:+.1%}" if at_224 else "-"))
+    return rows
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    names = args.model.split(",") if args.model else None
+    rows = _flops_table((3, args.size, args.size), names)
+    print(f"params and GFLOPs (multiply-adds) at {args.size}x{args.size}; scans count 9*L*D*N")
+    _print_table(rows, ["model", "params_m", "gflops", "published_gflops", "error"])
+    return 0
+
+
+# timm: the nine models under their own names, with timm's pretrained configurations.
+# The released files hold training state besides the weights, which timm's weights-only
+# loader refuses, so ``custom_load`` hands the downloaded file to VSSM.load_pretrained.
+default_cfgs: Dict[str, Dict[str, Any]] = {
+    name: dict(url=pretrained_url(name), custom_load=True, num_classes=1000, pool_size=(7, 7),
+               first_conv="patch_embed.0", classifier="classifier.head", license="mit",
+               paper_ids="arXiv:2401.10166", origin_url="https://github.com/MzeroMiko/VMamba",
+               **EVAL_CONFIG)
+    for name in _ZOO
+}
+
+
+def _create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a zoo model through timm's ``build_model_with_cfg`` (pretrained weights,
+    ``features_only`` wrapping through ``forward_intermediates``, pretrained_cfg)."""
+    from timm.models import build_model_with_cfg
+
+    return build_model_with_cfg(
+        VSSM, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **dict(model_config(name), **kwargs))
+
+
+def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _create_timm_model(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name   # timm registers it under this name
+    entrypoint.__doc__ = f"timm entry point of {name}; its configuration is default_cfgs[{name!r}]."
+    return entrypoint
+
+
+def register_timm() -> List[str]:
+    """Register the zoo with timm: ``timm.create_model("vmamba_tiny_s1l8", pretrained=True,
+    num_classes=10)``, ``features_only=True, out_indices=(1, 2, 3)`` and
+    ``timm.data.resolve_data_config({}, model=m)`` then work.
+
+    Done on import when timm is installed (except when this file runs as a script).
+    Idempotent: a name registered by another module is left alone, and this module's own
+    earlier registration (a reload) is replaced silently. Returns the names registered.
+    Raises ImportError when timm is not installed.
+    """
+    from timm.models import is_model, model_entrypoint, register_model
+
+    registered = []
+    for name in _ZOO:
+        if is_model(name) and model_entrypoint(name).__module__ != __name__:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # timm warns when it replaces a registration
+            register_model(_timm_entrypoint(name))
+        registered.append(name)
+    return registered
+
+
+def register_mm() -> type:
+    """Register :class:`Backbone_VSSM` as ``"MM_VSSM"`` (the authors' name) in the MODELS
+    registries of mmengine and, when installed, mmdet and mmseg, so the authors'
+    detection and segmentation configs (``backbone=dict(type="MM_VSSM", ...)``) build it.
+
+    Call it once before building from such a config; calling it again is harmless.
+    Returns the registered class. Raises ImportError naming what to install when
+    mmengine is missing.
+    """
+    try:
+        from mmengine.registry import MODELS
+    except ImportError as e:
+        raise ImportError("register_mm needs OpenMMLab's mmengine (and mmdet or mmseg for their "
+                          "pipelines): pip install -U openmim && mim install mmengine mmdet mmsegmentation"
+                          ) from e
+    registries = [MODELS]
+    for package in ("mmdet", "mmseg"):
+        try:
+            registries.append(importlib.import_module(f"{package}.registry").MODELS)
+        except ImportError:
+            pass
+    for registry in registries:
+        registry.register_module(name="MM_VSSM", module=Backbone_VSSM, force=True)
+    return Backbone_VSSM
+
+
+if __name__ != "__main__":   # the command line does not need timm; spare it the import
+    try:
+        register_timm()
+    except ImportError:
+        pass
+    except Exception as e:  # e.g. a torchvision built for another torch, imported by timm
+        warnings.warn(f"vmamba: timm is installed but failed to import ({type(e).__name__}: {e}); "
+                      "the models are not registered with timm", stacklevel=2)
+
+
 #@@ECOSYSTEM@@
 
 
@@ -2876,6 +3582,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="load the released weights (needs network), or the given file/URL")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench_command(commands)
+    p = commands.add_parser("flops", help="params and GFLOPs of the zoo beside the published table",
+                            description="Params and GFLOPs (multiply-adds; 9*L*D*N per selective scan) "
+                            "of zoo models, counted without weights or downloads.")
+    p.add_argument("--model", default=None, help="comma-separated zoo names (default: all)")
+    p.add_argument("--size", type=int, default=224, help="input resolution (default: 224)")
+    p.set_defaults(run=_cmd_flops)
     #@@COMMANDS@@
     _add_analysis_commands(commands)
     args = parser.parse_args(argv)

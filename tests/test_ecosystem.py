@@ -1,0 +1,224 @@
+"""Ecosystem contracts: FLOPs, timm, dense prediction, torch.compile (issue 5).
+
+Optional packages (timm, torchvision, mmengine) are used when installed and skipped with
+the reason shown when not; tests/requirements.txt installs them for CI. Nothing here
+touches the network: pretrained weights come from a local HTTP server on 127.0.0.1.
+"""
+import functools
+import http.server
+import threading
+
+import pytest
+import torch
+
+import vmamba
+
+TINY = dict(depths=[1, 1, 1, 1], dims=16, drop_path_rate=0.0)
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    return vmamba.VSSM(**dict(TINY, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flops_reproduce_the_published_table():
+    rows = vmamba._flops_table()
+    assert [r["model"] for r in rows] == vmamba.list_models()
+    for row in rows:
+        assert abs(row["gflops"] / row["published_gflops"] - 1) < 0.03, row
+        assert abs(row["params_m"] * 1e6 / vmamba._ZOO[row["model"]][2] - 1) < 1e-3, row
+
+
+def test_flops_extrapolation_is_exact_and_leaves_the_model_alone():
+    model = tiny(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for h, w in [(64, 32), (32, 96)]:
+        direct = model._count_flops((3, h, w)) / 1e9
+        assert model.flops((3, h, w)) == pytest.approx(direct, rel=1e-9)
+    assert model.flops((3, 40, 24)) > 0  # not a multiple of the stride: counted directly
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_flops_count_the_scan_by_the_mamba_convention():
+    """9*L*D*N per SS2D, on top of the dense count; a larger state costs exactly that."""
+    a, b = tiny(ssm_d_state=1), tiny(ssm_d_state=3)
+    # d_state changes x_proj too: (R + 2N) outputs per direction and pixel.
+    dense_extra = sum(64 * 64 / 16 / 4 ** i * 4 * d * 2 * 2 for i, d in enumerate([16, 32, 64, 128]))
+    scan_extra = sum(9 * 64 * 64 / 16 / 4 ** i * 4 * d * 2 for i, d in enumerate([16, 32, 64, 128]))
+    assert (b.flops((3, 64, 64)) - a.flops((3, 64, 64))) * 1e9 == pytest.approx(dense_extra + scan_extra)
+
+
+def test_flops_command(capsys):
+    assert vmamba.main(["flops", "--model", "vmamba_tiny_s1l8"]) == 0
+    out = capsys.readouterr().out
+    assert "vmamba_tiny_s1l8" in out and "4.9" in out
+
+
+# ---------------------------------------------------------------------------------------
+# timm
+
+
+
+@pytest.fixture
+def timm_mod():
+    return pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+
+
+@pytest.fixture
+def served_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint of vmamba_tiny_s1l8 with TINY depths and widths in the released layout
+    (wrapped, with training state that weights-only loading refuses), served on
+    127.0.0.1; torch.hub's cache in tmp."""
+    import argparse
+
+    torch.manual_seed(1)
+    with torch.device("meta"):
+        shapes = vmamba.create_model("vmamba_tiny_s1l8", **TINY).state_dict()
+    state = {k: torch.randn(v.shape) * 0.02 for k, v in shapes.items()}
+    root = tmp_path / "www"
+    root.mkdir()
+    torch.save({"model": state, "epoch": 1, "config": argparse.Namespace(lr=1e-3)}, root / "ckpt.pth")
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/ckpt.pth", state
+    server.shutdown()
+    server.server_close()
+
+
+def test_timm_registers_the_zoo_once(timm_mod, recwarn):
+    assert sorted(timm_mod.list_models(["vmamba_*", "vanilla_vmamba_*"])) == sorted(vmamba.list_models())
+    assert sorted(vmamba.register_timm()) == sorted(vmamba.list_models())   # again: silently
+    assert not [w for w in recwarn if "Overwriting" in str(w.message)]
+    cfg = timm_mod.models.get_pretrained_cfg("vmamba_base_s2l15")
+    assert cfg.url == vmamba.pretrained_url("vmamba_base_s2l15")
+    assert (cfg.first_conv, cfg.classifier, cfg.num_classes) == ("patch_embed.0", "classifier.head", 1000)
+
+
+def test_timm_pretrained_with_new_head(timm_mod, served_checkpoint):
+    url, state = served_checkpoint
+    model = timm_mod.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10,
+                                  pretrained_cfg_overlay=dict(url=url, custom_load=True), **TINY)
+    own = model.state_dict()
+    assert own["classifier.head.weight"].shape == (10, 128)
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("classifier.head"))
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    full = timm_mod.create_model("vmamba_tiny_s1l8", pretrained=True,
+                                 pretrained_cfg_overlay=dict(url=url, custom_load=True), **TINY)
+    assert torch.equal(full.state_dict()["classifier.head.weight"], state["classifier.head.weight"])
+
+
+def test_timm_features_only(timm_mod, served_checkpoint):
+    url, state = served_checkpoint
+    model = timm_mod.create_model("vmamba_tiny_s1l8", pretrained=True, features_only=True,
+                                  out_indices=(1, 2, 3), pretrained_cfg_overlay=dict(url=url, custom_load=True),
+                                  **TINY).eval()
+    assert model.feature_info.channels() == [32, 64, 128]
+    assert model.feature_info.reduction() == [8, 16, 32]
+    feats = model(torch.randn(2, 3, 64, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 8, 4), (2, 64, 4, 2), (2, 128, 2, 1)]
+    reference = vmamba.vmamba_tiny_s1l8(pretrained=state, **TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.forward_intermediates(x, indices=(1, 2, 3), intermediates_only=True)
+        for got, want in zip(model(x), expected):
+            torch.testing.assert_close(got, want)
+
+
+def test_timm_features_only_prunes_unused_stages(timm_mod):
+    model = timm_mod.create_model("vmamba_tiny_s1l8", features_only=True, out_indices=(0, 1), **TINY)
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [16, 32]
+    feats[0].sum().add(feats[1].sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())   # nothing unused (DDP-safe)
+
+
+def test_timm_data_config(timm_mod):
+    model = timm_mod.create_model("vanilla_vmamba_tiny", **TINY)
+    config = timm_mod.data.resolve_data_config({}, model=model)
+    assert config["input_size"] == (3, 224, 224)
+    assert config["interpolation"] == "bicubic"
+    assert config["crop_pct"] == 0.875
+    assert config["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert config["std"] == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_timm_model_api():
+    model = tiny(num_classes=10)
+    assert model.get_classifier() is model.classifier.head
+    model.reset_classifier(5)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
+    assert [(f["num_chs"], f["reduction"]) for f in model.feature_info] == [(16, 4), (32, 8), (64, 16), (128, 32)]
+    names = model.no_weight_decay()
+    for kind in ("A_logs", "Ds", "dt_projs_bias"):
+        assert sum(n.endswith(kind) for n in names) == 4, kind
+
+
+def test_grad_checkpointing_same_outputs_and_gradients():
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for enable in (False, True):
+        model = tiny(num_classes=10)
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------
+# Dense prediction
+
+
+def test_register_mm_names_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mmengine", None)    # as if not installed
+    monkeypatch.setitem(sys.modules, "mmengine.registry", None)
+    with pytest.raises(ImportError, match="mim install mmengine"):
+        vmamba.register_mm()
+
+
+def test_register_mm_registers_the_authors_name():
+    registry = pytest.importorskip("mmengine.registry", reason="mmengine is not installed (mim install mmengine)")
+    assert vmamba.register_mm() is vmamba.Backbone_VSSM
+    vmamba.register_mm()   # twice is fine
+    backbone = registry.MODELS.build(dict(type="MM_VSSM", out_indices=(1, 3), **TINY))
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [32, 128]
+
+
+def test_torchvision_fpn_on_the_backbone():
+    ops = pytest.importorskip("torchvision.ops", reason="torchvision is not installed (pip install torchvision)")
+    backbone = vmamba.Backbone_VSSM(out_indices=(1, 2, 3), **TINY)
+    fpn = ops.FeaturePyramidNetwork([f["num_chs"] for f in backbone.feature_info], out_channels=32)
+    feats = backbone(torch.randn(2, 3, 128, 96))
+    pyramid = fpn({str(i): f for i, f in enumerate(feats)})
+    assert [tuple(p.shape) for p in pyramid.values()] == [(2, 32, 16, 12), (2, 32, 8, 6), (2, 32, 4, 3)]
+    sum(p.sum() for p in pyramid.values()).backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_torch_compile_matches_eager():
+    """Inductor on CPU (needs a C++ compiler). Two small stages keep compile time short."""
+    torch.manual_seed(0)
+    model = vmamba.VSSM(depths=[1, 1], dims=8, num_classes=10, drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
