@@ -1798,28 +1798,51 @@ class VSSM(nn.Module):
         return (small + per_pixel * (h * w - stride ** 2)) / 1e9
 
     def _count_flops(self, shape: Sequence[int]) -> float:
-        """Multiply-adds of one forward pass on a (1, *shape) input; see :meth:`flops`."""
+        """Multiply-adds of one forward pass on a (1, *shape) input; see :meth:`flops`.
+
+        The counter sees every matmul an SS2D runs, including any inside the scan engine.
+        So the part of each SS2D outside its child modules (in_proj, conv2d, out_proj) is
+        dropped from the count and replaced by its definition: the x_proj and dt_proj
+        projections, 4*L*D*(R + 2N) + 4*L*D*R, plus 9*L*(4D)*N for the scan.
+        """
         from torch.utils.flop_counter import FlopCounterMode
 
-        scans = []
+        counter = FlopCounterMode(display=False)
+        started: Dict[nn.Module, int] = {}
+        in_children: Dict[nn.Module, int] = {}
+        replaced = []   # (counted flops of an SS2D's own code, its multiply-adds by definition)
 
-        def record_scan(module: SS2D, args: Tuple[Tensor], output: Tensor) -> None:
+        def start(module: nn.Module, args: Tuple[Tensor]) -> None:
+            started[module] = counter.get_total_flops()
+
+        def end_child(parent: SS2D, module: nn.Module) -> None:
+            in_children[parent] = in_children.get(parent, 0) + counter.get_total_flops() - started.pop(module)
+
+        def end_ss2d(module: SS2D, args: Tuple[Tensor], output: Tensor) -> None:
             x = args[0]                                               # (B, H, W, C) or (B, C, H, W)
             h, w = x.shape[2:] if module.channel_first else x.shape[1:3]
-            scans.append(9 * x.shape[0] * h * w * 4 * module.d_inner * module.d_state)
+            pixels, d, n, r = x.shape[0] * h * w, module.d_inner, module.d_state, module.dt_rank
+            own = counter.get_total_flops() - started.pop(module) - in_children.pop(module, 0)
+            replaced.append((own, pixels * 4 * d * (2 * r + 2 * n) + 9 * pixels * 4 * d * n))
 
-        hooks = [m.register_forward_hook(record_scan) for m in self.modules() if isinstance(m, SS2D)]
+        hooks = []
+        for m in self.modules():
+            if isinstance(m, SS2D):
+                hooks += [m.register_forward_pre_hook(start), m.register_forward_hook(end_ss2d)]
+                for child in m.children():
+                    hooks += [child.register_forward_pre_hook(start),
+                              child.register_forward_hook(lambda c, a, o, p=m: end_child(p, c))]
         named = list(self.named_parameters()) + list(self.named_buffers())
         try:
             # Zeros, not fake or meta tensors: the torch scan reads values (its clamp test).
             tensors = {name: torch.zeros(t.shape, dtype=t.dtype) for name, t in named}
             x = torch.zeros(1, *shape, dtype=named[0][1].dtype)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), counter:
                 torch.func.functional_call(self, tensors, (x,))
         finally:
             for hook in hooks:
                 hook.remove()
-        return counter.get_total_flops() / 2 + sum(scans)
+        return (counter.get_total_flops() - sum(own for own, _ in replaced)) / 2 + sum(m for _, m in replaced)
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """Load a downloaded checkpoint file: timm's hook for ``pretrained=True``.
