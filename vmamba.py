@@ -163,9 +163,14 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # The backward recomputes states from the stored entry carries and runs the adjoint
 # recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} with the same machinery, time reversed.
 # Work is split into blocks of batch rows and chunks so that each working tensor stays
-# ~1M elements; blocks of one sequence run in order and hand their exit state on.
+# ~2M elements; blocks of one sequence run in order and hand their exit state on. When one
+# step's state (B*G*N*D) is large, each block holds a single chunk of all batch rows and the
+# blocks simply run in sequence (steps 1-2 are skipped). Decay arguments are floored at -80
+# (see _EXP_FLOOR). The eager path works in place in reused buffers; traced calls (ONNX
+# export) run a single block out of place.
 
-_BLOCK_ELEMS = 1 << 20  # target size of one (T, b, n, G, N, D) working tensor
+_BLOCK_ELEMS = 1 << 21  # target size of one (T, b, n, G, N, D) working tensor (8 MB)
+_SEQ_STATE = 16384  # per-step state (B*G*N*D) from which one chunk per block runs in sequence
 _EXP_FLOOR = -80.0
 
 
@@ -181,11 +186,23 @@ def _softplus(z: Tensor) -> Tensor:
     return F.softplus(z)
 
 
-def _chunk_len(L: int, N: int) -> int:
-    """Chunk length T: a single chunk for short sequences, else the T in a small range
-    that pads least (ties go to the longer chunk). Traced graphs use short chunks: their
-    size grows with T, while the chunk carry scan adds only log2(nc) levels."""
-    lo, hi = (8, 16) if _tracing() else (32, 64) if N == 1 else (16, 24)
+def _sequential(state: int) -> bool:
+    """Whether blocks hold one chunk each and run in sequence (no chunk carry pass): worth
+    it once one step's state, state = B*G*N*D, is big enough to amortise per-op overhead."""
+    return state >= _SEQ_STATE and not _tracing()
+
+
+def _chunk_len(L: int, N: int, state: int) -> int:
+    """Chunk length T: a single chunk for short sequences, else the T in a range that pads
+    least (ties go to the longer chunk). Traced graphs use short chunks (the graph grows
+    with T, the chunk carry scan only with log2(nc)); sequential blocks use long ones."""
+    if _tracing():
+        lo, hi = 8, 16
+    elif _sequential(state):
+        hi = min(256, max(16, _BLOCK_ELEMS // state))
+        lo = max(8, hi // 2)
+    else:
+        lo, hi = (32, 64) if N == 1 else (16, 24)
     if L <= hi:
         return max(L, 1)
     return min(range(lo, hi + 1), key=lambda t: (-(-L // t) * t, -t))
@@ -211,11 +228,15 @@ def _from_tm(x: Tensor, L: int) -> Tensor:
 Block = Tuple[int, int, int, int]
 
 
-def _blocks(bsz: int, nc: int, per_chunk: int, reverse: bool, tracing: bool) -> List[Block]:
+def _blocks(bsz: int, nc: int, per_chunk: int, state: int, reverse: bool) -> List[Block]:
     """Blocks (b0, b1, c0, c1) of batch rows and chunks of ~_BLOCK_ELEMS elements
-    (per_chunk per row and chunk), chunks in the scan's iteration order."""
-    if tracing:
+    (per_chunk per row and chunk; state = per-step state of all rows), chunks in the
+    scan's iteration order."""
+    if _tracing():
         return [(0, bsz, 0, nc)]
+    if _sequential(state):
+        cs = [(c, c + 1) for c in range(nc)]
+        return [(0, bsz, c0, c1) for c0, c1 in (cs[::-1] if reverse else cs)]
     n = max(1, _BLOCK_ELEMS // per_chunk)  # chunks per block
     if n >= nc:
         rows = n // nc
@@ -239,7 +260,7 @@ def _blocks(bsz: int, nc: int, per_chunk: int, reverse: bool, tracing: bool) -> 
 # ----------------------------------------------------------------------------
 class _Buffers:
     """Reusable flat float32 work buffers for the eager path: blocks reuse the same pages
-    instead of allocating (and page-faulting) fresh ~4 MB tensors."""
+    instead of allocating (and page-faulting) fresh multi-MB tensors."""
 
     def __init__(self):
         self.store: Dict[str, Tensor] = {}
@@ -334,16 +355,23 @@ def _carry_scan(S: Tensor, P: Tensor, reverse: bool, need_q: bool) -> Tuple[Tens
 
 
 def _entry_carries(a: Tensor, x: Tensor, P: Tensor, alpha: Tensor, carry: Optional[Tensor],
-                   reverse: bool, shift: bool, inplace: bool) -> Tuple[Tensor, Tensor]:
+                   reverse: bool, shift: bool, inplace: bool) -> Tensor:
     """Term added to the first step of each chunk so that the chunked scan equals the
-    global one, and the block's exit state. a, x: (T, b, n, G, N, D); P (decay across each
-    chunk), alpha (decay on entry): (b, n, G, N, D); carry: state before the block
-    (b, G, N, D) or None for zero. -> (b, n, G, N, D), (b, G, N, D)."""
+    global one. a, x: (T, b, n, G, N, D); P (decay across each chunk), alpha (decay on
+    entry): (b, n, G, N, D); carry: state before the block (b, G, N, D) or None for zero.
+    -> (b, n, G, N, D)."""
+    if x.shape[2] == 1:  # a single chunk: its entry state is the carry
+        return alpha * carry.unsqueeze(1) if carry is not None else torch.zeros_like(alpha)
     X, Q = _carry_scan(_exit_states(a, x, reverse, shift, inplace), P, reverse, carry is not None)
     if carry is not None:
         X = torch.addcmul(X, Q, carry.unsqueeze(1))
-    E = alpha * _prev_chunk(X, reverse, carry)
-    return E, (X[:, 0] if reverse else X[:, -1])
+    return alpha * _prev_chunk(X, reverse, carry)
+
+
+def _exit_state(s: Tensor, reverse: bool) -> Tensor:
+    """A block's final state (in iteration order) from its states (T, b, n, G, N, D),
+    copied out of any reused buffer. -> (b, G, N, D)."""
+    return (s[0][:, 0] if reverse else s[-1][:, -1]).clone()
 
 
 def _scan_pass(a: Tensor, x: Tensor, E: Tensor, reverse: bool, shift: bool, inplace: bool) -> Tensor:
@@ -374,9 +402,9 @@ def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: T
     a = _decay(_mul(dt.unsqueeze(-2), A, bufs, "a"), inplace, clamp)  # (T, b, n, G, N, D)
     x = _mul((dt * u).unsqueeze(-2), Bm.unsqueeze(-1), bufs, "x")
     P = _decay(dwin.unsqueeze(-2) * A, inplace)
-    E, carry = _entry_carries(a, x, P, a[-1 if reverse else 0], carry, reverse, False, inplace)
+    E = _entry_carries(a, x, P, a[-1 if reverse else 0], carry, reverse, False, inplace)
     h = _scan_pass(a, x, E, reverse, False, inplace)
-    return _contract_n(h, Cm), E, carry
+    return _contract_n(h, Cm), E, _exit_state(h, reverse)
 
 
 def _block_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, E: Tensor, dy: Tensor,
@@ -393,8 +421,9 @@ def _block_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, E: Tens
     g = _mul(dy.unsqueeze(-2), Cm.unsqueeze(-1), bufs, "g")  # becomes dL/dh_t after the adjoint scan
     P = _decay(gwin.unsqueeze(-2) * A, True)
     alpha = _decay(gprev.unsqueeze(-2) * A, True)
-    Eg, carry = _entry_carries(a, g, P, alpha, carry, not reverse, True, True)
+    Eg = _entry_carries(a, g, P, alpha, carry, not reverse, True, True)
     g = _scan_pass(a, g, Eg, not reverse, True, True)
+    carry = _exit_state(g, not reverse)
     gB = _contract_n(g, Bm)
     dB = _mul(g, dtu.unsqueeze(-2), bufs, "t").sum(-1)
     # r_t = g_t * a_t * h_prev(t); at each chunk's first step a * h_prev is exactly E
@@ -419,7 +448,7 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
     """Chunked scan over time-major inputs. dt, u: (T, B, nc, G, D); Bm, Cm: (T, B, nc, G, N);
     A: (G, N, D). -> y (T, B, nc, G, D) without the D term, entry carries of each block."""
     T, bsz, nc, G, D = dt.shape
-    blocks = _blocks(bsz, nc, T * G * A.shape[1] * D, reverse, not inplace)
+    blocks = _blocks(bsz, nc, T * G * A.shape[1] * D, bsz * G * A.shape[1] * D, reverse)
     dwin, _ = _chunk_windows(dt, reverse, False)
     y = None if len(blocks) == 1 else dt.new_empty(dt.shape)
     Es, carry = [], None
@@ -444,7 +473,7 @@ def _scan_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Es: List
     """Backward of _scan_fwd. -> du, ddt (T, B, nc, G, D); dB, dC (T, B, nc, G, N); dA (G, N, D)."""
     T, bsz, nc, G, D = dt.shape
     N = A.shape[1]
-    blocks = _blocks(bsz, nc, T * G * N * D, reverse, False)
+    blocks = _blocks(bsz, nc, T * G * N * D, bsz * G * N * D, reverse)
     gwin, gprev = _chunk_windows(dt, not reverse, True)
     du, ddt = dt.new_empty(dt.shape), dt.new_empty(dt.shape)
     dB, dC = Bm.new_empty(Bm.shape), Bm.new_empty(Bm.shape)
@@ -491,7 +520,7 @@ def _ss_inputs(u, dt, A, Bm, Cm):
     """-> time-major dt, u (T, B, nc, K, Dg); Bm, Cm (T, B, nc, K, N); A (K, N, Dg)."""
     L = u.shape[-1]
     K, N = Bm.shape[1], A.shape[1]
-    T = _chunk_len(L, N)
+    T = _chunk_len(L, N, u.shape[0] * u.shape[1] * N)
     return (_tm(dt, K, T), _tm(u, K, T), _tm(Bm, K, T), _tm(Cm, K, T),
             A.float().reshape(K, -1, N).transpose(1, 2).contiguous())
 
@@ -580,7 +609,7 @@ def _unpair(t: Tensor, H: int, W: int) -> Tuple[Tensor, Tensor]:
 def _ss2d_prep(x, dts, A, Bs, Cs, delta_bias, softplus):
     """Shared preparation. Returns z, u (T, B, nc, 2, D), and for the forward (k=0,1) and
     reverse (k=2,3) scans: dt (T, B, nc, 2, D), B and C (T, B, nc, 2, N), A (2, N, D)."""
-    T = _chunk_len(x.shape[1] * x.shape[2], A.shape[-1])
+    T = _chunk_len(x.shape[1] * x.shape[2], A.shape[-1], x.shape[0] * 2 * A.shape[-1] * x.shape[-1])
     z = dts.float()
     if delta_bias is not None:
         z = z + delta_bias.float()

@@ -1,0 +1,223 @@
+"""The pure-PyTorch scan engine: values and gradients against a float64 per-step reference."""
+import pytest
+import torch
+
+import vmamba as st
+from vmamba import _selective_scan_torch as selective_scan_torch
+from vmamba import _ss2d_scan_torch as ss2d_scan_torch
+from vmamba import selective_scan_ref
+
+
+def rel(a, b):
+    """Max abs error relative to the reference's max magnitude."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(bsz, K, D, N, L, seed=0, dt_scale=0.5, dt_shift=-1.0, a_max=2.0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(bsz, K * D, L, generator=g)
+    delta = torch.randn(bsz, K * D, L, generator=g) * dt_scale + dt_shift
+    A = -(torch.rand(K * D, N, generator=g) * a_max + 0.05)
+    B = torch.randn(bsz, K, N, L, generator=g)
+    C = torch.randn(bsz, K, N, L, generator=g)
+    Dv = torch.randn(K * D, generator=g)
+    bias = torch.randn(K * D, generator=g) * 0.3
+    return u, delta, A, B, C, Dv, bias
+
+
+def check_grads(args, fast, ref, tol):
+    """Compare values and gradients of fast (float32) and ref (float64) at the same inputs."""
+    mask = [a is not None for a in args]
+    a32 = [a.clone().requires_grad_() if a is not None else None for a in args]
+    a64 = [a.double().requires_grad_() if a is not None else None for a in args]
+    y = fast(*a32)
+    yr = ref(*a64)
+    assert y.dtype == torch.float32
+    assert rel(y, yr) < tol
+    gy = torch.randn(yr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g32 = torch.autograd.grad(y, [a for a, m in zip(a32, mask) if m], gy.float())
+    g64 = torch.autograd.grad(yr, [a for a, m in zip(a64, mask) if m], gy)
+    for i, (p, q) in enumerate(zip(g32, g64)):
+        assert p.shape == q.shape
+        if q.abs().max() == 0:
+            assert p.abs().max() < 1e-6, i
+        else:
+            assert rel(p, q) < tol, (i, rel(p, q))
+
+
+LENGTHS = [1, 2, 7, 63, 64, 65, 1000, 3000]
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+@pytest.mark.parametrize("N", [1, 16])
+def test_selective_scan_grads(L, N):
+    bsz, K = (2, 4) if L <= 1000 else (1, 1)
+    D = 3 if L <= 1000 else 2
+    u, delta, A, B, C, Dv, bias = make_inputs(bsz, K, D, N, L, seed=L + N)
+    check_grads([u, delta, A, B, C, Dv, bias], selective_scan_torch, selective_scan_ref, 2e-5)
+
+
+@pytest.mark.parametrize("use_D,use_bias,softplus", [(False, False, True), (True, False, False),
+                                                       (False, True, False), (True, True, True)])
+@pytest.mark.parametrize("K,bsz", [(1, 1), (4, 2)])
+def test_selective_scan_options(use_D, use_bias, softplus, K, bsz):
+    u, delta, A, B, C, Dv, bias = make_inputs(bsz, K, 3, 16, 130, seed=7)
+    if not softplus:
+        delta = delta.abs() * 0.3  # keep dt positive without softplus
+    args = [u, delta, A, B, C, Dv if use_D else None, bias.abs() if use_bias else None]
+
+    def fast(*a):
+        return selective_scan_torch(*a, delta_softplus=softplus)
+
+    def ref(*a):
+        return selective_scan_ref(*a, delta_softplus=softplus)
+
+    check_grads(args, fast, ref, 2e-5)
+
+
+def test_eager_and_traceable_paths_agree():
+    u, delta, A, B, C, Dv, bias = make_inputs(2, 4, 40, 16, 700, seed=3)
+    z, dt = st._prep_dt(delta, bias, True)
+    ins = st._ss_inputs(u, dt, A, B, C)
+    y1 = st._scan_fwd(*ins, False, True)[0]
+    y2 = st._scan_fwd(*ins, False, False)[0]
+    assert (y1 - y2).abs().max() < 1e-5 * y1.abs().max()
+    x, dts, A4, Bs, Cs, Ds, db = make_ss2d(2, 9, 13, 40, 16, seed=3)
+    y1 = st._ss2d_forward(x, dts, A4, Bs, Cs, Ds, db, True, True)[0]
+    y2 = st._ss2d_forward(x, dts, A4, Bs, Cs, Ds, db, True, False)[0]
+    assert (y1 - y2).abs().max() < 1e-5 * y1.abs().max()
+
+
+@pytest.mark.parametrize("block_elems,seq_state", [(1, 10 ** 9), (3000, 10 ** 9), (20000, 10 ** 9),
+                                                  (3000, 1), (20000, 1)])
+def test_small_blocks(monkeypatch, block_elems, seq_state):
+    """Force splitting into batch-row and chunk blocks that hand carries on, and (small
+    seq_state) the sequential one-chunk-per-block mode."""
+    monkeypatch.setattr(st, "_BLOCK_ELEMS", block_elems)
+    monkeypatch.setattr(st, "_SEQ_STATE", seq_state)
+    u, delta, A, B, C, Dv, bias = make_inputs(3, 2, 3, 4, 301, seed=13)
+    check_grads([u, delta, A, B, C, Dv, bias], selective_scan_torch, selective_scan_ref, 2e-5)
+    check_grads(list(make_ss2d(3, 13, 11, 3, 4, seed=13)), ss2d_scan_torch, ss2d_composed, 2e-5)
+
+
+@pytest.mark.parametrize("N", [1, 16])
+def test_extreme_long_finite(N):
+    """dt up to ~20 after softplus, A down to -50, L = 65536: finite and exact."""
+    L, D = 65536, 2
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(1, D, L, generator=g)
+    delta = torch.randn(1, D, L, generator=g) * 8  # softplus(delta) in (0, ~30]
+    delta[..., ::97] = 20.0
+    A = -torch.rand(D, N, generator=g) * 50
+    A[0, 0] = -50.0
+    A[-1, -1] = -1e-3  # slow decay: long memory over the whole sequence
+    B = torch.randn(1, 1, N, L, generator=g)
+    C = torch.randn(1, 1, N, L, generator=g)
+    y = selective_scan_torch(u, delta, A, B, C, None, None, True)
+    assert torch.isfinite(y).all()
+    yr = selective_scan_ref(u, delta, A, B, C, None, None, True)
+    assert rel(y, yr) < 1e-5
+
+
+def test_extreme_grads_finite():
+    L, D, N = 5000, 2, 16
+    u, delta, A, B, C, Dv, bias = make_inputs(1, 1, D, N, L, seed=9, dt_scale=8, dt_shift=0, a_max=50)
+    check_grads([u, delta, A, B, C, Dv, bias], selective_scan_torch, selective_scan_ref, 5e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    u, delta, A, B, C, Dv, bias = make_inputs(1, 4, 3, 16, 200, seed=11)
+    args = [t.to(dtype) for t in (u, delta, A, B, C, Dv, bias)]
+    args32 = [t.clone().requires_grad_() for t in args]
+    y = selective_scan_torch(*args32)
+    assert y.dtype == torch.float32
+    yr = selective_scan_ref(*args)
+    assert rel(y, yr) < 1e-5
+    y.sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all() for t in args32)
+
+
+# ----------------------------------------------------------------------------
+# SS2D
+# ----------------------------------------------------------------------------
+def make_ss2d(bsz, H, W, D, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, H, W, D, generator=g)
+    dts = torch.randn(bsz, H, W, 4, D, generator=g) * 0.5 - 1
+    A = -(torch.rand(4, D, N, generator=g) * 2 + 0.05)
+    Bs = torch.randn(bsz, H, W, 4, N, generator=g)
+    Cs = torch.randn(bsz, H, W, 4, N, generator=g)
+    Ds = torch.randn(4, D, generator=g)
+    db = torch.randn(4, D, generator=g) * 0.3
+    return x, dts, A, Bs, Cs, Ds, db
+
+
+def cross_scan(x):
+    """(B, C, H, W) -> (B, 4, C, L)."""
+    x0 = x.flatten(2)
+    x1 = x.transpose(2, 3).flatten(2)
+    return torch.stack([x0, x1, x0.flip(-1), x1.flip(-1)], 1)
+
+
+def cross_merge(ys, H, W):
+    """(B, 4, C, L) -> (B, C, H, W)."""
+    bsz, _, C, L = ys.shape
+    y0 = ys[:, 0] + ys[:, 2].flip(-1)
+    y1 = ys[:, 1] + ys[:, 3].flip(-1)
+    return y0.view(bsz, C, H, W) + y1.view(bsz, C, W, H).transpose(2, 3)
+
+
+def ss2d_composed(x, dts, A, Bs, Cs, Ds, db, scan=selective_scan_ref):
+    bsz, H, W, D = x.shape
+    N = A.shape[-1]
+    L = H * W
+    xs = cross_scan(x.permute(0, 3, 1, 2)).reshape(bsz, 4 * D, L)
+    # (B, H, W, 4, X) -> (B, 4, X, H, W) -> per direction k: cross_scan's k-th sequence
+    per_dir = lambda t: torch.stack(
+        [cross_scan(t.permute(0, 3, 4, 1, 2)[:, k])[:, k] for k in range(4)], 1)  # (B, 4, X, L)
+    ys = scan(xs, per_dir(dts).reshape(bsz, 4 * D, L), A.reshape(4 * D, N), per_dir(Bs), per_dir(Cs),
+              Ds.reshape(-1), db.reshape(-1), True)
+    return cross_merge(ys.reshape(bsz, 4, D, L), H, W).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("bsz,H,W,D,N", [(1, 5, 7, 3, 16), (2, 7, 5, 4, 1), (1, 1, 9, 3, 16),
+                                         (1, 9, 1, 3, 1), (2, 11, 13, 2, 16), (1, 1, 1, 3, 16),
+                                         (1, 14, 14, 3, 1)])
+def test_ss2d_grads(bsz, H, W, D, N):
+    args = list(make_ss2d(bsz, H, W, D, N, seed=H * 100 + W))
+    check_grads(args, ss2d_scan_torch, ss2d_composed, 2e-5)
+
+
+def test_ss2d_matches_selective_scan_torch_large():
+    args = make_ss2d(1, 40, 33, 24, 16, seed=4)
+    y = ss2d_scan_torch(*args)
+    y2 = ss2d_composed(*args, scan=selective_scan_torch)
+    assert rel(y, y2) < 1e-5
+
+
+def test_ss2d_optional_and_half():
+    x, dts, A, Bs, Cs, Ds, db = make_ss2d(1, 6, 5, 3, 16, seed=2)
+    dts = dts.abs() * 0.3  # positive dt without softplus
+    y = ss2d_scan_torch(x, dts, A, Bs, Cs, None, None, False)
+    zero = torch.zeros_like(Ds)
+    yr = ss2d_composed(x, dts, A, Bs, Cs, zero, zero,
+                       scan=lambda *a: selective_scan_ref(*a[:5], None, None, False))
+    assert rel(y, yr) < 1e-5
+    args = [t.to(torch.bfloat16).requires_grad_() for t in (x, dts, A, Bs, Cs, Ds, db)]
+    y = ss2d_scan_torch(*args)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad.float()).all() for t in args)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traced_matches_eager():
+    """torch.jit.trace (what the ONNX exporter uses) takes the out-of-place path."""
+    args = make_ss2d(2, 9, 7, 5, 16, seed=21)
+    traced = torch.jit.trace(lambda *a: ss2d_scan_torch(*a), args, check_trace=False)
+    assert rel(traced(*args), ss2d_scan_torch(*args)) < 1e-5
+    u, delta, A, B, C, Dv, bias = make_inputs(1, 4, 3, 1, 300, seed=22)
+    traced = torch.jit.trace(lambda *a: selective_scan_torch(*a), (u, delta, A, B, C, Dv, bias), check_trace=False)
+    assert rel(traced(u, delta, A, B, C, Dv, bias), selective_scan_torch(u, delta, A, B, C, Dv, bias)) < 1e-5
