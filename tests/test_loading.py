@@ -60,8 +60,6 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_loads(fixture, layout, tmp_path):
     state = LAYOUTS[layout](dict(fixture["state_dict"]))
-    if layout == "february" and fixture["config"]["forward_type"] != "v0":
-        pytest.skip("the February 2024 layout exists for the vanilla (v0) models only")
     path = tmp_path / "ckpt.pth"
     torch.save(state, path)
     for source in (state, str(path), path):
