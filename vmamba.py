@@ -174,9 +174,7 @@ _SEQ_STATE = 16384  # per-step state (B*G*N*D) from which one chunk per block ru
 _EXP_FLOOR = -80.0
 
 
-# ----------------------------------------------------------------------------
-# Layout helpers
-# ----------------------------------------------------------------------------
+# --- Layout helpers
 def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
@@ -201,8 +199,10 @@ def _chunk_len(L: int, N: int, state: int) -> int:
     elif _sequential(state):
         hi = min(256, max(16, _BLOCK_ELEMS // state))
         lo = max(8, hi // 2)
+    elif N == 1:
+        lo, hi = (8, 16) if L <= 1024 else (32, 64)   # short maps: fewer steps per chunk win
     else:
-        lo, hi = (32, 64) if N == 1 else (16, 24)
+        lo, hi = 16, 24
     if L <= hi:
         return max(L, 1)
     return min(range(lo, hi + 1), key=lambda t: (-(-L // t) * t, -t))
@@ -493,9 +493,7 @@ def _scan_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Es: List
     return du, ddt, dB, dC, dA
 
 
-# ----------------------------------------------------------------------------
-# Public layout: u, delta (B, KD, L); B, C (B, K, N, L)
-# ----------------------------------------------------------------------------
+# --- Public layout: u, delta (B, KD, L); B, C (B, K, N, L)
 def _prep_dt(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool) -> Tuple[Tensor, Tensor]:
     z = delta.float()
     if delta_bias is not None:
@@ -994,9 +992,7 @@ if triton is not None:
             tl.store(dst_ptr + offs[3], x, mask=mask)
 
 
-# ----------------------------------------------------------------------------------------
-# Selective scan: custom ops and autograd
-# ----------------------------------------------------------------------------------------
+# --- Selective scan: custom ops and autograd
 
 def _scan_shapes(u, A, Bs):
     Bsz, KD, L = u.shape
@@ -1112,7 +1108,7 @@ _selective_scan_fwd.register_autograd(_selective_scan_backward,
 
 def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
                           reverse: Optional[Sequence[bool]] = None):
-    """Grouped Mamba-1 selective scan (see SPEC.md "Selective scan").
+    """Grouped Mamba-1 selective scan, as :func:`selective_scan_ref` defines it.
 
     u, delta: (batch, K*D, L); A: (K*D, N), N <= 16 recommended; B, C: (batch, K, N, L),
     shared by the D channels of group k (channel c is in group c // D); D, delta_bias: (K*D,)
@@ -1131,9 +1127,7 @@ def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
     return y
 
 
-# ----------------------------------------------------------------------------------------
-# Cross-scan / cross-merge: custom ops, each the other's backward
-# ----------------------------------------------------------------------------------------
+# --- Cross-scan / cross-merge: custom ops, each the other's backward
 
 def _cross_launch(src, dst, Bsz, C, H, W, merge):
     _require_triton()
@@ -1301,8 +1295,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 
 def _cross_scan_torch(x: Tensor) -> Tensor:
-    rows = x.flatten(2)                                               # (B, C, L) row-major
-    cols = x.transpose(2, 3).flatten(2)                               # (B, C, L) column-major
+    rows = rearrange(x, "b c h w -> b c (h w)")                       # row-major
+    cols = rearrange(x, "b c h w -> b c (w h)")                       # column-major
     xs = torch.stack([rows, cols], dim=1)                             # (B, 2, C, L)
     return torch.cat([xs, xs.flip(-1)], dim=1)                        # (B, 4, C, L)
 
@@ -1311,8 +1305,8 @@ def _cross_merge_torch(ys: Tensor) -> Tensor:
     b, _, c, h, w = ys.shape
     ys = ys.flatten(3)                                                # (B, 4, C, L)
     ys = ys[:, :2] + ys[:, 2:].flip(-1)                               # (B, 2, C, L)
-    rows = ys[:, 0].view(b, c, h, w)
-    cols = ys[:, 1].view(b, c, w, h).transpose(2, 3)
+    rows = rearrange(ys[:, 0], "b c (h w) -> b c h w", h=h)
+    cols = rearrange(ys[:, 1], "b c (w h) -> b c h w", h=h)
     return rows + cols                                                # (B, C, H, W)
 
 
@@ -2385,7 +2379,7 @@ def _fetch(url: str, out, dest: str, progress: bool) -> str:
     Network failures (HTTP error status, refused connection, timeout, a body
     shorter than its Content-Length) raise RuntimeError naming URL and ``dest``.
     """
-    request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
+    request = urllib.request.Request(url, headers={"User-Agent": "vmamba.py"})
     hasher = hashlib.sha256()
     received = 0
     try:
@@ -2757,6 +2751,26 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any)
 
 
 # ----------------------------------------------------------------------------------------
+# Helpers shared by the command-line tools below.
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+# ----------------------------------------------------------------------------------------
 # Ecosystem: the FLOPs table, timm's registry and OpenMMLab's. Each optional package is
 # imported here, only when present; nothing else in this file needs them.
 
@@ -2881,10 +2895,6 @@ if __name__ != "__main__":   # the command line does not need timm; spare it the
                       "the models are not registered with timm", stacklevel=2)
 
 
-#@@ECOSYSTEM@@
-
-
-#@@ANALYSIS@@
 # ----------------------------------------------------------------------------------------
 # Analysis: what the model sees and what it costs. Effective receptive fields, activation
 # maps, the implicit attention of SS2D's four scans, and latency, throughput and memory
@@ -3465,22 +3475,6 @@ def _add_analysis_commands(commands: Any) -> None:
 # Command line: ``python vmamba.py`` runs an offline smoke test of this file.
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
-
-
 def _smoke(args: argparse.Namespace) -> int:
     """Build each model, run forward and backward, compare every backend with torch."""
     device = _resolve_device(args.device)
@@ -3590,13 +3584,11 @@ def _bench(args: argparse.Namespace) -> int:
           + (f"; ratio = median / {compared}'s" if compared else ""))
     _print_table(rows, ["model", "size", "median_ms", "min_ms", "max_ms", "ratio"])
     if args.csv:
-        import csv
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
     if args.json:
-        import json
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
@@ -3640,7 +3632,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model", default=None, help="comma-separated zoo names (default: all)")
     p.add_argument("--size", type=int, default=224, help="input resolution (default: 224)")
     p.set_defaults(run=_cmd_flops)
-    #@@COMMANDS@@
     _add_analysis_commands(commands)
     args = parser.parse_args(argv)
     if args.command is None:

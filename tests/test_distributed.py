@@ -1,7 +1,6 @@
 """Data-parallel training on CPU: DDP (and FSDP2 where this torch runs it) with two
-processes on gloo give the gradients of one process on the whole batch (issue 5)."""
+processes on gloo give the gradients of one process on the whole batch."""
 import socket
-import sys
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Ecosystem contracts: FLOPs, timm, dense prediction, torch.compile (issue 5).
+"""Ecosystem contracts: FLOPs, timm, dense prediction, torch.compile.
 
 Optional packages (timm, torchvision, mmengine) are used when installed and skipped with
 the reason shown when not; tests/requirements.txt installs them for CI. Nothing here

@@ -146,3 +146,35 @@ def test_bad_sources():
         vmamba.load_pretrained(model, 42)
     with pytest.raises(ValueError, match="no state dict found"):
         vmamba.load_pretrained(model, {"epoch": 3})
+
+
+def test_bad_files_raise_clear_errors_and_change_nothing(fixture, tmp_path):
+    model = _model(fixture)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        vmamba.load_pretrained(model, str(missing))
+    good = tmp_path / "good.pth"
+    torch.save({"model": fixture["state_dict"]}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pth could not be read as a PyTorch checkpoint"):
+        vmamba.load_pretrained(model, truncated)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt could not be read"):
+        vmamba.load_pretrained(model, text)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sha256_is_checked_for_urls(fixture, http_root):
+    root, base = http_root
+    torch.save(fixture["state_dict"], root / "w.pth")
+    model = _model(fixture)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        vmamba.load_pretrained(model, f"{base}/w.pth", sha256="0" * 64, progress=False)
+    assert not (root.parent / "hub" / "checkpoints" / "w.pth").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"missing\.pth.*checkpoints"):
+        vmamba.load_pretrained(model, f"{base}/missing.pth", progress=False)
