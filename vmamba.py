@@ -212,7 +212,7 @@ def _to_tm(seq: Tensor, T: int) -> Tensor:
     """(B, L, *rest) -> time-major (T, B, nc, *rest), zero-padded to nc*T (a strided view
     unless padded)."""
     bsz, L = seq.shape[:2]
-    nc = -(-L // T)
+    nc = (L + T - 1) // T  # ceil; positive operands trace to the same ONNX Div
     if nc * T != L:
         pad = seq.new_zeros((bsz, nc * T - L) + tuple(seq.shape[2:]))
         seq = torch.cat([seq, pad], 1)

@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 @pytest.mark.parametrize("name", ["vmamba_tiny_s1l8", "vanilla_vmamba_tiny", "vmamba_tiny_s2l5"])
 def test_export_matches_onnxruntime(name):
     model = vmamba.create_model(name, depths=[1, 1, 2, 1]).eval()
-    x = torch.randn(1, 3, 64, 96)
+    x = torch.randn(1, 3, 112, 80)  # stage maps 28x20 .. 4x3: chunked and partial chunks
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: the graph is fixed to this resolution
@@ -22,7 +22,7 @@ def test_export_matches_onnxruntime(name):
                           input_names=["image"], output_names=["logits"])
     graph = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(graph)
-    assert len(graph.graph.node) < 5000  # no unrolling over every position
+    assert len(graph.graph.node) < 10000  # a per-position unroll of 28x20 maps alone would exceed it
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"image": x.numpy()})
     with torch.no_grad():
