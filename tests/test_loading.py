@@ -178,3 +178,18 @@ def test_sha256_is_checked_for_urls(fixture, http_root):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(RuntimeError, match=r"missing\.pth.*checkpoints"):
         vmamba.load_pretrained(model, f"{base}/missing.pth", progress=False)
+
+
+def test_builder_pretrained_true_downloads_the_release(http_root, monkeypatch):
+    """pretrained=True fetches the zoo URL (served locally here) and keeps num_classes."""
+    root, base = http_root
+    small = dict(depths=[1, 1, 1, 1])
+    release = vmamba.vmamba_tiny_s1l8(**small)
+    (root / "#v2cls").mkdir()
+    torch.save({"model": release.state_dict(), "optimizer": {}, "epoch": 263},
+               root / "#v2cls" / "vssm1_tiny_0230s_ckpt_epoch_264.pth")
+    monkeypatch.setattr(vmamba, "_RELEASES", base + "/")
+    with pytest.warns(UserWarning, match="1000 classes and the model 10"):
+        model = vmamba.vmamba_tiny_s1l8(pretrained=True, num_classes=10, **small)
+    assert model.classifier.head.out_features == 10
+    assert torch.equal(model.layers[1].blocks[0].op.A_logs, release.layers[1].blocks[0].op.A_logs)
