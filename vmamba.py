@@ -65,11 +65,21 @@ from einops import rearrange
 from torch import Tensor, _weights_only_unpickler
 
 __all__ = [
-    "selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "available_backends",
-    "set_backend", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "load_pretrained",
-    "checkpoint_filter_fn", "load_checkpoint_file", "download_cached", "list_models", "create_model", "model_config",
-    "stage_features", "effective_receptive_field", "erf_summary", "capture_scan_input", "ss2d_attention",
-    "activation_maps", "measure_forward", "loglog_slope",
+    # kernels
+    "selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "ss2d_core",
+    "available_backends", "set_backend",
+    # model
+    "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM",
+    # checkpoints
+    "load_pretrained", "checkpoint_filter_fn", "load_checkpoint_file", "download_cached",
+    # zoo
+    "list_models", "create_model", "model_config", "pretrained_url", "EVAL_CONFIG",
+    "vanilla_vmamba_tiny", "vanilla_vmamba_small", "vanilla_vmamba_base", "vmamba_tiny_s2l5",
+    "vmamba_small_s2l15", "vmamba_base_s2l15", "vmamba_tiny_s1l8", "vmamba_small_s1l20",
+    "vmamba_base_s1l20",
+    # ecosystem and analysis
+    "register_timm", "register_mm", "stage_features", "effective_receptive_field", "erf_summary",
+    "capture_scan_input", "ss2d_attention", "activation_maps", "measure_forward", "loglog_slope",
 ]
 
 # ----------------------------------------------------------------------------------------
