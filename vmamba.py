@@ -1399,6 +1399,36 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+              A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
+    """The four-direction selective scan of SS2D on a channels-last map.
+
+    x (B, H, W, D); x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R);
+    dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,). Returns float32 (B, H, W, D):
+    ``cross_merge(selective_scan(cross_scan(x), ...))``.
+    """
+    b, h, w, d = x.shape
+    k, n, r = 4, A_logs.shape[1], dt_projs_weight.shape[2]
+    A = -torch.exp(A_logs.float())                                    # (4*D, N)
+    backend = _resolve_backend(backend, x.device)
+    if backend == "torch":
+        # Per-pixel projections are direction-independent work: compute them once in
+        # pixel order and let the scan walk the pixels in each direction's order.
+        proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
+        dts, Bs, Cs = proj.split([r, n, n], dim=-1)                   # (B, H, W, 4, R|N|N)
+        dts = torch.einsum("bhwkr,kdr->bhwkd", dts, dt_projs_weight)  # (B, H, W, 4, D)
+        return _ss2d_scan_torch(x, dts, A.view(k, d, n), Bs, Cs, Ds.view(k, d), dt_projs_bias)
+    xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
+    proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
+    dts, Bs, Cs = proj.split([r, n, n], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)        # (B, 4, D, L)
+    ys = selective_scan(xs.reshape(b, k * d, h * w), dts.reshape(b, k * d, h * w), A,
+                        Bs.contiguous(), Cs.contiguous(), Ds.float(), dt_projs_bias.reshape(-1).float(),
+                        delta_softplus=True, backend=backend)         # (B, 4*D, L)
+    y = cross_merge(ys.view(b, k, d, h, w), backend)                  # (B, D, H, W)
+    return y.permute(0, 2, 3, 1)
+
+
 FORWARD_TYPES = ("v0", "v05", "v05_noz")
 
 
@@ -1486,36 +1516,6 @@ class SS2D(nn.Module):
             y = y * F.silu(z)
         out = self.dropout(self.out_proj(y))
         return out.permute(0, 3, 1, 2) if self.channel_first else out
-
-
-def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
-              A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
-    """The four-direction selective scan of SS2D on a channels-last map.
-
-    x (B, H, W, D); x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R);
-    dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,). Returns float32 (B, H, W, D):
-    ``cross_merge(selective_scan(cross_scan(x), ...))``.
-    """
-    b, h, w, d = x.shape
-    k, n, r = 4, A_logs.shape[1], dt_projs_weight.shape[2]
-    A = -torch.exp(A_logs.float())                                    # (4*D, N)
-    backend = _resolve_backend(backend, x.device)
-    if backend == "torch":
-        # Per-pixel projections are direction-independent work: compute them once in
-        # pixel order and let the scan walk the pixels in each direction's order.
-        proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
-        dts, Bs, Cs = proj.split([r, n, n], dim=-1)                   # (B, H, W, 4, R|N|N)
-        dts = torch.einsum("bhwkr,kdr->bhwkd", dts, dt_projs_weight)  # (B, H, W, 4, D)
-        return _ss2d_scan_torch(x, dts, A.view(k, d, n), Bs, Cs, Ds.view(k, d), dt_projs_bias)
-    xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
-    proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
-    dts, Bs, Cs = proj.split([r, n, n], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)        # (B, 4, D, L)
-    ys = selective_scan(xs.reshape(b, k * d, h * w), dts.reshape(b, k * d, h * w), A,
-                        Bs.contiguous(), Cs.contiguous(), Ds.float(), dt_projs_bias.reshape(-1).float(),
-                        delta_softplus=True, backend=backend)         # (B, 4*D, L)
-    y = cross_merge(ys.view(b, k, d, h, w), backend)                  # (B, D, H, W)
-    return y.permute(0, 2, 3, 1)
 
 
 class VSSBlock(nn.Module):
