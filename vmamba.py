@@ -3529,10 +3529,7 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _timm_model(name: str, size: int) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise SystemExit(f"--compare {name}: timm is not installed (pip install timm)") from None
+    timm = _optional_import("timm", "timm", f"--compare {name}")
     try:
         return timm.create_model(name, pretrained=False, img_size=size)
     except TypeError:  # models without a fixed input size take no img_size
