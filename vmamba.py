@@ -588,12 +588,23 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     """Chunked selective scan. u, delta: (B, K*D, L); A: (K*D, N); B, C: (B, K, N, L);
     D, delta_bias: (K*D,) or None. Returns float32 (B, K*D, L). Differentiable in all
     tensor inputs; traced (ONNX) calls take an out-of-place path."""
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs) and not _tracing():
+        return _SelectiveScanFn.apply(*inputs, delta_softplus)
+    # Inference, or a traced graph (out of place): no autograd bookkeeping. Eagerly, the
+    # scan runs in place in the time-major copies (y lands in dt's), cloned first where
+    # the layout change left them sharing memory with the caller's tensors.
+    z, dt = _prep_dt(delta, delta_bias, delta_softplus)
+    uf = u.float()
+    ins = _ss_inputs(uf, dt, A, B, C)
     if _tracing():
-        z, dt = _prep_dt(delta, delta_bias, delta_softplus)
-        uf = u.float()
-        y = _untm(_scan_fwd(*_ss_inputs(uf, dt, A, B, C), False, False)[0], u.shape[-1])
-        return y if D is None else torch.addcmul(y, D.float()[:, None], uf)
-    return _SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        y = _scan_fwd(*ins, False, False)[0]
+    else:
+        shared = {t.untyped_storage().data_ptr() for t in (u, delta)}
+        dt_t, u_t = (t.clone() if t.untyped_storage().data_ptr() in shared else t for t in ins[:2])
+        y = _scan_fwd(dt_t, u_t, *ins[2:], False, True, consume=True)[0]
+    y = _untm(y, u.shape[-1])
+    return y if D is None else torch.addcmul(y, D.float()[:, None], uf)
 
 
 # ----------------------------------------------------------------------------
@@ -3628,6 +3639,65 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan_loop(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
+    """The obvious selective scan: one step per position, vectorised over batch, channels
+    and state, stepping with unbind (the baseline of ``bench --scan``)."""
+    K = B.shape[1]
+    dt = F.softplus(delta + delta_bias[:, None])                               # (B, KD, L)
+    Bk, Ck = (t.repeat_interleave(u.shape[1] // K, dim=1) for t in (B, C))   # (B, KD, N, L)
+    dA = torch.exp(dt.unsqueeze(2) * A[:, :, None])
+    dBu = (dt * u).unsqueeze(2) * Bk
+    h, ys = u.new_zeros(dA.shape[:3]), []
+    for a_t, x_t, c_t in zip(dA.unbind(-1), dBu.unbind(-1), Ck.unbind(-1)):
+        h = a_t * h + x_t
+        ys.append((h * c_t).sum(-1))
+    return torch.stack(ys, -1) + D[:, None] * u
+
+
+def _bench_scan(args: argparse.Namespace) -> int:
+    """Time the torch selective scan against the per-position loop, interleaved."""
+    torch.set_num_threads(args.threads)
+    rows = []
+    for D, N, H, backward in ((96, 1, 56, False), (96, 1, 56, True), (192, 16, 56, False)):
+        g = torch.Generator().manual_seed(0)
+        L, KD = H * H, 4 * D
+        u, delta = torch.randn(1, KD, L, generator=g), torch.randn(1, KD, L, generator=g) - 2
+        A = -torch.rand(KD, N, generator=g) * 4 - 0.1
+        B, C = torch.randn(1, 4, N, L, generator=g), torch.randn(1, 4, N, L, generator=g)
+        Dv, bias = torch.randn(KD, generator=g), torch.randn(KD, generator=g) * 0.1
+        x = torch.randn(1, H, H, D, generator=g)
+        ss2d = (x, torch.randn(1, H, H, 4, D, generator=g) - 2, A.view(4, D, N), torch.randn(1, H, H, 4, N, generator=g),
+                torch.randn(1, H, H, 4, N, generator=g), Dv.view(4, D), bias.view(4, D))
+        cases = {"loop (unbind)": (_scan_loop, (u, delta, A, B, C, Dv, bias)),
+                 "selective_scan(backend='torch')": (_selective_scan_torch, (u, delta, A, B, C, Dv, bias)),
+                 "fused SS2D scan (the model's path)": (_ss2d_scan_torch, ss2d)}
+
+        def run(fn: Callable, inputs: Tuple[Tensor, ...]) -> None:
+            if not backward:
+                with torch.no_grad():
+                    fn(*inputs)
+                return
+            inputs = [t.clone().requires_grad_() for t in inputs]
+            fn(*inputs).sum().backward()
+
+        times: Dict[str, List[float]] = {name: [] for name in cases}
+        for i in range(args.warmup + args.repeats):
+            for name, (fn, inputs) in cases.items():
+                start = time.perf_counter()
+                run(fn, inputs)
+                if i >= args.warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        base = statistics.median(times["loop (unbind)"])
+        for name, t in times.items():
+            rows.append(dict(case=f"K=4 D={D} N={N} L={L} {'fwd+bwd' if backward else 'fwd'}", scan=name,
+                             median_ms=round(statistics.median(t), 2), min_ms=round(min(t), 2),
+                             speedup=round(base / statistics.median(t), 2)))
+    print(f"vmamba.py bench --scan: torch {torch.__version__}, {args.threads} threads, batch 1, "
+          f"median of {args.repeats} after {args.warmup} warm-up runs, interleaved; speedup = loop / scan")
+    _print_table(rows, ["case", "scan", "median_ms", "min_ms", "speedup"])
+    return 0
+
+
 def _add_bench_command(commands: Any) -> None:
     bench = commands.add_parser("bench", help="latency of models side by side (median, min, max, ratio)",
                                 description="Latency of vmamba models, and of timm models with --compare, "
@@ -3645,7 +3715,9 @@ def _add_bench_command(commands: Any) -> None:
     bench.add_argument("--compare", default=None, metavar="NAME[,NAME]", help="timm models to time alongside")
     bench.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
-    bench.set_defaults(run=_bench)
+    bench.add_argument("--scan", action="store_true",
+                       help="instead of models, time the torch selective scan against a per-position loop")
+    bench.set_defaults(run=lambda a: _bench_scan(a) if a.scan else _bench(a))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -232,3 +232,16 @@ def test_traced_matches_eager():
     u, delta, A, B, C, Dv, bias = make_inputs(1, 4, 3, 1, 300, seed=22)
     traced = torch.jit.trace(lambda *a: selective_scan_torch(*a), (u, delta, A, B, C, Dv, bias), check_trace=False)
     assert rel(traced(u, delta, A, B, C, Dv, bias), selective_scan_torch(u, delta, A, B, C, Dv, bias)) < 1e-5
+
+
+@pytest.mark.parametrize("L", [1, 40])
+def test_inference_leaves_inputs_untouched(L):
+    """The in-place inference path must never write into the caller's tensors, even when
+    the time-major layout is a view of them (L=1, or no bias and no softplus)."""
+    args = list(make_inputs(1, 1, 3, 1, L, seed=31))
+    args[-1] = None  # no delta_bias: the time-major dt may alias delta itself
+    before = [None if t is None else t.clone() for t in args]
+    with torch.no_grad():
+        y = selective_scan_torch(*args, False)
+    assert all(a is None or torch.equal(a, b) for a, b in zip(args, before))
+    assert rel(y, selective_scan_ref(*before, False)) < 1e-5
