@@ -614,15 +614,16 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 # direction's inputs in its own order (the reverses as flipped copies, so all four
 # run forwards in one pass), and one more brings the outputs back to pixel order.
 # ----------------------------------------------------------------------------
-_SS2D_INDEX: Dict[Tuple, Tuple[Tensor, Tensor, Tensor]] = {}
+_SS2D_INDEX: Dict[Tuple, Tuple[Tensor, ...]] = {}
 
 
-def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple[Tensor, ...]:
     """Gather indices for the fused SS2D scan (cached per shape and device).
 
-    Returns x_idx (rows of a (B*L, X) pixel tensor) and k_idx (rows of a (4*B*L, X)
-    direction-major tensor), each in time-major (T, B, nc, 4) order, and m_idx (rows of
-    the (T*B*nc*4, X) time-major result) in (B, L, 4) pixel order. Padding steps
+    Returns x_idx (rows of a (B*L, X) pixel tensor), k_idx (rows of a (4*B*L, X)
+    direction-major tensor), each in time-major (T, B, nc, 4) order, m_idx (rows of the
+    (T*B*nc*4, X) time-major result) in (B, L, 4) pixel order, and p_idx (rows of a
+    (B*L*4, X) pixel-major per-direction tensor) in time-major order. Padding steps
     (sequence position >= L, at the end of every direction) repeat the last pixel:
     they come after every real step, so they never reach a real output."""
     key = (bsz, H, W, T, str(device))
@@ -641,7 +642,8 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple
     seq = torch.stack([p, col, L - 1 - p, L - 1 - col], 1)             # (L, 4): pixel -> sequence position
     b = torch.arange(bsz).view(bsz, 1, 1)
     m_idx = ((((seq % T) * bsz + b) * nc + seq // T) * 4 + k).reshape(-1)
-    out = tuple(t.to(device) for t in (rows.reshape(-1), (k * (bsz * L) + rows).reshape(-1), m_idx))
+    out = tuple(t.to(device) for t in (rows.reshape(-1), (k * (bsz * L) + rows).reshape(-1), m_idx,
+                                       (rows * 4 + k).reshape(-1)))
     if not _tracing():
         if len(_SS2D_INDEX) >= 64:
             _SS2D_INDEX.clear()
@@ -650,8 +652,8 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple
 
 
 def _gather_tm(t: Tensor, idx: Tensor, T: int, nc: int) -> Tensor:
-    """Rows of t ((B, H, W, X) pixels or (4, B*L, X) per direction), flattened, picked by
-    idx -> time-major (T, B, nc, 4, X)."""
+    """Rows of t ((B, H, W, X) pixels, or per direction (4, B*L, X) or (B, H, W, 4, X)),
+    flattened, picked by idx -> time-major (T, B, nc, 4, X)."""
     return t.reshape(-1, t.shape[-1]).index_select(0, idx).view(T, -1, nc, 4, t.shape[-1])
 
 
@@ -673,7 +675,7 @@ class _ScanTM(torch.autograd.Function):
 
 
 def _ss2d_tm(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
-             idx: Tuple[Tensor, Tensor, Tensor]) -> Tensor:
+             idx: Tuple[Tensor, ...]) -> Tensor:
     """Fused scan from time-major dt (T, B, nc, 4, D) (after softplus), Bm, Cm (T, B, nc,
     4, N) and pixel-order x (B, H, W, D); A (4, D, N). -> float32 (B, H, W, D)."""
     T, bsz, nc = dt.shape[:3]
@@ -1432,15 +1434,30 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     backend = _resolve_backend(backend, x.device)
     if backend == "torch":
-        # The projections are per-pixel work: compute them once in pixel order (one
-        # batched matmul per projection, directions as the batch), then gather each
-        # direction's rows into its scan order.
-        proj = torch.matmul(x.reshape(b * h * w, d), x_proj_weight.transpose(1, 2))  # (4, B*L, R+2N)
-        dt = torch.baddbmm(dt_projs_bias.unsqueeze(1), proj[..., :r], dt_projs_weight.transpose(1, 2))
+        # x_proj is per-pixel work: computed once in pixel order, then its rows are
+        # gathered into each direction's scan order.
         T, nc = _ss2d_chunks(x, n)
         idx = _ss2d_index(b, h, w, T, x.device)
-        dt = _gather_tm(_softplus(dt.float()), idx[1], T, nc)          # (T, B, nc, 4, D)
-        bc = _gather_tm(proj[..., r:].float(), idx[1], T, nc)          # (T, B, nc, 4, 2N)
+        params = (x, x_proj_weight, dt_projs_weight, dt_projs_bias)
+        if (_tracing() or torch.is_autocast_enabled(x.device.type)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
+            proj = torch.matmul(x.reshape(b * h * w, d), x_proj_weight.transpose(1, 2))  # (4, B*L, R+2N)
+            dt = torch.baddbmm(dt_projs_bias.unsqueeze(1), proj[..., :r], dt_projs_weight.transpose(1, 2))
+            dt = _gather_tm(_softplus(dt.float()), idx[1], T, nc)      # (T, B, nc, 4, D)
+            bc = _gather_tm(proj[..., r:].float(), idx[1], T, nc)      # (T, B, nc, 4, 2N)
+        else:
+            # Inference: project dt from the gathered rows straight into its scan-order
+            # slots (one matmul per direction writing a strided output), softplus in place:
+            # the wide dt tensor is allocated once and written once.
+            proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
+            P = _gather_tm(proj, idx[3], T, nc)                        # (T, B, nc, 4, R+2N)
+            dt = P.new_empty(P.shape[:-1] + (d,))
+            Pm, dtm = P.view(-1, k, r + 2 * n), dt.view(-1, k, d)
+            for i in range(k):
+                torch.addmm(dt_projs_bias[i], Pm[:, i, :r], dt_projs_weight[i].t(), out=dtm[:, i])
+            dt = dt.float()
+            torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+            bc = P[..., r:].float()
         return _ss2d_tm(x, dt, bc[..., :n], bc[..., n:], A.view(k, d, n), Ds.view(k, d), idx)
     xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
     proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
