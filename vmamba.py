@@ -56,7 +56,7 @@ import uuid
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -614,18 +614,26 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 # direction's inputs in its own order (the reverses as flipped copies, so all four
 # run forwards in one pass), and one more brings the outputs back to pixel order.
 # ----------------------------------------------------------------------------
-_SS2D_INDEX: Dict[Tuple, Tuple[Tensor, ...]] = {}
+class _SS2DIndex(NamedTuple):
+    """Gather indices of the fused scan (see _ss2d_index)."""
+    x: Tensor
+    k: Tensor
+    x_zero: Tensor
+    merge: Tensor
 
 
-def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple[Tensor, ...]:
+_SS2D_INDEX: Dict[Tuple, _SS2DIndex] = {}
+
+
+def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2DIndex:
     """Gather indices for the fused SS2D scan (cached per shape and device).
 
-    Returns x_idx (rows of a (B*L, X) pixel tensor), k_idx (rows of a (4*B*L, X)
-    direction-major tensor), each in time-major (T, B, nc, 4) order, m_idx (rows of the
-    (T*B*nc*4, X) time-major result) in (B, L, 4) pixel order, and p_idx (rows of a
-    (B*L*4, X) pixel-major per-direction tensor) in time-major order. Padding steps
-    (sequence position >= L, at the end of every direction) repeat the last pixel:
-    they come after every real step, so they never reach a real output."""
+    x: rows of a (B*L, X) pixel tensor and k: rows of a (B*L*4, X) per-pixel,
+    per-direction tensor, both in time-major (T, B, nc, 4) order; x_zero: x with the
+    padding steps pointing at row B*L (a zero row the caller appends); merge: rows of the
+    (T*B*nc*4, X) time-major result in (B, L, 4) pixel order. Padding steps (sequence
+    position >= L, at the end of every direction) repeat the last pixel: they come after
+    every real step, so in the forward scan they never reach a real output."""
     key = (bsz, H, W, T, str(device))
     if key in _SS2D_INDEX:
         return _SS2D_INDEX[key]
@@ -641,9 +649,10 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple
     col = (p % W) * H + p // W                                         # pixel -> column-major position
     seq = torch.stack([p, col, L - 1 - p, L - 1 - col], 1)             # (L, 4): pixel -> sequence position
     b = torch.arange(bsz).view(bsz, 1, 1)
-    m_idx = ((((seq % T) * bsz + b) * nc + seq // T) * 4 + k).reshape(-1)
-    out = tuple(t.to(device) for t in (rows.reshape(-1), (k * (bsz * L) + rows).reshape(-1), m_idx,
-                                       (rows * 4 + k).reshape(-1)))
+    merge = (((seq % T) * bsz + b) * nc + seq // T) * 4 + k           # (B, L, 4)
+    pad = (torch.arange(nc * T) >= L).view(nc, T).t().reshape(T, 1, nc, 1)
+    out = _SS2DIndex(*(t.reshape(-1).to(device)
+                       for t in (rows, rows * 4 + k, torch.where(pad, bsz * L, rows), merge)))
     if not _tracing():
         if len(_SS2D_INDEX) >= 64:
             _SS2D_INDEX.clear()
@@ -652,47 +661,90 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> Tuple
 
 
 def _gather_tm(t: Tensor, idx: Tensor, T: int, nc: int) -> Tensor:
-    """Rows of t ((B, H, W, X) pixels, or per direction (4, B*L, X) or (B, H, W, 4, X)),
-    flattened, picked by idx -> time-major (T, B, nc, 4, X)."""
+    """Rows of t ((B, H, W, X) pixels or (B, H, W, 4, X) per direction), flattened, picked
+    by idx -> time-major (T, B, nc, 4, X)."""
     return t.reshape(-1, t.shape[-1]).index_select(0, idx).view(T, -1, nc, 4, t.shape[-1])
 
 
-class _ScanTM(torch.autograd.Function):
-    """Differentiable chunked scan on time-major inputs (forward direction only):
-    dt, u (T, B, nc, G, D); Bm, Cm (T, B, nc, G, N); A (G, N, D) -> y like dt."""
+def _ss2d_prep(dts: Tensor, Bs: Tensor, Cs: Tensor, delta_bias: Optional[Tensor], softplus: bool,
+               idx: _SS2DIndex, T: int, nc: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pixel-order per-direction inputs -> time-major dt (after bias and softplus)
+    (T, B, nc, 4, D) and Bm, Cm (T, B, nc, 4, N), all fresh tensors."""
+    dt = _gather_tm(dts.float(), idx.k, T, nc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()
+    if softplus:
+        dt = _softplus(dt)
+    return dt, _gather_tm(Bs.float(), idx.k, T, nc), _gather_tm(Cs.float(), idx.k, T, nc)
+
+
+def _to_pixels(t: Tensor, idx: _SS2DIndex, shape: Sequence[int]) -> Tensor:
+    """Time-major (T, B, nc, 4, X) -> pixel order (B, H, W, 4, X) (drops the padding)."""
+    return t.reshape(-1, t.shape[-1]).index_select(0, idx.merge).view(*shape[:3], 4, t.shape[-1])
+
+
+def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex) -> Tensor:
+    """Sum of the four directions' time-major outputs per pixel, plus the D skip term."""
+    y = _to_pixels(y, idx, x.shape).sum(3)
+    return y if Ds is None else torch.addcmul(y, x.float(), Ds.float().sum(0))
+
+
+class _SS2DFn(torch.autograd.Function):
+    """The fused scan with a hand-written backward: the adjoint scan on time-major data,
+    gradients brought back to pixel order by the same gathers (every time-major row but
+    the padding is exactly one pixel and direction), no scatter."""
 
     @staticmethod
-    def forward(ctx, dt, u, Bm, Cm, A):
-        y, Es = _scan_fwd(dt, u, Bm, Cm, A, False, True)
-        ctx.save_for_backward(dt, u, Bm, Cm, A, *Es)
-        return y
+    def forward(ctx, x, dts, A, Bs, Cs, Ds, delta_bias, softplus):
+        T, nc = _ss2d_chunks(x, A.shape[-1])
+        idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
+        dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, softplus, idx, T, nc)
+        u = _gather_tm(x.float(), idx.x, T, nc)
+        y, Es = _scan_fwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), False, True, consume=True)
+        ctx.softplus, ctx.chunks = softplus, (T, nc)
+        ctx.save_for_backward(x, dts, A, Bs, Cs, Ds, delta_bias, *Es)
+        return _ss2d_out(y, x, Ds, idx)
 
     @staticmethod
     def backward(ctx, dy):
-        dt, u, Bm, Cm, A, *Es = ctx.saved_tensors
-        du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A, Es, dy.contiguous(), False)
-        return ddt, du, dB, dC, dA
+        x, dts, A, Bs, Cs, Ds, delta_bias, *Es = ctx.saved_tensors
+        T, nc = ctx.chunks
+        idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
+        D = x.shape[-1]
+        dy = dy.float()
+        dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, ctx.softplus, idx, T, nc)
+        u = _gather_tm(x.float(), idx.x, T, nc)
+        # dy in scan order, zero at the padding steps (they run last; their adjoint would
+        # otherwise flow back into every real step)
+        dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc)
+        du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False)
+        dx = _to_pixels(du, idx, x.shape).sum(3)
+        ddts = _to_pixels(ddt, idx, x.shape)                            # (B, H, W, 4, D)
+        if ctx.softplus:
+            z = dts.float() if delta_bias is None else dts.float() + delta_bias.float()
+            ddts = ddts.mul_(torch.sigmoid(z))
+        dDs = dbias = None
+        if Ds is not None:
+            dx = torch.addcmul(dx, dy, Ds.float().sum(0))
+            dDs = (dy * x.float()).sum((0, 1, 2)).expand(4, D).contiguous().to(Ds.dtype)
+        if delta_bias is not None:
+            dbias = ddts.sum((0, 1, 2)).to(delta_bias.dtype)
+        return (dx.to(x.dtype), ddts.to(dts.dtype), dA.transpose(1, 2).to(A.dtype),
+                _to_pixels(dB, idx, x.shape).to(Bs.dtype), _to_pixels(dC, idx, x.shape).to(Cs.dtype),
+                dDs, dbias, None)
 
 
 def _ss2d_tm(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
-             idx: Tuple[Tensor, ...]) -> Tensor:
-    """Fused scan from time-major dt (T, B, nc, 4, D) (after softplus), Bm, Cm (T, B, nc,
-    4, N) and pixel-order x (B, H, W, D); A (4, D, N). -> float32 (B, H, W, D)."""
-    T, bsz, nc = dt.shape[:3]
-    H, W, D = x.shape[1:]
-    xf = x.float()
-    u = _gather_tm(xf, idx[0], T, nc)
+             idx: _SS2DIndex) -> Tensor:
+    """Fused scan without autograd from time-major dt (T, B, nc, 4, D) (after softplus),
+    Bm, Cm (T, B, nc, 4, N) and pixel-order x (B, H, W, D); A (4, D, N).
+    -> float32 (B, H, W, D). Eagerly, dt is scratch: the scan runs in place and y lands
+    in it; traced graphs run out of place."""
+    T, nc = dt.shape[0], dt.shape[2]
+    u = _gather_tm(x.float(), idx.x, T, nc)
     At = A.float().transpose(1, 2).contiguous()                        # (4, N, D)
-    if _tracing():
-        y = _scan_fwd(dt, u, Bm, Cm, At, False, False)[0]
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (dt, u, Bm, Cm, At)):
-        y = _ScanTM.apply(dt, u, Bm, Cm, At)
-    else:  # inference: dt and u are this call's own copies, so the scan may overwrite them
-        y = _scan_fwd(dt, u, Bm, Cm, At, False, True, consume=True)[0]
-    y = y.reshape(-1, D).index_select(0, idx[2]).view(bsz, H, W, 4, D).sum(3)
-    if Ds is not None:
-        y = torch.addcmul(y, xf, Ds.float().sum(0))
-    return y
+    y = _scan_fwd(dt, u, Bm, Cm, At, False, not _tracing(), consume=not _tracing())[0]
+    return _ss2d_out(y, x, Ds, idx)
 
 
 def _ss2d_chunks(x: Tensor, N: int) -> Tuple[int, int]:
@@ -700,6 +752,10 @@ def _ss2d_chunks(x: Tensor, N: int) -> Tuple[int, int]:
     bsz, H, W, D = x.shape
     T = _chunk_len(H * W, N, bsz * 4 * N * D)
     return T, (H * W + T - 1) // T
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _ss2d_scan_torch(x: Tensor, dts: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
@@ -710,15 +766,12 @@ def _ss2d_scan_torch(x: Tensor, dts: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
     A: (4, D, N); Ds, delta_bias: (4, D) or None. Direction k: 0 row-major, 1 column-major,
     2 and 3 their reverses. Returns float32 (B, H, W, D): the sum of the four scans'
     outputs at each pixel."""
+    if not _tracing() and _needs_grad(x, dts, A, Bs, Cs, Ds, delta_bias):
+        return _SS2DFn.apply(x, dts, A, Bs, Cs, Ds, delta_bias, delta_softplus)
     T, nc = _ss2d_chunks(x, A.shape[-1])
     idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
-    per_dir = lambda t: _gather_tm(t.float().movedim(3, 0), idx[1], T, nc)  # (B, H, W, 4, X) -> time-major
-    dt = per_dir(dts)
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()
-    if delta_softplus:
-        dt = _softplus(dt)
-    return _ss2d_tm(x, dt, per_dir(Bs), per_dir(Cs), A, Ds, idx)
+    dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, delta_softplus, idx, T, nc)
+    return _ss2d_tm(x, dt, Bm, Cm, A, Ds, idx)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1434,30 +1487,27 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     backend = _resolve_backend(backend, x.device)
     if backend == "torch":
-        # x_proj is per-pixel work: computed once in pixel order, then its rows are
-        # gathered into each direction's scan order.
+        # x_proj is per-pixel work: computed once in pixel order; the scan gathers each
+        # direction's rows into its own order.
+        proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
+        if _tracing() or torch.is_autocast_enabled(x.device.type) or _needs_grad(
+                x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+            dts = torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], dt_projs_weight)   # (B, H, W, 4, D)
+            return _ss2d_scan_torch(x, dts, A.view(k, d, n), proj[..., r:r + n], proj[..., r + n:],
+                                    Ds.view(k, d), dt_projs_bias)
+        # Inference: gather the narrow projection rows, then project dt straight into its
+        # scan-order slots (one matmul per direction writing a strided output) and apply
+        # softplus in place: the wide dt tensor is allocated once and written once.
         T, nc = _ss2d_chunks(x, n)
         idx = _ss2d_index(b, h, w, T, x.device)
-        params = (x, x_proj_weight, dt_projs_weight, dt_projs_bias)
-        if (_tracing() or torch.is_autocast_enabled(x.device.type)
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
-            proj = torch.matmul(x.reshape(b * h * w, d), x_proj_weight.transpose(1, 2))  # (4, B*L, R+2N)
-            dt = torch.baddbmm(dt_projs_bias.unsqueeze(1), proj[..., :r], dt_projs_weight.transpose(1, 2))
-            dt = _gather_tm(_softplus(dt.float()), idx[1], T, nc)      # (T, B, nc, 4, D)
-            bc = _gather_tm(proj[..., r:].float(), idx[1], T, nc)      # (T, B, nc, 4, 2N)
-        else:
-            # Inference: project dt from the gathered rows straight into its scan-order
-            # slots (one matmul per direction writing a strided output), softplus in place:
-            # the wide dt tensor is allocated once and written once.
-            proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
-            P = _gather_tm(proj, idx[3], T, nc)                        # (T, B, nc, 4, R+2N)
-            dt = P.new_empty(P.shape[:-1] + (d,))
-            Pm, dtm = P.view(-1, k, r + 2 * n), dt.view(-1, k, d)
-            for i in range(k):
-                torch.addmm(dt_projs_bias[i], Pm[:, i, :r], dt_projs_weight[i].t(), out=dtm[:, i])
-            dt = dt.float()
-            torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
-            bc = P[..., r:].float()
+        P = _gather_tm(proj, idx.k, T, nc)                            # (T, B, nc, 4, R+2N)
+        dt = P.new_empty(P.shape[:-1] + (d,))
+        Pm, dtm = P.view(-1, k, r + 2 * n), dt.view(-1, k, d)
+        for i in range(k):
+            torch.addmm(dt_projs_bias[i], Pm[:, i, :r], dt_projs_weight[i].t(), out=dtm[:, i])
+        dt = dt.float()
+        torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+        bc = P[..., r:].float()
         return _ss2d_tm(x, dt, bc[..., :n], bc[..., n:], A.view(k, d, n), Ds.view(k, d), idx)
     xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
     proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
