@@ -48,6 +48,7 @@ import re
 import statistics
 import sys
 import tarfile
+import threading
 import time
 import types
 import urllib.parse
@@ -67,7 +68,7 @@ from torch import Tensor, _weights_only_unpickler
 __all__ = [
     # kernels
     "selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "ss2d_core",
-    "available_backends", "set_backend",
+    "available_backends", "set_backend", "free_scan_buffers",
     # model
     "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM",
     # checkpoints
@@ -268,18 +269,36 @@ def _blocks(bsz: int, nc: int, per_chunk: int, state: int, reverse: bool) -> Lis
 #   shift=False: s_t = a_t * s_prev + x_t     (the forward recurrence)
 #   shift=True:  s_t = a_prev * s_prev + x_t  (its adjoint, run in the opposite order)
 # ----------------------------------------------------------------------------
-class _Buffers:
-    """Reusable flat float32 work buffers for the eager path: blocks reuse the same pages
-    instead of allocating (and page-faulting) fresh multi-MB tensors."""
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX_BYTES = 64 << 20  # per buffer; larger work tensors are allocated per call
 
-    def __init__(self):
+
+def free_scan_buffers() -> None:
+    """Release this thread's cached scan work buffers.
+
+    The torch scan keeps its CPU work buffers (up to 64 MB each, a few per thread) between
+    calls, because fresh multi-megabyte allocations page-fault on every call. Call this
+    to hand that memory back, e.g. after a burst of high-resolution inference."""
+    _WORKSPACE.__dict__.clear()
+
+
+class _Buffers:
+    """Named float32 work buffers for the eager path. On CPU they persist per thread
+    across calls (see free_scan_buffers); anything a caller returns or saves for backward
+    must be computed out of them, never be a view of one."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
         self.store: Dict[str, Tensor] = {}
 
     def get(self, name: str, shape) -> Tensor:
         n = math.prod(shape)
-        buf = self.store.get(name)
+        store = self.store
+        if self.device.type == "cpu" and n * 4 <= _WORKSPACE_MAX_BYTES and not torch.compiler.is_compiling():
+            store = _WORKSPACE.__dict__.setdefault("buffers", {})
+        buf = store.get(name)
         if buf is None or buf.numel() < n:
-            buf = self.store[name] = torch.empty(n)
+            buf = store[name] = torch.empty(n, device=self.device)
         return buf[:n].view(shape)
 
 
@@ -472,7 +491,7 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
     dwin, _ = _chunk_windows(dt, reverse, False)
     y = dt if consume else None if len(blocks) == 1 else dt.new_empty(dt.shape)
     Es, carry = [], None
-    bufs = _Buffers() if inplace else None
+    bufs = _Buffers(dt.device) if inplace else None
     clamp = _needs_clamp(dt, A, inplace)
     for blk in blocks:
         b0, b1, c0, c1 = blk
@@ -489,16 +508,21 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
 
 
 def _scan_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Es: List[Tensor], dy: Tensor,
-              reverse: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of _scan_fwd. -> du, ddt (T, B, nc, G, D); dB, dC (T, B, nc, G, N); dA (G, N, D)."""
+              reverse: bool, out: Optional[_Buffers] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of _scan_fwd. -> du, ddt (T, B, nc, G, D); dB, dC (T, B, nc, G, N); dA (G, N, D).
+    With out, du, ddt, dB and dC are its work buffers (the caller copies what it keeps)."""
     T, bsz, nc, G, D = dt.shape
     N = A.shape[1]
     blocks = _blocks(bsz, nc, T * G * N * D, bsz * G * N * D, reverse)
     gwin, gprev = _chunk_windows(dt, not reverse, True)
-    du, ddt = dt.new_empty(dt.shape), dt.new_empty(dt.shape)
-    dB, dC = Bm.new_empty(Bm.shape), Bm.new_empty(Bm.shape)
+    if out is None:
+        du, ddt = dt.new_empty(dt.shape), dt.new_empty(dt.shape)
+        dB, dC = Bm.new_empty(Bm.shape), Bm.new_empty(Bm.shape)
+    else:
+        du, ddt = out.get("du", dt.shape), out.get("ddt", dt.shape)
+        dB, dC = out.get("dB", Bm.shape), out.get("dC", Bm.shape)
     dA, carry = None, None
-    bufs = _Buffers()
+    bufs = _Buffers(dt.device)
     clamp = _needs_clamp(dt, A, True)
     for blk, E in zip(reversed(blocks), reversed(Es)):  # the adjoint runs the other way
         b0, b1, c0, c1 = blk
@@ -660,33 +684,45 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2D
     return out
 
 
-def _gather_tm(t: Tensor, idx: Tensor, T: int, nc: int) -> Tensor:
+def _select_rows(t: Tensor, idx: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
+    """Rows idx of t flattened to (-1, X), into the work buffer `name` when bufs is given."""
+    t = t.reshape(-1, t.shape[-1])
+    if bufs is None:
+        return t.index_select(0, idx)
+    return torch.index_select(t, 0, idx, out=bufs.get(name, (idx.numel(), t.shape[-1])))
+
+
+def _gather_tm(t: Tensor, idx: Tensor, T: int, nc: int, bufs: Optional[_Buffers] = None,
+               name: str = "") -> Tensor:
     """Rows of t ((B, H, W, X) pixels or (B, H, W, 4, X) per direction), flattened, picked
     by idx -> time-major (T, B, nc, 4, X)."""
-    return t.reshape(-1, t.shape[-1]).index_select(0, idx).view(T, -1, nc, 4, t.shape[-1])
+    return _select_rows(t, idx, bufs, name).view(T, -1, nc, 4, t.shape[-1])
 
 
 def _ss2d_prep(dts: Tensor, Bs: Tensor, Cs: Tensor, delta_bias: Optional[Tensor], softplus: bool,
-               idx: _SS2DIndex, T: int, nc: int) -> Tuple[Tensor, Tensor, Tensor]:
+               idx: _SS2DIndex, T: int, nc: int, bufs: Optional[_Buffers] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Pixel-order per-direction inputs -> time-major dt (after bias and softplus)
-    (T, B, nc, 4, D) and Bm, Cm (T, B, nc, 4, N), all fresh tensors."""
-    dt = _gather_tm(dts.float(), idx.k, T, nc)
+    (T, B, nc, 4, D) and Bm, Cm (T, B, nc, 4, N): fresh tensors, or with bufs, dt in the
+    work buffer "dt", computed in place."""
+    dt = _gather_tm(dts.float(), idx.k, T, nc, bufs, "dt")
     if delta_bias is not None:
-        dt = dt + delta_bias.float()
+        dt = dt + delta_bias.float() if bufs is None else dt.add_(delta_bias.float())
     if softplus:
-        dt = _softplus(dt)
+        dt = _softplus(dt) if bufs is None else torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
     return dt, _gather_tm(Bs.float(), idx.k, T, nc), _gather_tm(Cs.float(), idx.k, T, nc)
 
 
-def _to_pixels(t: Tensor, idx: _SS2DIndex, shape: Sequence[int]) -> Tensor:
+def _to_pixels(t: Tensor, idx: _SS2DIndex, shape: Sequence[int], bufs: Optional[_Buffers] = None,
+               name: str = "") -> Tensor:
     """Time-major (T, B, nc, 4, X) -> pixel order (B, H, W, 4, X) (drops the padding)."""
-    return t.reshape(-1, t.shape[-1]).index_select(0, idx.merge).view(*shape[:3], 4, t.shape[-1])
+    return _select_rows(t, idx.merge, bufs, name).view(*shape[:3], 4, t.shape[-1])
 
 
-def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex) -> Tensor:
-    """Sum of the four directions' time-major outputs per pixel, plus the D skip term."""
-    y = _to_pixels(y, idx, x.shape).sum(3)
-    return y if Ds is None else torch.addcmul(y, x.float(), Ds.float().sum(0))
+def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex, bufs: Optional[_Buffers]) -> Tensor:
+    """Sum of the four directions' time-major outputs per pixel, plus the D skip term
+    (a fresh tensor; bufs only hold the gathered rows)."""
+    y = _to_pixels(y, idx, x.shape, bufs, "merge").sum(3)
+    return y if Ds is None else y.addcmul_(x.float(), Ds.float().sum(0))
 
 
 class _SS2DFn(torch.autograd.Function):
@@ -698,12 +734,13 @@ class _SS2DFn(torch.autograd.Function):
     def forward(ctx, x, dts, A, Bs, Cs, Ds, delta_bias, softplus):
         T, nc = _ss2d_chunks(x, A.shape[-1])
         idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
-        dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, softplus, idx, T, nc)
-        u = _gather_tm(x.float(), idx.x, T, nc)
+        bufs = _Buffers(x.device)
+        dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, softplus, idx, T, nc, bufs)
+        u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
         y, Es = _scan_fwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), False, True, consume=True)
         ctx.softplus, ctx.chunks = softplus, (T, nc)
         ctx.save_for_backward(x, dts, A, Bs, Cs, Ds, delta_bias, *Es)
-        return _ss2d_out(y, x, Ds, idx)
+        return _ss2d_out(y, x, Ds, idx, bufs)
 
     @staticmethod
     def backward(ctx, dy):
@@ -712,13 +749,15 @@ class _SS2DFn(torch.autograd.Function):
         idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
         D = x.shape[-1]
         dy = dy.float()
-        dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, ctx.softplus, idx, T, nc)
-        u = _gather_tm(x.float(), idx.x, T, nc)
+        bufs = _Buffers(x.device)
+        dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, ctx.softplus, idx, T, nc, bufs)
+        u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
         # dy in scan order, zero at the padding steps (they run last; their adjoint would
         # otherwise flow back into every real step)
-        dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc)
-        du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False)
-        dx = _to_pixels(du, idx, x.shape).sum(3)
+        dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc, bufs, "dy")
+        du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False,
+                                        bufs)
+        dx = _to_pixels(du, idx, x.shape, bufs, "merge").sum(3)
         ddts = _to_pixels(ddt, idx, x.shape)                            # (B, H, W, 4, D)
         if ctx.softplus:
             z = dts.float() if delta_bias is None else dts.float() + delta_bias.float()
@@ -741,10 +780,11 @@ def _ss2d_tm(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optio
     -> float32 (B, H, W, D). Eagerly, dt is scratch: the scan runs in place and y lands
     in it; traced graphs run out of place."""
     T, nc = dt.shape[0], dt.shape[2]
-    u = _gather_tm(x.float(), idx.x, T, nc)
+    bufs = None if _tracing() else _Buffers(x.device)
+    u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
     At = A.float().transpose(1, 2).contiguous()                        # (4, N, D)
-    y = _scan_fwd(dt, u, Bm, Cm, At, False, not _tracing(), consume=not _tracing())[0]
-    return _ss2d_out(y, x, Ds, idx)
+    y = _scan_fwd(dt, u, Bm, Cm, At, False, bufs is not None, consume=bufs is not None)[0]
+    return _ss2d_out(y, x, Ds, idx, bufs)
 
 
 def _ss2d_chunks(x: Tensor, N: int) -> Tuple[int, int]:
@@ -770,7 +810,8 @@ def _ss2d_scan_torch(x: Tensor, dts: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
         return _SS2DFn.apply(x, dts, A, Bs, Cs, Ds, delta_bias, delta_softplus)
     T, nc = _ss2d_chunks(x, A.shape[-1])
     idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
-    dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, delta_softplus, idx, T, nc)
+    dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, delta_softplus, idx, T, nc,
+                            None if _tracing() else _Buffers(x.device))
     return _ss2d_tm(x, dt, Bm, Cm, A, Ds, idx)
 
 
@@ -1501,7 +1542,8 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
         T, nc = _ss2d_chunks(x, n)
         idx = _ss2d_index(b, h, w, T, x.device)
         P = _gather_tm(proj, idx.k, T, nc)                            # (T, B, nc, 4, R+2N)
-        dt = P.new_empty(P.shape[:-1] + (d,))
+        dt = (_Buffers(x.device).get("dt", P.shape[:-1] + (d,)) if P.dtype == torch.float32
+              else P.new_empty(P.shape[:-1] + (d,)))
         Pm, dtm = P.view(-1, k, r + 2 * n), dt.view(-1, k, d)
         for i in range(k):
             torch.addmm(dt_projs_bias[i], Pm[:, i, :r], dt_projs_weight[i].t(), out=dtm[:, i])

@@ -245,3 +245,23 @@ def test_inference_leaves_inputs_untouched(L):
         y = selective_scan_torch(*args, False)
     assert all(a is None or torch.equal(a, b) for a, b in zip(args, before))
     assert rel(y, selective_scan_ref(*before, False)) < 1e-5
+
+
+def test_results_never_alias_work_buffers():
+    """Outputs and gradients stay as they were when later calls reuse the per-thread work
+    buffers; free_scan_buffers releases them and the next call rebuilds them."""
+    args1, args2 = make_ss2d(1, 9, 8, 6, 1, seed=1), make_ss2d(1, 9, 8, 6, 1, seed=2)
+    with torch.no_grad():
+        y1 = ss2d_scan_torch(*args1)
+        keep = y1.clone()
+        ss2d_scan_torch(*args2)
+    assert torch.equal(y1, keep)
+    a = [t.clone().requires_grad_() for t in args1]
+    grads = torch.autograd.grad(ss2d_scan_torch(*a).sum(), a)
+    keep = [g.clone() for g in grads]
+    b = [t.clone().requires_grad_() for t in args2]
+    torch.autograd.grad(ss2d_scan_torch(*b).sum(), b)
+    assert all(torch.equal(g, k) for g, k in zip(grads, keep))
+    st.free_scan_buffers()
+    with torch.no_grad():
+        assert torch.equal(ss2d_scan_torch(*args1), y1)
