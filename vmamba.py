@@ -787,6 +787,77 @@ def _ss2d_tm(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optio
     return _ss2d_out(y, x, Ds, idx, bufs)
 
 
+def _ss2d_dt(P: Tensor, dt_w: Tensor, dt_b: Tensor, bufs: _Buffers) -> Tensor:
+    """dt = softplus(P[..., :R] @ dt_w[k].T + dt_b[k]) for each direction k, from the
+    gathered projection rows P (T, B, nc, 4, R+2N) straight into scan order (one matmul
+    per direction writing a strided output; softplus in place) -> the buffer "dt"."""
+    R, D = dt_w.shape[2], dt_w.shape[1]
+    dt = bufs.get("dt", P.shape[:-1] + (D,))
+    Pm, dtm = P.view(-1, 4, P.shape[-1]), dt.view(-1, 4, D)
+    for k in range(4):
+        torch.addmm(dt_b[k], Pm[:, k, :R], dt_w[k].t(), out=dtm[:, k])
+    return torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+
+
+def _ss2d_proj_forward(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, A: Tensor, Ds: Tensor,
+                       bufs: _Buffers) -> Tuple[Tensor, List[Tensor]]:
+    """Fused SS2D from the per-pixel projections proj (B, H, W, 4, R+2N) (float32).
+    -> y (B, H, W, D) and the scan's entry carries."""
+    N = A.shape[-1]
+    T, nc = _ss2d_chunks(x, N)
+    idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
+    P = _gather_tm(proj, idx.k, T, nc)                                 # (T, B, nc, 4, R+2N)
+    R = dt_w.shape[2]
+    dt = _ss2d_dt(P, dt_w, dt_b, bufs)
+    u = _gather_tm(x, idx.x, T, nc, bufs, "u")
+    y, Es = _scan_fwd(dt, u, P[..., R:R + N], P[..., R + N:], A.transpose(1, 2).contiguous(), False, True,
+                      consume=True)
+    return _ss2d_out(y, x, Ds, idx, bufs), Es
+
+
+class _SS2DProjFn(torch.autograd.Function):
+    """SS2D from x and its per-pixel projections, dt projection included, so the wide
+    per-direction dt only ever exists in scan order inside work buffers. Inputs in
+    float32: x (B, H, W, D), proj (B, H, W, 4, R+2N), dt_w (4, D, R), dt_b (4, D),
+    A (4, D, N), Ds (4, D)."""
+
+    @staticmethod
+    def forward(ctx, x, proj, dt_w, dt_b, A, Ds):
+        y, Es = _ss2d_proj_forward(x, proj, dt_w, dt_b, A, Ds, _Buffers(x.device))
+        ctx.save_for_backward(x, proj, dt_w, dt_b, A, Ds, *Es)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, proj, dt_w, dt_b, A, Ds, *Es = ctx.saved_tensors
+        bsz, H, W, D = x.shape
+        N, R = A.shape[-1], dt_w.shape[2]
+        T, nc = _ss2d_chunks(x, N)
+        idx = _ss2d_index(bsz, H, W, T, x.device)
+        bufs = _Buffers(x.device)
+        dy = dy.float()
+        P = _gather_tm(proj, idx.k, T, nc)
+        dt = _ss2d_dt(P, dt_w, dt_b, bufs)
+        u = _gather_tm(x, idx.x, T, nc, bufs, "u")
+        # dy in scan order, zero at the padding steps (they run last; their adjoint would
+        # otherwise flow back into every real step)
+        dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc, bufs, "dy")
+        du, ddt, dB, dC, dA = _scan_bwd(dt, u, P[..., R:R + N], P[..., R + N:], A.transpose(1, 2).contiguous(),
+                                        Es, dy_t, False, bufs)
+        ddt.mul_(dt.neg_().expm1_().neg_())          # softplus' = sigmoid(z) = 1 - exp(-softplus(z))
+        gP = torch.empty_like(P)                      # gradient of the gathered projection rows
+        gPm, ddtm, Pm = gP.view(-1, 4, R + 2 * N), ddt.view(-1, 4, D), P.view(-1, 4, R + 2 * N)
+        d_w = torch.empty_like(dt_w)
+        for k in range(4):
+            torch.mm(ddtm[:, k], dt_w[k], out=gPm[:, k, :R])
+            torch.mm(ddtm[:, k].t(), Pm[:, k, :R], out=d_w[k])
+        gP[..., R:R + N].copy_(dB)
+        gP[..., R + N:].copy_(dC)
+        dx = _to_pixels(du, idx, x.shape, bufs, "merge").sum(3).addcmul_(dy, Ds.sum(0))
+        dDs = (dy * x).sum((0, 1, 2)).expand(4, D).contiguous()
+        return (dx, _to_pixels(gP, idx, x.shape), d_w, ddt.sum((0, 1, 2)), dA.transpose(1, 2), dDs)
+
+
 def _ss2d_chunks(x: Tensor, N: int) -> Tuple[int, int]:
     """Chunk length T and chunk count nc of the fused scan for a (B, H, W, D) map."""
     bsz, H, W, D = x.shape
@@ -1529,28 +1600,17 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     backend = _resolve_backend(backend, x.device)
     if backend == "torch":
         # x_proj is per-pixel work: computed once in pixel order; the scan gathers each
-        # direction's rows into its own order.
+        # direction's rows into its own order and projects dt there.
         proj = F.linear(x, x_proj_weight.flatten(0, 1)).view(b, h, w, k, r + 2 * n)
-        if _tracing() or torch.is_autocast_enabled(x.device.type) or _needs_grad(
-                x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+        if _tracing():  # out of place, no work buffers
             dts = torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], dt_projs_weight)   # (B, H, W, 4, D)
             return _ss2d_scan_torch(x, dts, A.view(k, d, n), proj[..., r:r + n], proj[..., r + n:],
                                     Ds.view(k, d), dt_projs_bias)
-        # Inference: gather the narrow projection rows, then project dt straight into its
-        # scan-order slots (one matmul per direction writing a strided output) and apply
-        # softplus in place: the wide dt tensor is allocated once and written once.
-        T, nc = _ss2d_chunks(x, n)
-        idx = _ss2d_index(b, h, w, T, x.device)
-        P = _gather_tm(proj, idx.k, T, nc)                            # (T, B, nc, 4, R+2N)
-        dt = (_Buffers(x.device).get("dt", P.shape[:-1] + (d,)) if P.dtype == torch.float32
-              else P.new_empty(P.shape[:-1] + (d,)))
-        Pm, dtm = P.view(-1, k, r + 2 * n), dt.view(-1, k, d)
-        for i in range(k):
-            torch.addmm(dt_projs_bias[i], Pm[:, i, :r], dt_projs_weight[i].t(), out=dtm[:, i])
-        dt = dt.float()
-        torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
-        bc = P[..., r:].float()
-        return _ss2d_tm(x, dt, bc[..., :n], bc[..., n:], A.view(k, d, n), Ds.view(k, d), idx)
+        args = [t.float() for t in (x, proj, dt_projs_weight, dt_projs_bias, A.view(k, d, n), Ds.view(k, d))]
+        with torch.autocast(x.device.type, enabled=False):
+            if _needs_grad(*args):
+                return _SS2DProjFn.apply(*args)
+            return _ss2d_proj_forward(*args, _Buffers(x.device))[0]
     xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
     proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
     dts, Bs, Cs = proj.split([r, n, n], dim=2)
