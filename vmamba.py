@@ -659,8 +659,9 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2D
     position >= L, at the end of every direction) repeat the last pixel: they come after
     every real step, so in the forward scan they never reach a real output."""
     key = (bsz, H, W, T, str(device))
-    if key in _SS2D_INDEX:
-        return _SS2D_INDEX[key]
+    cached = _SS2D_INDEX.get(key)  # one lookup: another thread may clear the cache meanwhile
+    if cached is not None:
+        return cached
     L = H * W
     nc = (L + T - 1) // T  # ceil with positive operands: traced shapes export as ONNX Div, which truncates
     s = torch.arange(nc * T).clamp(max=L - 1)                          # sequence position
