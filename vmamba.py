@@ -298,7 +298,8 @@ class _Buffers:
             store = _WORKSPACE.__dict__.setdefault("buffers", {})
         buf = store.get(name)
         if buf is None or buf.numel() < n:
-            buf = store[name] = torch.empty(n, device=self.device)
+            with torch.inference_mode(False):  # a normal tensor, usable in any later mode
+                buf = store[name] = torch.empty(n, device=self.device)
         return buf[:n].view(shape)
 
 
@@ -662,6 +663,11 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2D
     cached = _SS2D_INDEX.get(key)  # one lookup: another thread may clear the cache meanwhile
     if cached is not None:
         return cached
+    with torch.inference_mode(False):  # normal tensors: the cache serves every later mode
+        return _make_ss2d_index(key, bsz, H, W, T, device)
+
+
+def _make_ss2d_index(key: Tuple, bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2DIndex:
     L = H * W
     nc = (L + T - 1) // T  # ceil with positive operands: traced shapes export as ONNX Div, which truncates
     s = torch.arange(nc * T).clamp(max=L - 1)                          # sequence position

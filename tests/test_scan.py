@@ -294,3 +294,24 @@ def test_ss2d_core_grads(bsz, H, W, D, N, R):
 def test_ss2d_core_grads_small_blocks(monkeypatch):
     monkeypatch.setattr(st, "_BLOCK_ELEMS", 3000)
     test_ss2d_core_grads(3, 13, 11, 3, 4, 2)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_work_buffers_and_indices_serve_every_grad_mode():
+    """Buffers and cached indices first made under inference_mode still work afterwards in
+    no_grad, in training (forward and backward) and in a traced graph."""
+    st.free_scan_buffers()
+    st._SS2D_INDEX.clear()
+    torch.manual_seed(0)
+    model = st.VSSM(depths=[1, 1, 1, 1], dims=8, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    model.train()
+    model(x).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    assert rel(traced(x), ref) < 1e-5
