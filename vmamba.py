@@ -638,6 +638,8 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 # 0 row-major, 1 column-major, 2 and 3 their reverses; one index_select puts every
 # direction's inputs in its own order (the reverses as flipped copies, so all four
 # run forwards in one pass), and one more brings the outputs back to pixel order.
+# Entry points: _ss2d_scan_torch (per-direction dt, B, C given in pixel order) and
+# _SS2DProjFn / _ss2d_proj_forward (what ss2d_core runs: dt is projected in scan order).
 # ----------------------------------------------------------------------------
 class _SS2DIndex(NamedTuple):
     """Gather indices of the fused scan (see _ss2d_index)."""
