@@ -195,6 +195,11 @@ def _softplus(z: Tensor) -> Tensor:
     return F.softplus(z)
 
 
+def _softplus_(z: Tensor) -> Tensor:
+    """F.softplus in place on z (no fresh allocation; eager only)."""
+    return torch.ops.aten.softplus.out(z, 1, 20, out=z)
+
+
 def _sequential(state: int) -> bool:
     """Whether blocks hold one chunk each and run in sequence (no chunk carry pass): worth
     it once one step's state, state = B*G*N*D, is big enough to amortise per-op overhead."""
@@ -614,7 +619,7 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     D, delta_bias: (K*D,) or None. Returns float32 (B, K*D, L). Differentiable in all
     tensor inputs; traced (ONNX) calls take an out-of-place path."""
     inputs = (u, delta, A, B, C, D, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs) and not _tracing():
+    if _needs_grad(*inputs) and not _tracing():
         return _SelectiveScanFn.apply(*inputs, delta_softplus)
     # Inference, or a traced graph (out of place): no autograd bookkeeping. Eagerly, the
     # scan runs in place in the time-major copies (y lands in dt's), cloned first where
@@ -666,10 +671,15 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2D
     if cached is not None:
         return cached
     with torch.inference_mode(False):  # normal tensors: the cache serves every later mode
-        return _make_ss2d_index(key, bsz, H, W, T, device)
+        out = _make_ss2d_index(bsz, H, W, T, device)
+    if not _tracing():
+        if len(_SS2D_INDEX) >= 64:
+            _SS2D_INDEX.clear()
+        _SS2D_INDEX[key] = out
+    return out
 
 
-def _make_ss2d_index(key: Tuple, bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2DIndex:
+def _make_ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2DIndex:
     L = H * W
     nc = (L + T - 1) // T  # ceil with positive operands: traced shapes export as ONNX Div, which truncates
     s = torch.arange(nc * T).clamp(max=L - 1)                          # sequence position
@@ -684,13 +694,8 @@ def _make_ss2d_index(key: Tuple, bsz: int, H: int, W: int, T: int, device: torch
     b = torch.arange(bsz).view(bsz, 1, 1)
     merge = (((seq % T) * bsz + b) * nc + seq // T) * 4 + k           # (B, L, 4)
     pad = (torch.arange(nc * T) >= L).view(nc, T).t().reshape(T, 1, nc, 1)
-    out = _SS2DIndex(*(t.reshape(-1).to(device)
-                       for t in (rows, rows * 4 + k, torch.where(pad, bsz * L, rows), merge)))
-    if not _tracing():
-        if len(_SS2D_INDEX) >= 64:
-            _SS2D_INDEX.clear()
-        _SS2D_INDEX[key] = out
-    return out
+    return _SS2DIndex(*(t.reshape(-1).to(device)
+                        for t in (rows, rows * 4 + k, torch.where(pad, bsz * L, rows), merge)))
 
 
 def _select_rows(t: Tensor, idx: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
@@ -717,7 +722,7 @@ def _ss2d_prep(dts: Tensor, Bs: Tensor, Cs: Tensor, delta_bias: Optional[Tensor]
     if delta_bias is not None:
         dt = dt + delta_bias.float() if bufs is None else dt.add_(delta_bias.float())
     if softplus:
-        dt = _softplus(dt) if bufs is None else torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+        dt = _softplus(dt) if bufs is None else _softplus_(dt)
     return dt, _gather_tm(Bs.float(), idx.k, T, nc), _gather_tm(Cs.float(), idx.k, T, nc)
 
 
@@ -734,6 +739,38 @@ def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex, bufs:
     return y if Ds is None else y.addcmul_(x.float(), Ds.float().sum(0))
 
 
+def _ss2d_run(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
+              idx: _SS2DIndex, bufs: Optional[_Buffers]) -> Tuple[Tensor, List[Tensor]]:
+    """The fused scan from time-major dt (T, B, nc, 4, D) (after softplus), Bm, Cm
+    (T, B, nc, 4, N) and pixel-order x (B, H, W, D); A (4, D, N). -> float32 y (B, H, W, D)
+    and the scan's entry carries. With bufs (eager) dt is scratch: the scan runs in place
+    and y lands in it; without (traced graphs) it runs out of place."""
+    T, nc = dt.shape[0], dt.shape[2]
+    u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
+    y, Es = _scan_fwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), False, bufs is not None,
+                      consume=bufs is not None)
+    return _ss2d_out(y, x, Ds, idx, bufs), Es
+
+
+def _ss2d_adjoint(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
+                  Es: List[Tensor], dy: Tensor, idx: _SS2DIndex, bufs: _Buffers):
+    """Backward of _ss2d_run from recomputed dt, Bm, Cm and float32 dy (B, H, W, D).
+    -> dx (B, H, W, D); ddt, dB, dC time-major in bufs (ddt before softplus'); dA (4, D, N);
+    dDs (4, D) or None. All float32."""
+    T, nc, D = dt.shape[0], dt.shape[2], x.shape[-1]
+    u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
+    # dy in scan order, zero at the padding steps (they run last; their adjoint would
+    # otherwise flow back into every real step)
+    dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc, bufs, "dy")
+    du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False, bufs)
+    dx = _to_pixels(du, idx, x.shape, bufs, "merge").sum(3)
+    dDs = None
+    if Ds is not None:
+        dx.addcmul_(dy, Ds.float().sum(0))
+        dDs = (dy * x.float()).sum((0, 1, 2)).expand(4, D).contiguous()
+    return dx, ddt, dB, dC, dA.transpose(1, 2), dDs
+
+
 class _SS2DFn(torch.autograd.Function):
     """The fused scan with a hand-written backward: the adjoint scan on time-major data,
     gradients brought back to pixel order by the same gathers (every time-major row but
@@ -745,55 +782,27 @@ class _SS2DFn(torch.autograd.Function):
         idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
         bufs = _Buffers(x.device)
         dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, softplus, idx, T, nc, bufs)
-        u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
-        y, Es = _scan_fwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), False, True, consume=True)
+        y, Es = _ss2d_run(x, dt, Bm, Cm, A, Ds, idx, bufs)
         ctx.softplus, ctx.chunks = softplus, (T, nc)
         ctx.save_for_backward(x, dts, A, Bs, Cs, Ds, delta_bias, *Es)
-        return _ss2d_out(y, x, Ds, idx, bufs)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, dts, A, Bs, Cs, Ds, delta_bias, *Es = ctx.saved_tensors
         T, nc = ctx.chunks
         idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
-        D = x.shape[-1]
-        dy = dy.float()
         bufs = _Buffers(x.device)
         dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, ctx.softplus, idx, T, nc, bufs)
-        u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
-        # dy in scan order, zero at the padding steps (they run last; their adjoint would
-        # otherwise flow back into every real step)
-        dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc, bufs, "dy")
-        du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False,
-                                        bufs)
-        dx = _to_pixels(du, idx, x.shape, bufs, "merge").sum(3)
+        dx, ddt, dB, dC, dA, dDs = _ss2d_adjoint(x, dt, Bm, Cm, A, Ds, Es, dy.float(), idx, bufs)
         ddts = _to_pixels(ddt, idx, x.shape)                            # (B, H, W, 4, D)
         if ctx.softplus:
             z = dts.float() if delta_bias is None else dts.float() + delta_bias.float()
             ddts = ddts.mul_(torch.sigmoid(z))
-        dDs = dbias = None
-        if Ds is not None:
-            dx = torch.addcmul(dx, dy, Ds.float().sum(0))
-            dDs = (dy * x.float()).sum((0, 1, 2)).expand(4, D).contiguous().to(Ds.dtype)
-        if delta_bias is not None:
-            dbias = ddts.sum((0, 1, 2)).to(delta_bias.dtype)
-        return (dx.to(x.dtype), ddts.to(dts.dtype), dA.transpose(1, 2).to(A.dtype),
+        dbias = None if delta_bias is None else ddts.sum((0, 1, 2)).to(delta_bias.dtype)
+        return (dx.to(x.dtype), ddts.to(dts.dtype), dA.to(A.dtype),
                 _to_pixels(dB, idx, x.shape).to(Bs.dtype), _to_pixels(dC, idx, x.shape).to(Cs.dtype),
-                dDs, dbias, None)
-
-
-def _ss2d_tm(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
-             idx: _SS2DIndex) -> Tensor:
-    """Fused scan without autograd from time-major dt (T, B, nc, 4, D) (after softplus),
-    Bm, Cm (T, B, nc, 4, N) and pixel-order x (B, H, W, D); A (4, D, N).
-    -> float32 (B, H, W, D). Eagerly, dt is scratch: the scan runs in place and y lands
-    in it; traced graphs run out of place."""
-    T, nc = dt.shape[0], dt.shape[2]
-    bufs = None if _tracing() else _Buffers(x.device)
-    u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
-    At = A.float().transpose(1, 2).contiguous()                        # (4, N, D)
-    y = _scan_fwd(dt, u, Bm, Cm, At, False, bufs is not None, consume=bufs is not None)[0]
-    return _ss2d_out(y, x, Ds, idx, bufs)
+                None if Ds is None else dDs.to(Ds.dtype), dbias, None)
 
 
 def _ss2d_dt(P: Tensor, dt_w: Tensor, dt_b: Tensor, bufs: _Buffers) -> Tensor:
@@ -805,23 +814,25 @@ def _ss2d_dt(P: Tensor, dt_w: Tensor, dt_b: Tensor, bufs: _Buffers) -> Tensor:
     Pm, dtm = P.view(-1, 4, P.shape[-1]), dt.view(-1, 4, D)
     for k in range(4):
         torch.addmm(dt_b[k], Pm[:, k, :R], dt_w[k].t(), out=dtm[:, k])
-    return torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+    return _softplus_(dt)
+
+
+def _ss2d_proj_prep(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, N: int,
+                    bufs: _Buffers) -> Tuple[_SS2DIndex, Tensor, Tensor]:
+    """Indices, gathered projection rows P (T, B, nc, 4, R+2N) and dt (buffer "dt")."""
+    T, nc = _ss2d_chunks(x, N)
+    idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
+    P = _gather_tm(proj, idx.k, T, nc)
+    return idx, P, _ss2d_dt(P, dt_w, dt_b, bufs)
 
 
 def _ss2d_proj_forward(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, A: Tensor, Ds: Tensor,
                        bufs: _Buffers) -> Tuple[Tensor, List[Tensor]]:
     """Fused SS2D from the per-pixel projections proj (B, H, W, 4, R+2N) (float32).
     -> y (B, H, W, D) and the scan's entry carries."""
-    N = A.shape[-1]
-    T, nc = _ss2d_chunks(x, N)
-    idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
-    P = _gather_tm(proj, idx.k, T, nc)                                 # (T, B, nc, 4, R+2N)
-    R = dt_w.shape[2]
-    dt = _ss2d_dt(P, dt_w, dt_b, bufs)
-    u = _gather_tm(x, idx.x, T, nc, bufs, "u")
-    y, Es = _scan_fwd(dt, u, P[..., R:R + N], P[..., R + N:], A.transpose(1, 2).contiguous(), False, True,
-                      consume=True)
-    return _ss2d_out(y, x, Ds, idx, bufs), Es
+    N, R = A.shape[-1], dt_w.shape[2]
+    idx, P, dt = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
+    return _ss2d_run(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, idx, bufs)
 
 
 class _SS2DProjFn(torch.autograd.Function):
@@ -839,20 +850,11 @@ class _SS2DProjFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, proj, dt_w, dt_b, A, Ds, *Es = ctx.saved_tensors
-        bsz, H, W, D = x.shape
-        N, R = A.shape[-1], dt_w.shape[2]
-        T, nc = _ss2d_chunks(x, N)
-        idx = _ss2d_index(bsz, H, W, T, x.device)
+        D, N, R = x.shape[-1], A.shape[-1], dt_w.shape[2]
         bufs = _Buffers(x.device)
-        dy = dy.float()
-        P = _gather_tm(proj, idx.k, T, nc)
-        dt = _ss2d_dt(P, dt_w, dt_b, bufs)
-        u = _gather_tm(x, idx.x, T, nc, bufs, "u")
-        # dy in scan order, zero at the padding steps (they run last; their adjoint would
-        # otherwise flow back into every real step)
-        dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc, bufs, "dy")
-        du, ddt, dB, dC, dA = _scan_bwd(dt, u, P[..., R:R + N], P[..., R + N:], A.transpose(1, 2).contiguous(),
-                                        Es, dy_t, False, bufs)
+        idx, P, dt = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
+        dx, ddt, dB, dC, dA, dDs = _ss2d_adjoint(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, Es,
+                                                 dy.float(), idx, bufs)
         ddt.mul_(dt.neg_().expm1_().neg_())          # softplus' = sigmoid(z) = 1 - exp(-softplus(z))
         gP = torch.empty_like(P)                      # gradient of the gathered projection rows
         gPm, ddtm, Pm = gP.view(-1, 4, R + 2 * N), ddt.view(-1, 4, D), P.view(-1, 4, R + 2 * N)
@@ -862,9 +864,7 @@ class _SS2DProjFn(torch.autograd.Function):
             torch.mm(ddtm[:, k].t(), Pm[:, k, :R], out=d_w[k])
         gP[..., R:R + N].copy_(dB)
         gP[..., R + N:].copy_(dC)
-        dx = _to_pixels(du, idx, x.shape, bufs, "merge").sum(3).addcmul_(dy, Ds.sum(0))
-        dDs = (dy * x).sum((0, 1, 2)).expand(4, D).contiguous()
-        return (dx, _to_pixels(gP, idx, x.shape), d_w, ddt.sum((0, 1, 2)), dA.transpose(1, 2), dDs)
+        return dx, _to_pixels(gP, idx, x.shape), d_w, ddt.sum((0, 1, 2)), dA, dDs
 
 
 def _ss2d_chunks(x: Tensor, N: int) -> Tuple[int, int]:
@@ -890,9 +890,9 @@ def _ss2d_scan_torch(x: Tensor, dts: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
         return _SS2DFn.apply(x, dts, A, Bs, Cs, Ds, delta_bias, delta_softplus)
     T, nc = _ss2d_chunks(x, A.shape[-1])
     idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
-    dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, delta_softplus, idx, T, nc,
-                            None if _tracing() else _Buffers(x.device))
-    return _ss2d_tm(x, dt, Bm, Cm, A, Ds, idx)
+    bufs = None if _tracing() else _Buffers(x.device)
+    dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, delta_softplus, idx, T, nc, bufs)
+    return _ss2d_run(x, dt, Bm, Cm, A, Ds, idx, bufs)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -3848,7 +3848,7 @@ def _bench_scan(args: argparse.Namespace) -> int:
                 torch.randn(1, H, H, 4, N, generator=g), Dv.view(4, D), bias.view(4, D))
         cases = {"loop (unbind)": (_scan_loop, (u, delta, A, B, C, Dv, bias)),
                  "selective_scan(backend='torch')": (_selective_scan_torch, (u, delta, A, B, C, Dv, bias)),
-                 "fused SS2D scan (the model's path)": (_ss2d_scan_torch, ss2d)}
+                 "fused SS2D scan (dt given per pixel)": (_ss2d_scan_torch, ss2d)}
 
         def run(fn: Callable, inputs: Tuple[Tensor, ...]) -> None:
             if not backward:
