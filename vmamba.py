@@ -184,6 +184,7 @@ _BLOCK_ELEMS = 1 << 21  # target size of one (T, b, n, G, N, D) working tensor (
 _SEQ_STATE = 16384  # per-step state (B*G*N*D) from which one chunk per block runs in sequence
 _EXP_FLOOR = -80.0
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _SOFTPLUS_THRESHOLD = 20
 
 
@@ -197,13 +198,21 @@ def _softplus(z: Tensor) -> Tensor:
     return F.softplus(z)
 
 
-def _softplus_(z: Tensor) -> Tensor:
-    """F.softplus in place on z (eager only): log1p(2^(z log2 e)), which costs two thirds
-    of aten's softplus on CPU and equals it to float rounding, while z stays where that
-    cannot overflow (z <= 20; above, aten's threshold returns z itself)."""
-    if float(z.max()) > _SOFTPLUS_THRESHOLD:
-        return torch.ops.aten.softplus.out(z, 1, _SOFTPLUS_THRESHOLD, out=z)
-    return z.mul_(_LOG2E).exp2_().log1p_()
+def _softplus_log2(z: Tensor, out: Tensor) -> float:
+    """out = softplus(z ln 2) (F.softplus, threshold 20) for z given in log2 units, as
+    log1p(2^z): on CPU exp2 + log1p cost two thirds of aten's softplus and equal it to
+    float rounding. z may be a strided view, or out itself. Eager only. Returns max(out)."""
+    zmax = float(z.max())
+    if zmax > _SOFTPLUS_THRESHOLD * _LOG2E:  # 2^z could overflow: aten's threshold keeps z there
+        torch.ops.aten.softplus.out(z * _LN2, 1, _SOFTPLUS_THRESHOLD, out=out)
+        return zmax * _LN2
+    torch.exp2(z, out=out).log1p_()
+    return math.log1p(2.0 ** zmax)
+
+
+def _softplus_(z: Tensor) -> Tuple[Tensor, float]:
+    """F.softplus in place on z (eager only). -> (z, max of the result)."""
+    return z, _softplus_log2(z.mul_(_LOG2E), z)
 
 
 def _sequential(state: int) -> bool:
@@ -336,9 +345,12 @@ def _decay(z: Tensor, inplace: bool, clamp: bool = True) -> Tensor:
     return torch.exp(z.clamp(min=_EXP_FLOOR) if clamp else z)
 
 
-def _needs_clamp(dt: Tensor, A: Tensor, inplace: bool) -> bool:
-    """Whether some dt * A may fall below _EXP_FLOOR (always assumed when tracing)."""
-    return not inplace or float(dt.max()) * float(A.min()) < _EXP_FLOOR
+def _needs_clamp(dt: Tensor, A: Tensor, inplace: bool, dt_max: Optional[float] = None) -> bool:
+    """Whether some dt * A may fall below _EXP_FLOOR (always assumed when tracing);
+    dt_max: max(dt) when the caller knows it."""
+    if not inplace:
+        return True
+    return (float(dt.max()) if dt_max is None else dt_max) * float(A.min()) < _EXP_FLOOR
 
 
 def _contract_n(h: Tensor, C: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -505,17 +517,18 @@ def _starts_sequence(blk: Block, nc: int, reverse: bool) -> bool:
 
 
 def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse: bool,
-              inplace: bool, consume: bool = False) -> Tuple[Tensor, List[Tensor]]:
+              inplace: bool, consume: bool = False, dt_max: Optional[float] = None) -> Tuple[Tensor, List[Tensor]]:
     """Chunked scan over time-major inputs. dt, u: (T, B, nc, G, D); Bm, Cm: (T, B, nc, G, N);
-    A: (G, N, D); consume (with inplace): dt and u are scratch, y is written into dt.
-    -> y (T, B, nc, G, D) without the D term, entry carries of each block."""
+    A: (G, N, D); consume (with inplace): dt and u are scratch, y is written into dt;
+    dt_max: max(dt) if known. -> y (T, B, nc, G, D) without the D term, entry carries of
+    each block."""
     T, bsz, nc, G, D = dt.shape
     blocks = _blocks(bsz, nc, T * G * A.shape[1] * D, bsz * G * A.shape[1] * D, reverse)
     dwin, _ = _chunk_windows(dt, reverse, False)
     y = dt if consume else None if len(blocks) == 1 else dt.new_empty(dt.shape)
     Es, carry = [], None
     bufs = _Buffers(dt.device) if inplace else None
-    clamp = _needs_clamp(dt, A, inplace)
+    clamp = _needs_clamp(dt, A, inplace, dt_max)
     for blk in blocks:
         b0, b1, c0, c1 = blk
         sl = (slice(None), slice(b0, b1), slice(c0, c1))
@@ -531,7 +544,8 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
 
 
 def _scan_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Es: List[Tensor], dy: Tensor,
-              reverse: bool, out: Optional[_Buffers] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              reverse: bool, out: Optional[_Buffers] = None,
+              dt_max: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of _scan_fwd. -> du, ddt (T, B, nc, G, D); dB, dC (T, B, nc, G, N); dA (G, N, D).
     With out, du, ddt, dB and dC are its work buffers (the caller copies what it keeps)."""
     T, bsz, nc, G, D = dt.shape
@@ -546,7 +560,7 @@ def _scan_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Es: List
         dB, dC = out.get("dB", Bm.shape), out.get("dC", Bm.shape)
     dA, carry = None, None
     bufs = _Buffers(dt.device)
-    clamp = _needs_clamp(dt, A, True)
+    clamp = _needs_clamp(dt, A, True, dt_max)
     for blk, E in zip(reversed(blocks), reversed(Es)):  # the adjoint runs the other way
         b0, b1, c0, c1 = blk
         sl = (slice(None), slice(b0, b1), slice(c0, c1))
@@ -739,7 +753,7 @@ def _ss2d_prep(dts: Tensor, Bs: Tensor, Cs: Tensor, delta_bias: Optional[Tensor]
     if delta_bias is not None:
         dt = dt + delta_bias.float() if bufs is None else dt.add_(delta_bias.float())
     if softplus:
-        dt = _softplus(dt) if bufs is None else _softplus_(dt)
+        dt = _softplus(dt) if bufs is None else _softplus_(dt)[0]
     return dt, _gather_tm(Bs.float(), idx.k, T, nc), _gather_tm(Cs.float(), idx.k, T, nc)
 
 
@@ -757,20 +771,23 @@ def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex, bufs:
 
 
 def _ss2d_run(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
-              idx: _SS2DIndex, bufs: Optional[_Buffers]) -> Tuple[Tensor, List[Tensor]]:
-    """The fused scan from time-major dt (T, B, nc, 4, D) (after softplus), Bm, Cm
-    (T, B, nc, 4, N) and pixel-order x (B, H, W, D); A (4, D, N). -> float32 y (B, H, W, D)
-    and the scan's entry carries. With bufs (eager) dt is scratch: the scan runs in place
-    and y lands in it; without (traced graphs) it runs out of place."""
+              idx: _SS2DIndex, bufs: Optional[_Buffers], dt_max: Optional[float] = None
+              ) -> Tuple[Tensor, List[Tensor]]:
+    """The fused scan from time-major dt (T, B, nc, 4, D) (after softplus; dt_max its max
+    if known), Bm, Cm (T, B, nc, 4, N) and pixel-order x (B, H, W, D); A (4, D, N).
+    -> float32 y (B, H, W, D) and the scan's entry carries. With bufs (eager) dt is
+    scratch: the scan runs in place and y lands in it; without (traced graphs) it runs
+    out of place."""
     T, nc = dt.shape[0], dt.shape[2]
     u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
     y, Es = _scan_fwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), False, bufs is not None,
-                      consume=bufs is not None)
+                      consume=bufs is not None, dt_max=dt_max)
     return _ss2d_out(y, x, Ds, idx, bufs), Es
 
 
 def _ss2d_adjoint(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
-                  Es: List[Tensor], dy: Tensor, idx: _SS2DIndex, bufs: _Buffers):
+                  Es: List[Tensor], dy: Tensor, idx: _SS2DIndex, bufs: _Buffers,
+                  dt_max: Optional[float] = None):
     """Backward of _ss2d_run from recomputed dt, Bm, Cm and float32 dy (B, H, W, D).
     -> dx (B, H, W, D); ddt, dB, dC time-major in bufs (ddt before softplus'); dA (4, D, N);
     dDs (4, D) or None. All float32."""
@@ -779,7 +796,8 @@ def _ss2d_adjoint(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: 
     # dy in scan order, zero at the padding steps (they run last; their adjoint would
     # otherwise flow back into every real step)
     dy_t = _gather_tm(torch.cat([dy.reshape(-1, D), dy.new_zeros(1, D)]), idx.x_zero, T, nc, bufs, "dy")
-    du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False, bufs)
+    du, ddt, dB, dC, dA = _scan_bwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), Es, dy_t, False, bufs,
+                                    dt_max)
     dx = _to_pixels(du, idx, x.shape, bufs, "merge").sum(3)
     dDs = None
     if Ds is not None:
@@ -822,25 +840,28 @@ class _SS2DFn(torch.autograd.Function):
                 None if Ds is None else dDs.to(Ds.dtype), dbias, None)
 
 
-def _ss2d_dt(P: Tensor, dt_w: Tensor, dt_b: Tensor, bufs: _Buffers) -> Tensor:
+def _ss2d_dt(P: Tensor, dt_w: Tensor, dt_b: Tensor, bufs: _Buffers) -> Tuple[Tensor, float]:
     """dt = softplus(P[..., :R] @ dt_w[k].T + dt_b[k]) for each direction k, from the
-    gathered projection rows P (T, B, nc, 4, R+2N) straight into scan order (one matmul
-    per direction writing a strided output; softplus in place) -> the buffer "dt"."""
+    gathered projection rows P (T, B, nc, 4, R+2N), into scan order: one batched matmul
+    over the directions (in log2 units, for _softplus_log2), whose transposed result the
+    softplus writes into the buffer "dt" (T, B, nc, 4, D). -> (dt, max(dt))."""
     R, D = dt_w.shape[2], dt_w.shape[1]
+    rows = P.numel() // (4 * P.shape[-1])
+    Pr = bufs.get("Pr", (4, rows, R)).copy_(P.view(rows, 4, -1)[..., :R].transpose(0, 1))
+    z = torch.baddbmm((dt_b * _LOG2E).unsqueeze(1), Pr, (dt_w * _LOG2E).transpose(1, 2),
+                      out=bufs.get("z", (4, rows, D)))
     dt = bufs.get("dt", P.shape[:-1] + (D,))
-    Pm, dtm = P.view(-1, 4, P.shape[-1]), dt.view(-1, 4, D)
-    for k in range(4):
-        torch.addmm(dt_b[k], Pm[:, k, :R], dt_w[k].t(), out=dtm[:, k])
-    return _softplus_(dt)
+    return dt, _softplus_log2(z.transpose(0, 1), dt.view(rows, 4, D))
 
 
 def _ss2d_proj_prep(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, N: int,
-                    bufs: _Buffers) -> Tuple[_SS2DIndex, Tensor, Tensor]:
-    """Indices, gathered projection rows P (T, B, nc, 4, R+2N) and dt (buffer "dt")."""
+                    bufs: _Buffers) -> Tuple[_SS2DIndex, Tensor, Tensor, float]:
+    """Indices, gathered projection rows P (T, B, nc, 4, R+2N), dt (buffer "dt") and
+    max(dt)."""
     T, nc = _ss2d_chunks(x, N)
     idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
     P = _gather_tm(proj, idx.k, T, nc)
-    return idx, P, _ss2d_dt(P, dt_w, dt_b, bufs)
+    return (idx, P, *_ss2d_dt(P, dt_w, dt_b, bufs))
 
 
 def _ss2d_proj_forward(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, A: Tensor, Ds: Tensor,
@@ -848,8 +869,8 @@ def _ss2d_proj_forward(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, A: T
     """Fused SS2D from the per-pixel projections proj (B, H, W, 4, R+2N) (float32).
     -> y (B, H, W, D) and the scan's entry carries."""
     N, R = A.shape[-1], dt_w.shape[2]
-    idx, P, dt = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
-    return _ss2d_run(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, idx, bufs)
+    idx, P, dt, dt_max = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
+    return _ss2d_run(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, idx, bufs, dt_max)
 
 
 class _SS2DProjFn(torch.autograd.Function):
@@ -869,9 +890,9 @@ class _SS2DProjFn(torch.autograd.Function):
         x, proj, dt_w, dt_b, A, Ds, *Es = ctx.saved_tensors
         D, N, R = x.shape[-1], A.shape[-1], dt_w.shape[2]
         bufs = _Buffers(x.device)
-        idx, P, dt = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
+        idx, P, dt, dt_max = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
         dx, ddt, dB, dC, dA, dDs = _ss2d_adjoint(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, Es,
-                                                 dy.float(), idx, bufs)
+                                                 dy.float(), idx, bufs, dt_max)
         ddt.mul_(dt.neg_().expm1_().neg_())          # softplus' = sigmoid(z) = 1 - exp(-softplus(z))
         gP = torch.empty_like(P)                      # gradient of the gathered projection rows
         gPm, ddtm, Pm = gP.view(-1, 4, R + 2 * N), ddt.view(-1, 4, D), P.view(-1, 4, R + 2 * N)

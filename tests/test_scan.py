@@ -315,3 +315,35 @@ def test_work_buffers_and_indices_serve_every_grad_mode():
     model.eval()
     traced = torch.jit.trace(model, (x,), check_trace=False)
     assert rel(traced(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("shift", [0.0, 25.0])
+def test_softplus_log2_matches_aten(shift):
+    """The eager softplus (exp2 + log1p in log2 units) equals F.softplus to float rounding
+    of its argument (relative error ~6e-8 |z|, as from rounding z once more), on both
+    sides of aten's threshold (20): shift 25 puts values above it, which takes the
+    fallback; the returned max is the output's. Outputs stay above float32's denormals."""
+    z = torch.linspace(-85, 20, 100001) + shift
+    ref = torch.nn.functional.softplus(z.double())
+    bound = 2e-7 * z.double().abs().clamp_min(1)
+    out = torch.empty_like(z)
+    zmax = st._softplus_log2(z * st._LOG2E, out)
+    assert ((out.double() - ref).abs() / ref.abs() <= bound).all()
+    assert abs(zmax - out.max().item()) <= 1e-6 * out.max().item()
+    same = z.clone()
+    assert st._softplus_(same)[0] is same  # in place
+    assert ((same.double() - ref).abs() / ref.abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bias", [-8.0, 25.0])
+def test_ss2d_core_extreme_dt(bias):
+    """dt far below 1 (softplus of -8) and above softplus' threshold: inference and
+    training paths against the oracle."""
+    g = torch.Generator().manual_seed(5)
+    D, N, R = 5, 2, 2
+    args = [torch.randn(2, 6, 7, D, generator=g), torch.randn(4, R + 2 * N, D, generator=g) * 0.5,
+            torch.randn(4, D, R, generator=g) * 0.5, torch.randn(4, D, generator=g) * 0.3 + bias,
+            torch.log(torch.rand(4 * D, N, generator=g) * 2 + 0.1), torch.randn(4 * D, generator=g)]
+    with torch.no_grad():
+        assert rel(st.ss2d_core(*args, backend="torch"), ss2d_core_ref(*[a.double() for a in args])) < 2e-5
+    check_grads(args, lambda *a: st.ss2d_core(*a, backend="torch"), ss2d_core_ref, 2e-5)
