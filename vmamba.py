@@ -182,6 +182,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 _BLOCK_ELEMS = 1 << 21  # target size of one (T, b, n, G, N, D) working tensor (8 MB)
 _SEQ_STATE = 16384  # per-step state (B*G*N*D) from which one chunk per block runs in sequence
+_SEQ_CARRY = 64  # blocks of up to this many chunks pass carries chunk by chunk, not in log2 levels
 _EXP_FLOOR = -80.0
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -402,9 +403,19 @@ def _exit_states(a: Tensor, x: Tensor, reverse: bool, shift: bool, inplace: bool
 
 
 def _carry_scan(S: Tensor, P: Tensor, reverse: bool, need_q: bool) -> Tuple[Tensor, Tensor]:
-    """Log-depth scan over chunks (dim 1): X_c = S_c + P_c * X_prev(c) from a zero start.
-    Also returns Q_c, the product of P from the block's first chunk through c (need_q)."""
+    """Scan over chunks (dim 1): X_c = S_c + P_c * X_prev(c) from a zero start, chunk by
+    chunk for few chunks, else in log2(n) vectorised levels. Also returns Q_c, the
+    product of P from the block's first chunk through c (need_q; else None or partial)."""
     n = S.shape[1]
+    if n <= _SEQ_CARRY and not _tracing():  # few chunks: n-1 small in-place steps beat log2(n) levels
+        X, Q = S.clone(), P.clone() if need_q else None
+        Xs, Ps, Qs = X.unbind(1), P.unbind(1), Q.unbind(1) if need_q else None
+        for c in (range(n - 2, -1, -1) if reverse else range(1, n)):
+            prev = c + 1 if reverse else c - 1
+            Xs[c].addcmul_(Ps[c], Xs[prev])
+            if need_q:
+                Qs[c].mul_(Qs[prev])
+        return X, Q
     X, Q = S, P
     s = 1
     while s < n:

@@ -96,13 +96,16 @@ def test_eager_and_traceable_paths_agree():
         assert rel(y1, ss2d_composed(*args)) < 1e-5
 
 
-@pytest.mark.parametrize("block_elems,seq_state", [(1, 10 ** 9), (3000, 10 ** 9), (20000, 10 ** 9),
-                                                  (3000, 1), (20000, 1)])
-def test_small_blocks(monkeypatch, block_elems, seq_state):
-    """Force splitting into batch-row and chunk blocks that hand carries on, and (small
-    seq_state) the sequential one-chunk-per-block mode."""
+@pytest.mark.parametrize("block_elems,seq_state,seq_carry", [
+    (1, 10 ** 9, 64), (3000, 10 ** 9, 64), (3000, 10 ** 9, 0), (20000, 10 ** 9, 64), (20000, 10 ** 9, 0),
+    (3000, 1, 64), (20000, 1, 64)])
+def test_small_blocks(monkeypatch, block_elems, seq_state, seq_carry):
+    """Force splitting into batch-row and chunk blocks that hand carries on, (small
+    seq_state) the sequential one-chunk-per-block mode, and (seq_carry 0) the log-depth
+    carry pass where the chunk-by-chunk one would run."""
     monkeypatch.setattr(st, "_BLOCK_ELEMS", block_elems)
     monkeypatch.setattr(st, "_SEQ_STATE", seq_state)
+    monkeypatch.setattr(st, "_SEQ_CARRY", seq_carry)
     u, delta, A, B, C, Dv, bias = make_inputs(3, 2, 3, 4, 301, seed=13)
     check_grads([u, delta, A, B, C, Dv, bias], selective_scan_torch, selective_scan_ref, 2e-5)
     check_grads(list(make_ss2d(3, 13, 11, 3, 4, seed=13)), ss2d_scan_torch, ss2d_composed, 2e-5)
