@@ -312,12 +312,12 @@ class _Buffers:
     def __init__(self, device: torch.device):
         self.device = device
         self.store: Dict[str, Tensor] = {}
+        self.kept = (_WORKSPACE.__dict__.setdefault("buffers", {})
+                     if device.type == "cpu" and not torch.compiler.is_compiling() else None)
 
     def get(self, name: str, shape) -> Tensor:
         n = math.prod(shape)
-        store = self.store
-        if self.device.type == "cpu" and n * 4 <= _WORKSPACE_MAX_BYTES and not torch.compiler.is_compiling():
-            store = _WORKSPACE.__dict__.setdefault("buffers", {})
+        store = self.kept if self.kept is not None and n * 4 <= _WORKSPACE_MAX_BYTES else self.store
         buf = store.get(name)
         if buf is None or buf.numel() < n:
             with torch.inference_mode(False):  # a normal tensor, usable in any later mode
@@ -329,7 +329,14 @@ def _mul(x: Tensor, y: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
     """x * y, written into the work buffer `name` when bufs is given (eager path)."""
     if bufs is None:
         return x * y
-    return torch.mul(x, y, out=bufs.get(name, torch.broadcast_shapes(x.shape, y.shape)))
+    return torch.mul(x, y, out=bufs.get(name, _broadcast(x.shape, y.shape)))
+
+
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> Tuple[int, ...]:
+    """Broadcast shape of two compatible shapes (torch.broadcast_shapes costs ~10x more)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(x if y == 1 else y for x, y in zip(a, b))
 
 
 def _rate(A: Tensor, inplace: bool) -> Tensor:
