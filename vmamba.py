@@ -233,7 +233,7 @@ def _chunk_len(L: int, N: int, state: int) -> int:
         hi = min(256, max(16, _BLOCK_ELEMS // state))
         lo = max(8, hi // 2)
     elif N == 1:
-        lo, hi = (8, 16) if L <= 1024 else (32, 64)   # short maps: fewer steps per chunk win
+        lo, hi = (7, 16) if L <= 1024 else (32, 64)   # short maps: fewer steps per chunk win
     else:
         lo, hi = 16, 24
     if L <= hi:
