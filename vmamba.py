@@ -398,10 +398,12 @@ def _chunk_windows(dt: Tensor, reverse: bool, shift: bool) -> Tuple[Tensor, Opti
     return dsum - last + dprev, dprev
 
 
-def _exit_states(a: Tensor, x: Tensor, reverse: bool, shift: bool, inplace: bool) -> Tensor:
-    """Each chunk's final state from a zero entry state. -> (b, n, G, N, D)."""
-    ts = _order(x.shape[0], reverse)
-    xs, As = x.unbind(0), a.unbind(0)  # one call for all step views: far cheaper than x[t] per step
+def _exit_states(As: Sequence[Tensor], xs: Sequence[Tensor], reverse: bool, shift: bool,
+                 inplace: bool) -> Tensor:
+    """Each chunk's final state from a zero entry state, from the step views (a.unbind(0),
+    x.unbind(0): one call for all views, far cheaper than indexing per step).
+    -> (b, n, G, N, D)."""
+    ts = _order(len(xs), reverse)
     s = xs[ts[0]].clone() if inplace else xs[ts[0]]
     for p, t in zip(ts[:-1], ts[1:]):
         j = p if shift else t
@@ -438,15 +440,15 @@ def _carry_scan(S: Tensor, P: Tensor, reverse: bool, need_q: bool) -> Tuple[Tens
     return X, Q
 
 
-def _entry_carries(a: Tensor, x: Tensor, P: Tensor, alpha: Tensor, carry: Optional[Tensor],
-                   reverse: bool, shift: bool, inplace: bool) -> Tensor:
+def _entry_carries(As: Sequence[Tensor], xs: Sequence[Tensor], P: Tensor, alpha: Tensor,
+                   carry: Optional[Tensor], reverse: bool, shift: bool, inplace: bool) -> Tensor:
     """Term added to the first step of each chunk so that the chunked scan equals the
-    global one. a, x: (T, b, n, G, N, D); P (decay across each chunk), alpha (decay on
-    entry): (b, n, G, N, D); carry: state before the block (b, G, N, D) or None for zero.
-    -> (b, n, G, N, D)."""
-    if x.shape[2] == 1:  # a single chunk: its entry state is the carry
+    global one. As, xs: step views of a, x (T, b, n, G, N, D); P (decay across each chunk),
+    alpha (decay on entry): (b, n, G, N, D); carry: state before the block (b, G, N, D) or
+    None for zero. -> (b, n, G, N, D)."""
+    if xs[0].shape[1] == 1:  # a single chunk: its entry state is the carry
         return alpha * carry.unsqueeze(1) if carry is not None else torch.zeros_like(alpha)
-    X, Q = _carry_scan(_exit_states(a, x, reverse, shift, inplace), P, reverse, carry is not None)
+    X, Q = _carry_scan(_exit_states(As, xs, reverse, shift, inplace), P, reverse, carry is not None)
     if carry is not None:
         X = torch.addcmul(X, Q, carry.unsqueeze(1))
     return alpha * _prev_chunk(X, reverse, carry)
@@ -458,11 +460,12 @@ def _exit_state(s: Tensor, reverse: bool) -> Tensor:
     return (s[0][:, 0] if reverse else s[-1][:, -1]).clone()
 
 
-def _scan_pass(a: Tensor, x: Tensor, E: Tensor, reverse: bool, shift: bool, inplace: bool) -> Tensor:
-    """States of every step given the entry carries E. In place on x when inplace."""
-    ts = _order(x.shape[0], reverse)
+def _scan_pass(As: Sequence[Tensor], x: Tensor, xs: Sequence[Tensor], E: Tensor, reverse: bool, shift: bool,
+               inplace: bool) -> Tensor:
+    """States of every step given the entry carries E (As, xs: step views of a and x).
+    In place on x when inplace."""
+    ts = _order(len(xs), reverse)
     pairs = list(zip(ts[:-1], ts[1:]))
-    xs, As = x.unbind(0), a.unbind(0)
     if inplace:
         xs[ts[0]].add_(E)
         for p, t in pairs:
@@ -494,8 +497,9 @@ def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: T
     else:
         x = _mul(dtu.unsqueeze(-2), Bm.unsqueeze(-1), bufs, "x")
     P = _decay(dwin.unsqueeze(-2) * rate, inplace)
-    E = _entry_carries(a, x, P, a[-1 if reverse else 0], carry, reverse, False, inplace)
-    h = _scan_pass(a, x, E, reverse, False, inplace)
+    As, xs = a.unbind(0), x.unbind(0)
+    E = _entry_carries(As, xs, P, As[-1 if reverse else 0], carry, reverse, False, inplace)
+    h = _scan_pass(As, x, xs, E, reverse, False, inplace)
     y = _contract_n(h, Cm, dt if consume else None) if contract else h.squeeze(-2)
     return y, E, _exit_state(h, reverse)
 
@@ -510,13 +514,15 @@ def _block_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, E: Tens
     a = _decay(_mul(dt.unsqueeze(-2), rate, bufs, "a"), True, clamp)  # (T, b, n, G, N, D)
     dtu = dt * u
     h = _mul(dtu.unsqueeze(-2), Bm.unsqueeze(-1), bufs, "h")
-    h = _scan_pass(a, h, E, reverse, False, True)
+    As = a.unbind(0)
+    h = _scan_pass(As, h, h.unbind(0), E, reverse, False, True)
     dC = _mul(h, dy.unsqueeze(-2), bufs, "t").sum(-1)
     g = _mul(dy.unsqueeze(-2), Cm.unsqueeze(-1), bufs, "g")  # becomes dL/dh_t after the adjoint scan
     P = _decay(gwin.unsqueeze(-2) * rate, True)
     alpha = _decay(gprev.unsqueeze(-2) * rate, True)
-    Eg = _entry_carries(a, g, P, alpha, carry, not reverse, True, True)
-    g = _scan_pass(a, g, Eg, not reverse, True, True)
+    gs = g.unbind(0)
+    Eg = _entry_carries(As, gs, P, alpha, carry, not reverse, True, True)
+    g = _scan_pass(As, g, gs, Eg, not reverse, True, True)
     carry = _exit_state(g, not reverse)
     gB = _contract_n(g, Bm)
     dB = _mul(g, dtu.unsqueeze(-2), bufs, "t").sum(-1)
