@@ -441,17 +441,31 @@ def _carry_scan(S: Tensor, P: Tensor, reverse: bool, need_q: bool) -> Tuple[Tens
 
 
 def _entry_carries(As: Sequence[Tensor], xs: Sequence[Tensor], P: Tensor, alpha: Tensor,
-                   carry: Optional[Tensor], reverse: bool, shift: bool, inplace: bool) -> Tensor:
+                   carry: Optional[Tensor], reverse: bool, shift: bool, inplace: bool,
+                   into: Optional[Tensor] = None) -> Optional[Tensor]:
     """Term added to the first step of each chunk so that the chunked scan equals the
     global one. As, xs: step views of a, x (T, b, n, G, N, D); P (decay across each chunk),
     alpha (decay on entry): (b, n, G, N, D); carry: state before the block (b, G, N, D) or
-    None for zero. -> (b, n, G, N, D)."""
-    if xs[0].shape[1] == 1:  # a single chunk: its entry state is the carry
-        return alpha * carry.unsqueeze(1) if carry is not None else torch.zeros_like(alpha)
-    X, Q = _carry_scan(_exit_states(As, xs, reverse, shift, inplace), P, reverse, carry is not None)
+    None for zero. -> (b, n, G, N, D); or with into (the first step's x), added into it
+    in place (no term materialised) -> None."""
+    single = xs[0].shape[1] == 1  # a single chunk: its entry state is the carry
+    X = None
+    if not single:
+        X, Q = _carry_scan(_exit_states(As, xs, reverse, shift, inplace), P, reverse, carry is not None)
+        if carry is not None:
+            X = torch.addcmul(X, Q, carry.unsqueeze(1))
+    if into is None:
+        if single:
+            return alpha * carry.unsqueeze(1) if carry is not None else torch.zeros_like(alpha)
+        return alpha * _prev_chunk(X, reverse, carry)
+    # the previous chunk's exit state enters each chunk through its first decay
+    edge = -1 if reverse else 0
+    if X is not None:
+        cur, prev = (slice(None, -1), slice(1, None)) if reverse else (slice(1, None), slice(None, -1))
+        into[:, cur].addcmul_(alpha[:, cur], X[:, prev])
     if carry is not None:
-        X = torch.addcmul(X, Q, carry.unsqueeze(1))
-    return alpha * _prev_chunk(X, reverse, carry)
+        into[:, edge].addcmul_(alpha[:, edge], carry)
+    return None
 
 
 def _exit_state(s: Tensor, reverse: bool) -> Tensor:
@@ -460,14 +474,15 @@ def _exit_state(s: Tensor, reverse: bool) -> Tensor:
     return (s[0][:, 0] if reverse else s[-1][:, -1]).clone()
 
 
-def _scan_pass(As: Sequence[Tensor], x: Tensor, xs: Sequence[Tensor], E: Tensor, reverse: bool, shift: bool,
-               inplace: bool) -> Tensor:
-    """States of every step given the entry carries E (As, xs: step views of a and x).
-    In place on x when inplace."""
+def _scan_pass(As: Sequence[Tensor], x: Tensor, xs: Sequence[Tensor], E: Optional[Tensor], reverse: bool,
+               shift: bool, inplace: bool) -> Tensor:
+    """States of every step given the entry carries E (As, xs: step views of a and x; E
+    None: already added into the first step). In place on x when inplace."""
     ts = _order(len(xs), reverse)
     pairs = list(zip(ts[:-1], ts[1:]))
     if inplace:
-        xs[ts[0]].add_(E)
+        if E is not None:
+            xs[ts[0]].add_(E)
         for p, t in pairs:
             xs[t].addcmul_(As[p if shift else t], xs[p])
         return x
@@ -481,11 +496,13 @@ def _scan_pass(As: Sequence[Tensor], x: Tensor, xs: Sequence[Tensor], E: Tensor,
 
 def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: Tensor,
                carry: Optional[Tensor], reverse: bool, bufs: Optional[_Buffers],
-               clamp: bool, consume: bool = False, contract: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+               clamp: bool, consume: bool = False, contract: bool = True, keep: bool = True,
+               exit: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One block. dt, u: (T, b, n, G, D); Bm, Cm: (T, b, n, G, N); A: (G, N, D); dwin
     (b, n, G, D) from _chunk_windows; bufs: work buffers (eager, in place) or None
     (out of place, traceable); consume: dt and u may be overwritten (y goes into dt);
-    contract=False (with consume and N=1): return the states h (in u) instead of y = C h.
+    contract=False (with consume and N=1): return the states h (in u) instead of y = C h;
+    keep=False (with bufs): no entry carries are returned; exit=False: no exit state.
     -> y (T, b, n, G, D) without the D term, entry carries (b, n, G, N, D), exit state
     (b, G, N, D)."""
     inplace = bufs is not None
@@ -498,10 +515,14 @@ def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: T
         x = _mul(dtu.unsqueeze(-2), Bm.unsqueeze(-1), bufs, "x")
     P = _decay(dwin.unsqueeze(-2) * rate, inplace)
     As, xs = a.unbind(0), x.unbind(0)
-    E = _entry_carries(As, xs, P, As[-1 if reverse else 0], carry, reverse, False, inplace)
+    first = -1 if reverse else 0
+    if keep or not inplace:
+        E = _entry_carries(As, xs, P, As[first], carry, reverse, False, inplace)
+    else:
+        E = _entry_carries(As, xs, P, As[first], carry, reverse, False, inplace, into=xs[first])
     h = _scan_pass(As, x, xs, E, reverse, False, inplace)
     y = _contract_n(h, Cm, dt if consume else None) if contract else h.squeeze(-2)
-    return y, E, _exit_state(h, reverse)
+    return y, E, _exit_state(h, reverse) if exit else None
 
 
 def _block_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, E: Tensor, dy: Tensor,
@@ -545,11 +566,12 @@ def _starts_sequence(blk: Block, nc: int, reverse: bool) -> bool:
 
 def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse: bool,
               inplace: bool, consume: bool = False, dt_max: Optional[float] = None,
-              contract: bool = True) -> Tuple[Tensor, List[Tensor]]:
+              contract: bool = True, carries: bool = True) -> Tuple[Tensor, List[Tensor]]:
     """Chunked scan over time-major inputs. dt, u: (T, B, nc, G, D); Bm, Cm: (T, B, nc, G, N);
     A: (G, N, D); consume (with inplace): dt and u are scratch, y is written into dt;
     dt_max: max(dt) if known; contract=False (consume, N=1): return the states h, left
-    in u, instead of y = C h. -> y (T, B, nc, G, D) without the D term, entry carries of
+    in u, instead of y = C h; carries=False (inplace): no entry carries are kept (nothing
+    will run the backward). -> y (T, B, nc, G, D) without the D term, entry carries of
     each block."""
     T, bsz, nc, G, D = dt.shape
     blocks = _blocks(bsz, nc, T * G * A.shape[1] * D, bsz * G * A.shape[1] * D, reverse)
@@ -565,8 +587,9 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
         sl = (slice(None), slice(b0, b1), slice(c0, c1))
         carry = None if _starts_sequence(blk, nc, reverse) else carry
         yb, E, carry = _block_fwd(dt[sl], u[sl], Bm[sl], Cm[sl], A, dwin[b0:b1, c0:c1], carry, reverse, bufs,
-                                  clamp, consume, contract)
-        Es.append(E)
+                                  clamp, consume, contract, carries, len(blocks) > 1)
+        if carries or not inplace:
+            Es.append(E)
         if y is None:
             y = yb
         elif not consume:
@@ -694,7 +717,7 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     else:
         shared = {t.untyped_storage().data_ptr() for t in (u, delta)}
         dt_t, u_t = (t.clone() if t.untyped_storage().data_ptr() in shared else t for t in ins[:2])
-        y = _scan_fwd(dt_t, u_t, *ins[2:], False, True, consume=True)[0]
+        y = _scan_fwd(dt_t, u_t, *ins[2:], False, True, consume=True, carries=False)[0]
     y = _untm(y, u.shape[-1])
     return y if D is None else torch.addcmul(y, D.float()[:, None], uf)
 
@@ -820,19 +843,19 @@ def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex, bufs:
 
 
 def _ss2d_run(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, Ds: Optional[Tensor],
-              idx: _SS2DIndex, bufs: Optional[_Buffers], dt_max: Optional[float] = None
-              ) -> Tuple[Tensor, List[Tensor]]:
+              idx: _SS2DIndex, bufs: Optional[_Buffers], dt_max: Optional[float] = None,
+              carries: bool = True) -> Tuple[Tensor, List[Tensor]]:
     """The fused scan from time-major dt (T, B, nc, 4, D) (after softplus; dt_max its max
     if known), Bm, Cm (T, B, nc, 4, N) and pixel-order x (B, H, W, D); A (4, D, N).
     -> float32 y (B, H, W, D) and the scan's entry carries. With bufs (eager) dt is
     scratch: the scan runs in place and y lands in it, or for N=1 the states stay in
     the gathered u and C weights them in the merge; without (traced graphs) it runs out
-    of place."""
+    of place. carries=False: the entry carries are not kept (no backward will run)."""
     T, nc = dt.shape[0], dt.shape[2]
     u = _gather_tm(x.float(), idx.x, T, nc, bufs, "u")
     fuse_c = bufs is not None and Cm.shape[-1] == 1
     y, Es = _scan_fwd(dt, u, Bm, Cm, A.float().transpose(1, 2).contiguous(), False, bufs is not None,
-                      consume=bufs is not None, dt_max=dt_max, contract=not fuse_c)
+                      consume=bufs is not None, dt_max=dt_max, contract=not fuse_c, carries=carries)
     return _ss2d_out(y, x, Ds, idx, bufs, Cm.squeeze(-1) if fuse_c else None), Es
 
 
@@ -916,12 +939,12 @@ def _ss2d_proj_prep(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, N: int,
 
 
 def _ss2d_proj_forward(x: Tensor, proj: Tensor, dt_w: Tensor, dt_b: Tensor, A: Tensor, Ds: Tensor,
-                       bufs: _Buffers) -> Tuple[Tensor, List[Tensor]]:
+                       bufs: _Buffers, carries: bool = True) -> Tuple[Tensor, List[Tensor]]:
     """Fused SS2D from the per-pixel projections proj (B, H, W, 4, R+2N) (float32).
     -> y (B, H, W, D) and the scan's entry carries."""
     N, R = A.shape[-1], dt_w.shape[2]
     idx, P, dt, dt_max = _ss2d_proj_prep(x, proj, dt_w, dt_b, N, bufs)
-    return _ss2d_run(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, idx, bufs, dt_max)
+    return _ss2d_run(x, dt, P[..., R:R + N], P[..., R + N:], A, Ds, idx, bufs, dt_max, carries)
 
 
 class _SS2DProjFn(torch.autograd.Function):
@@ -981,7 +1004,7 @@ def _ss2d_scan_torch(x: Tensor, dts: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
     idx = _ss2d_index(x.shape[0], x.shape[1], x.shape[2], T, x.device)
     bufs = None if _tracing() else _Buffers(x.device)
     dt, Bm, Cm = _ss2d_prep(dts, Bs, Cs, delta_bias, delta_softplus, idx, T, nc, bufs)
-    return _ss2d_run(x, dt, Bm, Cm, A, Ds, idx, bufs)[0]
+    return _ss2d_run(x, dt, Bm, Cm, A, Ds, idx, bufs, carries=False)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1708,7 +1731,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
         with torch.autocast(x.device.type, enabled=False):
             if _needs_grad(*args):
                 return _SS2DProjFn.apply(*args)
-            return _ss2d_proj_forward(*args, _Buffers(x.device))[0]
+            return _ss2d_proj_forward(*args, _Buffers(x.device), carries=False)[0]
     xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
     proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
     dts, Bs, Cs = proj.split([r, n, n], dim=2)
