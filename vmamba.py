@@ -737,6 +737,7 @@ class _SS2DIndex(NamedTuple):
     k: Tensor
     x_zero: Tensor
     merge: Tensor
+    bags: Tensor
 
 
 _SS2D_INDEX: Dict[Tuple, _SS2DIndex] = {}
@@ -748,7 +749,8 @@ def _ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> _SS2D
     x: rows of a (B*L, X) pixel tensor and k: rows of a (B*L*4, X) per-pixel,
     per-direction tensor, both in time-major (T, B, nc, 4) order; x_zero: x with the
     padding steps pointing at row B*L (a zero row the caller appends); merge: rows of the
-    (T*B*nc*4, X) time-major result in (B, L, 4) pixel order. Padding steps (sequence
+    (T*B*nc*4, X) time-major result in (B, L, 4) pixel order; bags: offsets of merge's
+    groups of four (one per pixel), for embedding_bag. Padding steps (sequence
     position >= L, at the end of every direction) repeat the last pixel: they come after
     every real step, so in the forward scan they never reach a real output."""
     key = (bsz, H, W, T, str(device))
@@ -780,7 +782,8 @@ def _make_ss2d_index(bsz: int, H: int, W: int, T: int, device: torch.device) -> 
     merge = (((seq % T) * bsz + b) * nc + seq // T) * 4 + k           # (B, L, 4)
     pad = (torch.arange(nc * T) >= L).view(nc, T).t().reshape(T, 1, nc, 1)
     return _SS2DIndex(*(t.reshape(-1).to(device)
-                        for t in (rows, rows * 4 + k, torch.where(pad, bsz * L, rows), merge)))
+                        for t in (rows, rows * 4 + k, torch.where(pad, bsz * L, rows), merge,
+                                  torch.arange(0, 4 * bsz * L, 4))))
 
 
 def _select_rows(t: Tensor, idx: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
@@ -829,9 +832,10 @@ def _merge(y: Tensor, idx: _SS2DIndex, shape: Sequence[int], bufs: Optional[_Buf
         return _to_pixels(y, idx, shape).sum(3)
     rows = y.reshape(-1, y.shape[-1])
     if weights is not None:
-        weights = weights.reshape(-1).index_select(0, idx.merge).view(-1, 4)
-    return F.embedding_bag(idx.merge.view(-1, 4), rows, mode="sum",
-                           per_sample_weights=weights).view(*shape[:3], rows.shape[-1])
+        weights = weights.reshape(-1).index_select(0, idx.merge)
+    # the op behind F.embedding_bag (mode 0: sum), without its per-call argument checks
+    out = torch.embedding_bag(rows, idx.merge, idx.bags, False, 0, False, weights, False)[0]
+    return out.view(*shape[:3], rows.shape[-1])
 
 
 def _ss2d_out(y: Tensor, x: Tensor, Ds: Optional[Tensor], idx: _SS2DIndex, bufs: Optional[_Buffers],
