@@ -353,3 +353,21 @@ def test_ss2d_core_extreme_dt(bias):
     with torch.no_grad():
         assert rel(st.ss2d_core(*args, backend="torch"), ss2d_core_ref(*[a.double() for a in args])) < 2e-5
     check_grads(args, lambda *a: st.ss2d_core(*a, backend="torch"), ss2d_core_ref, 2e-5)
+
+
+def test_mlp_inference_buffer_path():
+    """The MLP's inference path (hidden layer in a kept buffer, GELU in place) equals the
+    plain one, returns fresh tensors, and is not taken with grad or dropout in training."""
+    torch.manual_seed(0)
+    mlp = st.Mlp(8, 32, drop=0.5).eval()
+    x = torch.randn(2, 5, 3, 8)
+    with torch.no_grad():
+        y1 = mlp(x)
+        keep = y1.clone()
+        y2 = mlp(x * 2)
+        assert torch.equal(y1, keep)  # not overwritten by the next call
+    ref = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
+    assert torch.allclose(y1, ref, atol=1e-6) and torch.allclose(y2, mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x * 2))), atol=1e-6)
+    mlp.train()
+    with torch.no_grad():  # dropout still applies in training mode without grad
+        assert not torch.allclose(mlp(x), ref, atol=1e-6)
