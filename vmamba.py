@@ -332,6 +332,12 @@ def _kept_buffers_ok(x: Tensor, weight: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not _tracing() and not torch.compiler.is_compiling())
 
 
+def _inplace_ok() -> bool:
+    """Whether a layer may overwrite its own intermediate tensors: eager, without grad
+    (saves a fresh allocation, which page-faults on CPU for multi-MB tensors)."""
+    return not torch.is_grad_enabled() and not _tracing()
+
+
 def _mul(x: Tensor, y: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
     """x * y, written into the work buffer `name` when bufs is given (eager path)."""
     if bufs is None:
@@ -1839,7 +1845,7 @@ class SS2D(nn.Module):
             x, z = x.chunk(2, dim=-1)
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
-        x = F.silu(x)
+        x = F.silu(x, inplace=_inplace_ok())  # x is this layer's own fresh tensor
         y = ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                       self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D) float32
         if not torch.is_autocast_enabled(y.device.type):
@@ -1882,16 +1888,17 @@ class VSSBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.channel_first:
             x = x.permute(0, 2, 3, 1)                                 # (B, H, W, C)
-        if self.post_norm:
-            x = x + self.drop_path(self.norm(self.op(x)))
-        else:
-            x = x + self.drop_path(self.op(self.norm(x)))
+        x = self._residual(x, self.op, self.norm)
         if self.mlp is not None:
-            if self.post_norm:
-                x = x + self.drop_path(self.norm2(self.mlp(x)))
-            else:
-                x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self._residual(x, self.mlp, self.norm2)
         return x.permute(0, 3, 1, 2) if self.channel_first else x
+
+
+    def _residual(self, x: Tensor, f: nn.Module, norm: nn.Module) -> Tensor:
+        y = norm(f(x)) if self.post_norm else f(norm(x))
+        if _inplace_ok() and (self.drop_path.drop_prob == 0 or not self.training):
+            return y.add_(x)  # inference: the branch's fresh output takes the sum (no new tensor)
+        return x + self.drop_path(y)
 
 
 class PatchMerging(nn.Module):
