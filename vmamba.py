@@ -1921,33 +1921,20 @@ class PatchMerging(nn.Module):
 class _Conv2d(nn.Conv2d):
     """nn.Conv2d fed channels-last activations (NCHW views of (B, H, W, C) memory).
 
-    oneDNN reorders a contiguous weight to match such an input on every call. Eager
-    inference uses a channels-last copy of the weight instead, kept until the weight
-    changes (its storage or version). Otherwise, when the weight is much larger than the
-    input (late stages: a 3x3 conv 384 -> 768 on a 14x14 map ran 3x faster), copying the
-    small input to contiguous NCHW is cheaper. The parameter itself stays contiguous, as
-    FSDP and the released checkpoints expect. ``image_input``: the layer reads the NCHW
-    image and converts it to channels-last first, so its output is channels-last too."""
+    oneDNN reorders a contiguous weight to match such an input on every call; when the
+    weight is much larger than the input (late stages: a 3x3 conv 384 -> 768 on a 14x14
+    map ran 3x faster) copying the small input to contiguous NCHW is cheaper. Weights
+    stay contiguous, as FSDP and the released checkpoints expect. ``image_input``: the
+    layer reads the NCHW image and makes it channels-last first, so its output is
+    channels-last too and the LayerNorm after it needs no copy."""
 
     def __init__(self, *args: Any, image_input: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.image_input = image_input
-        self._cl_weight: Optional[Tuple[Tuple, Tensor]] = None
-
-    def _weight_cl(self) -> Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._cl_weight is None or self._cl_weight[0] != key:
-            with torch.inference_mode(False):  # a normal tensor, usable in any later mode
-                self._cl_weight = (key, w.detach().contiguous(memory_format=torch.channels_last))
-        return self._cl_weight[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.image_input:
             x = x.contiguous(memory_format=torch.channels_last)
-        if _inplace_ok() and x.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and x.is_contiguous(memory_format=torch.channels_last):
-            return self._conv_forward(x, self._weight_cl(), self.bias)
         if not x.is_contiguous() and self.weight.numel() > 8 * x.numel():
             x = x.contiguous()
         return super().forward(x)
