@@ -1935,9 +1935,33 @@ class _Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.image_input:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._as_matmul(x):
+            return self._matmul_forward(x)
         if not x.is_contiguous() and self.weight.numel() > 8 * x.numel():
             x = x.contiguous()
         return super().forward(x)
+
+    def _as_matmul(self, x: Tensor) -> bool:
+        """Eager CPU inference of a plain convolution whose weight outweighs its
+        channels-last input (the late downsamples): run it as patches @ weight, which
+        reads the contiguous weight as it is instead of reordering it for oneDNN on every
+        call (3.1 vs 3.8 ms on the 384 -> 768 downsample of VMamba-T at 224 px)."""
+        return (_inplace_ok() and x.device.type == "cpu" and x.dim() == 4 and self.groups == 1
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and self.dilation == (1, 1) and self.weight.numel() >= x.numel()
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
+
+    def _matmul_forward(self, x: Tensor) -> Tensor:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        x = x.permute(0, 2, 3, 1)                                        # (B, H, W, C) memory order
+        if ph or pw:
+            x = F.pad(x, (0, 0, pw, pw, ph, ph))
+        cols = x.unfold(1, kh, sh).unfold(2, kw, sw)                      # (B, Ho, Wo, C, kh, kw)
+        b, ho, wo = cols.shape[:3]
+        w = self.weight.reshape(self.out_channels, -1).t()                # rows in (C, kh, kw) order
+        cols = cols.reshape(b * ho * wo, -1)
+        out = torch.mm(cols, w) if self.bias is None else torch.addmm(self.bias, cols, w)
+        return out.view(b, ho, wo, -1).permute(0, 3, 1, 2)               # NCHW view, channels-last memory
 
 
 def _make_patch_embed(version: str, in_chans: int, dim: int, patch_size: int) -> nn.Sequential:

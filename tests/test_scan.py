@@ -371,3 +371,23 @@ def test_mlp_inference_buffer_path():
     mlp.train()
     with torch.no_grad():  # dropout still applies in training mode without grad
         assert not torch.allclose(mlp(x), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("cin,cout,h,w,k,s,p,bias", [(48, 96, 14, 11, 3, 2, 1, True), (40, 80, 9, 9, 2, 2, 0, False),
+                                                      (24, 64, 5, 7, 3, 1, 1, True)])
+def test_conv_as_matmul(cin, cout, h, w, k, s, p, bias):
+    """Weight-heavy convolutions on channels-last input run as patches @ weight in eager
+    inference: same values as conv2d (closer to float64 than oneDNN), a channels-last
+    result, and the plain convolution with grad."""
+    torch.manual_seed(0)
+    conv = st._Conv2d(cin, cout, k, stride=s, padding=p, bias=bias)
+    x = torch.randn(2, h, w, cin).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                                     s, p)
+    with torch.no_grad():
+        assert conv._as_matmul(x)
+        y = conv(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel(y, ref) < 1e-6
+    assert not conv._as_matmul(x)  # grad enabled: the convolution itself
+    assert rel(conv(x), ref) < 1e-5
