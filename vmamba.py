@@ -296,11 +296,12 @@ _WORKSPACE_MAX_BYTES = 64 << 20  # per buffer; larger work tensors are allocated
 
 
 def free_scan_buffers() -> None:
-    """Release this thread's cached scan work buffers.
+    """Release this thread's kept CPU work buffers.
 
-    The torch scan keeps its CPU work buffers (up to 64 MB each, a few per thread) between
-    calls, because fresh multi-megabyte allocations page-fault on every call. Call this
-    to hand that memory back, e.g. after a burst of high-resolution inference."""
+    The torch scan and the MLP's inference path keep their CPU work buffers (up to 64 MB
+    each, a few per thread) between calls, because fresh multi-megabyte allocations
+    page-fault on every call. Call this to hand that memory back, e.g. after a burst of
+    high-resolution inference."""
     _WORKSPACE.__dict__.clear()
 
 
