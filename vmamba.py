@@ -940,8 +940,9 @@ def _ss2d_dt(P: Tensor, dt_w: Tensor, dt_b: Tensor, bufs: _Buffers) -> Tuple[Ten
     R, D = dt_w.shape[2], dt_w.shape[1]
     rows = P.numel() // (4 * P.shape[-1])
     Pr = bufs.get("Pr", (4, rows, R)).copy_(P.view(rows, 4, -1)[..., :R].transpose(0, 1))
+    # z lives in the buffer the scan's decays use later: free again once dt is made
     z = torch.baddbmm((dt_b * _LOG2E).unsqueeze(1), Pr, (dt_w * _LOG2E).transpose(1, 2),
-                      out=bufs.get("z", (4, rows, D)))
+                      out=bufs.get("a", (4, rows, D)))
     dt = bufs.get("dt", P.shape[:-1] + (D,))
     return dt, _softplus_log2(z.transpose(0, 1), dt.view(rows, 4, D), float(z.max()))
 
@@ -3444,7 +3445,9 @@ def _peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
     CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated
     before. CPU (Linux): growth of the process's peak resident set, VmHWM, reset through
     /proc/self/clear_refs after freed heap memory is handed back with glibc's malloc_trim;
-    it counts every allocation, torch's and others', page by page. NaN elsewhere.
+    it counts every allocation, torch's and others', page by page. The kept CPU work
+    buffers are released first (free_scan_buffers), so the call's own count includes them.
+    NaN elsewhere.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -3458,6 +3461,7 @@ def _peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
+    free_scan_buffers()
     try:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).malloc_trim(0)                          # glibc only
