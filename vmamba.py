@@ -64,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, _weights_only_unpickler
+from torch.nn.modules import module as _nn_module
 
 __all__ = [
     # kernels
@@ -326,17 +327,24 @@ class _Buffers:
         return buf[:n].view(shape)
 
 
-def _kept_buffers_ok(x: Tensor, weight: Tensor) -> bool:
+def _kept_buffers_ok(x: Tensor, weight: Tensor, *modules: nn.Module) -> bool:
     """Whether a layer may compute a hidden tensor into a kept CPU work buffer: eager
-    float32 inference (nothing records the graph or saves the tensor), no autocast."""
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not _tracing() and not torch.compiler.is_compiling())
+    float32 inference (nothing records the graph or saves the tensor), no autocast, no
+    hook on ``modules`` (see _inplace_ok)."""
+    return (_inplace_ok(*modules) and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-def _inplace_ok() -> bool:
-    """Whether a layer may overwrite its own intermediate tensors: eager, without grad
-    (saves a fresh allocation, which page-faults on CPU for multi-MB tensors)."""
-    return not torch.is_grad_enabled() and not _tracing()
+def _inplace_ok(*modules: nn.Module) -> bool:
+    """Whether a layer may overwrite its own intermediate tensors (saves a fresh
+    allocation, which page-faults on CPU for multi-MB tensors): eager, without grad, and
+    no forward hook on ``modules`` (the ones whose output would be overwritten or whose
+    call is skipped) or on every module, which could hold on to that output."""
+    if torch.is_grad_enabled() or _tracing():
+        return False
+    if getattr(_nn_module, "_global_forward_hooks", None) or getattr(_nn_module, "_global_forward_pre_hooks", None):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _mul(x: Tensor, y: Tensor, bufs: Optional[_Buffers], name: str) -> Tensor:
@@ -1723,7 +1731,9 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _kept_buffers_ok(x, self.fc1.weight) and (self.drop.p == 0 or not self.training):
+        if (type(self.fc1) is nn.Linear and type(self.act) is nn.GELU and self.act.approximate == "none"
+                and (self.drop.p == 0 or not self.training)
+                and _kept_buffers_ok(x, self.fc1.weight, self.fc1, self.act, self.drop)):
             # Inference on CPU: the wide hidden layer goes into a kept buffer, GELU in place.
             # A fresh multi-MB hidden tensor page-faults on every call (stage 1: about a
             # millisecond per block for the bias copy and again for GELU's output).
@@ -1847,7 +1857,7 @@ class SS2D(nn.Module):
             x, z = x.chunk(2, dim=-1)
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
-        x = F.silu(x, inplace=_inplace_ok())  # x is this layer's own fresh tensor
+        x = F.silu(x, inplace=_inplace_ok(self.conv2d or self.in_proj))  # this layer's own fresh tensor
         y = ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                       self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D) float32
         if not torch.is_autocast_enabled(y.device.type):
@@ -1898,7 +1908,7 @@ class VSSBlock(nn.Module):
 
     def _residual(self, x: Tensor, f: nn.Module, norm: nn.Module) -> Tensor:
         y = norm(f(x)) if self.post_norm else f(norm(x))
-        if _inplace_ok() and (self.drop_path.drop_prob == 0 or not self.training):
+        if (self.drop_path.drop_prob == 0 or not self.training) and _inplace_ok(norm, *f.modules()):
             return y.add_(x)  # inference: the branch's fresh output takes the sum (no new tensor)
         return x + self.drop_path(y)
 
@@ -1948,7 +1958,8 @@ class _Conv2d(nn.Conv2d):
         channels-last input (the late downsamples): run it as patches @ weight, which
         reads the contiguous weight as it is instead of reordering it for oneDNN on every
         call (3.1 vs 3.8 ms on the 384 -> 768 downsample of VMamba-T at 224 px)."""
-        return (_inplace_ok() and x.device.type == "cpu" and x.dim() == 4 and self.groups == 1
+        return (not torch.is_grad_enabled() and not _tracing() and x.device.type == "cpu" and x.dim() == 4
+                and self.groups == 1
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
                 and self.dilation == (1, 1) and self.weight.numel() >= x.numel()
                 and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())

@@ -391,3 +391,48 @@ def test_conv_as_matmul(cin, cout, h, w, k, s, p, bias):
     assert rel(y, ref) < 1e-6
     assert not conv._as_matmul(x)  # grad enabled: the convolution itself
     assert rel(conv(x), ref) < 1e-5
+
+
+def test_inference_fast_paths_respect_hooks():
+    """With forward hooks, no-grad inference neither overwrites a tensor a hook received
+    nor skips a hooked module: the hooks see what they see with grad enabled."""
+    torch.manual_seed(0)
+    model = st.VSSM(depths=[1, 1, 1, 1], dims=8, num_classes=3, ssm_d_state=1, ssm_ratio=1.0).eval()
+    blk = model.layers[0].blocks[0]
+    x = torch.randn(1, 3, 32, 32)
+
+    def run(grad):
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, a, out, k=k: seen.__setitem__(k, out.clone() if grad else out))
+                 for k, m in (("op", blk.op), ("mlp", blk.mlp), ("conv", blk.op.conv2d), ("fc1", blk.mlp.fc1))]
+        try:
+            with torch.set_grad_enabled(grad):
+                out = model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, seen
+
+    out_ng, seen_ng = run(False)
+    out_g, seen_g = run(True)
+    assert torch.allclose(out_ng, out_g, atol=1e-5)
+    assert set(seen_ng) == set(seen_g) == {"op", "mlp", "conv", "fc1"}
+    for k in seen_g:
+        assert torch.allclose(seen_ng[k], seen_g[k].detach(), atol=1e-5), k
+
+
+def test_mlp_fast_path_only_for_plain_layers():
+    """A replaced fc1 (here a Linear subclass adding 1, as adapters do) is called as a
+    module in inference, not bypassed by the kept-buffer path."""
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    torch.manual_seed(0)
+    mlp = st.Mlp(8, 32).eval()
+    shifted = Shifted(8, 32)
+    shifted.load_state_dict(mlp.fc1.state_dict())
+    mlp.fc1 = shifted
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), mlp.fc2(torch.nn.functional.gelu(shifted(x))), atol=1e-6)
