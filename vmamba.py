@@ -519,12 +519,12 @@ def _scan_pass(As: Sequence[Tensor], x: Tensor, xs: Sequence[Tensor], E: Optiona
 def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: Tensor,
                carry: Optional[Tensor], reverse: bool, bufs: Optional[_Buffers],
                clamp: bool, consume: bool = False, contract: bool = True, keep: bool = True,
-               exit: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+               with_exit: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One block. dt, u: (T, b, n, G, D); Bm, Cm: (T, b, n, G, N); A: (G, N, D); dwin
     (b, n, G, D) from _chunk_windows; bufs: work buffers (eager, in place) or None
     (out of place, traceable); consume: dt and u may be overwritten (y goes into dt);
     contract=False (with consume and N=1): return the states h (in u) instead of y = C h;
-    keep=False (with bufs): no entry carries are returned; exit=False: no exit state.
+    keep=False (with bufs): no entry carries are returned; with_exit=False: no exit state.
     -> y (T, b, n, G, D) without the D term, entry carries (b, n, G, N, D), exit state
     (b, G, N, D)."""
     inplace = bufs is not None
@@ -544,7 +544,7 @@ def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: T
         E = _entry_carries(As, xs, P, As[first], carry, reverse, False, inplace, into=xs[first])
     h = _scan_pass(As, x, xs, E, reverse, False, inplace)
     y = _contract_n(h, Cm, dt if consume else None) if contract else h.squeeze(-2)
-    return y, E, _exit_state(h, reverse) if exit else None
+    return y, E, _exit_state(h, reverse) if with_exit else None
 
 
 def _block_bwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, E: Tensor, dy: Tensor,
