@@ -608,8 +608,8 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
         b0, b1, c0, c1 = blk
         sl = (slice(None), slice(b0, b1), slice(c0, c1))
         carry = None if _starts_sequence(blk, nc, reverse) else carry
-        yb, E, carry = _block_fwd(dt[sl], u[sl], Bm[sl], Cm[sl], A, dwin[b0:b1, c0:c1], carry, reverse, bufs,
-                                  clamp, consume, contract, carries, len(blocks) > 1)
+        ins = (dt, u, Bm, Cm, A, dwin) if len(blocks) == 1 else (dt[sl], u[sl], Bm[sl], Cm[sl], A, dwin[b0:b1, c0:c1])
+        yb, E, carry = _block_fwd(*ins, carry, reverse, bufs, clamp, consume, contract, carries, len(blocks) > 1)
         if carries or not inplace:
             Es.append(E)
         if y is None:
@@ -1764,7 +1764,8 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
             dts = torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], dt_projs_weight)   # (B, H, W, 4, D)
             return _ss2d_scan_torch(x, dts, A.view(k, d, n), proj[..., r:r + n], proj[..., r + n:],
                                     Ds.view(k, d), dt_projs_bias)
-        args = [t.float() for t in (x, proj, dt_projs_weight, dt_projs_bias, A.view(k, d, n), Ds.view(k, d))]
+        args = [t if t.dtype == torch.float32 else t.float()
+                for t in (x, proj, dt_projs_weight, dt_projs_bias, A.view(k, d, n), Ds.view(k, d))]
         with torch.autocast(x.device.type, enabled=False):
             if _needs_grad(*args):
                 return _SS2DProjFn.apply(*args)
