@@ -731,15 +731,19 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     # Inference, or a traced graph (out of place): no autograd bookkeeping. Eagerly, the
     # scan runs in place in the time-major copies (y lands in dt's), cloned first where
     # the layout change left them sharing memory with the caller's tensors.
-    z, dt = _prep_dt(delta, delta_bias, delta_softplus)
     uf = u.float()
-    ins = _ss_inputs(uf, dt, A, B, C)
     if _tracing():
-        y = _scan_fwd(*ins, False, False)[0]
+        y = _scan_fwd(*_ss_inputs(uf, _prep_dt(delta, delta_bias, delta_softplus)[1], A, B, C), False, False)[0]
     else:
+        # bias and softplus in place on the time-major copy of delta (no fresh full-size
+        # tensor before it); padding steps, at the end, never reach a real output
         shared = {t.untyped_storage().data_ptr() for t in (u, delta)}
-        dt_t, u_t = (t.clone() if t.untyped_storage().data_ptr() in shared else t for t in ins[:2])
-        y = _scan_fwd(dt_t, u_t, *ins[2:], False, True, consume=True, carries=False)[0]
+        dt_t, u_t, *rest = (t.clone() if t.untyped_storage().data_ptr() in shared else t
+                            for t in _ss_inputs(uf, delta, A, B, C))
+        if delta_bias is not None:
+            dt_t.add_(delta_bias.float().view(dt_t.shape[-2:]))
+        dt_t, dt_max = _softplus_(dt_t) if delta_softplus else (dt_t, None)
+        y = _scan_fwd(dt_t, u_t, *rest, False, True, consume=True, dt_max=dt_max, carries=False)[0]
     y = _untm(y, u.shape[-1])
     return y if D is None else torch.addcmul(y, D.float()[:, None], uf)
 
