@@ -202,8 +202,8 @@ def _softplus(z: Tensor) -> Tensor:
 
 def _softplus_log2(z: Tensor, out: Tensor, zmax: Optional[float] = None) -> float:
     """out = softplus(z ln 2) (F.softplus, threshold 20) for z given in log2 units, as
-    log1p(2^z): on CPU exp2 + log1p cost two thirds of aten's softplus and equal it to
-    float rounding. z may be a strided view, or out itself; zmax: max(z) if known (a
+    log1p(2^z): on CPU exp2 + log1p cost about three quarters of aten's softplus and equal
+    it to float rounding. z may be a strided view, or out itself; zmax: max(z) if known (a
     reduction over a strided view is slow). Eager only. Returns max(out)."""
     zmax = float(z.max()) if zmax is None else zmax
     if zmax > _SOFTPLUS_THRESHOLD * _LOG2E:  # 2^z could overflow: aten's threshold keeps z there
@@ -524,7 +524,7 @@ def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: T
     (b, n, G, D) from _chunk_windows; bufs: work buffers (eager, in place) or None
     (out of place, traceable); consume: dt and u may be overwritten (y goes into dt);
     contract=False (with consume and N=1): return the states h (in u) instead of y = C h;
-    keep=False (with bufs): no entry carries are returned; with_exit=False: no exit state.
+    keep=False (needs bufs): no entry carries are returned; with_exit=False: no exit state.
     -> y (T, b, n, G, D) without the D term, entry carries (b, n, G, N, D), exit state
     (b, G, N, D)."""
     inplace = bufs is not None
@@ -538,10 +538,7 @@ def _block_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, dwin: T
     P = _decay(dwin.unsqueeze(-2) * rate, inplace)
     As, xs = a.unbind(0), x.unbind(0)
     first = -1 if reverse else 0
-    if keep or not inplace:
-        E = _entry_carries(As, xs, P, As[first], carry, reverse, False, inplace)
-    else:
-        E = _entry_carries(As, xs, P, As[first], carry, reverse, False, inplace, into=xs[first])
+    E = _entry_carries(As, xs, P, As[first], carry, reverse, False, inplace, into=None if keep else xs[first])
     h = _scan_pass(As, x, xs, E, reverse, False, inplace)
     y = _contract_n(h, Cm, dt if consume else None) if contract else h.squeeze(-2)
     return y, E, _exit_state(h, reverse) if with_exit else None
@@ -604,13 +601,14 @@ def _scan_fwd(dt: Tensor, u: Tensor, Bm: Tensor, Cm: Tensor, A: Tensor, reverse:
     Es, carry = [], None
     bufs = _Buffers(dt.device) if inplace else None
     clamp = _needs_clamp(dt, A, inplace, dt_max)
+    keep = carries or not inplace  # the out-of-place (traced) path always materialises them
     for blk in blocks:
         b0, b1, c0, c1 = blk
         sl = (slice(None), slice(b0, b1), slice(c0, c1))
         carry = None if _starts_sequence(blk, nc, reverse) else carry
         ins = (dt, u, Bm, Cm, A, dwin) if len(blocks) == 1 else (dt[sl], u[sl], Bm[sl], Cm[sl], A, dwin[b0:b1, c0:c1])
-        yb, E, carry = _block_fwd(*ins, carry, reverse, bufs, clamp, consume, contract, carries, len(blocks) > 1)
-        if carries or not inplace:
+        yb, E, carry = _block_fwd(*ins, carry, reverse, bufs, clamp, consume, contract, keep, len(blocks) > 1)
+        if keep:
             Es.append(E)
         if y is None:
             y = yb
@@ -1909,7 +1907,6 @@ class VSSBlock(nn.Module):
         if self.mlp is not None:
             x = self._residual(x, self.mlp, self.norm2)
         return x.permute(0, 3, 1, 2) if self.channel_first else x
-
 
     def _residual(self, x: Tensor, f: nn.Module, norm: nn.Module) -> Tensor:
         y = norm(f(x)) if self.post_norm else f(norm(x))
