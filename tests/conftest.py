@@ -1,4 +1,9 @@
-"""Shared test fixtures: the contract data beside the repository (../shared)."""
+"""Shared test fixtures: the contract data in tests/data.
+
+``v0_square.pt`` and ``v2_ln2d_square.pt`` are small models computed with the authors'
+implementation on CPU (config, state_dict, input, output); ``zoo_state_dict.json`` holds
+every released checkpoint's keys, shapes and parameter count.
+"""
 import os
 import sys
 from pathlib import Path
@@ -12,30 +17,23 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("VMAMBA_SHARED", ROOT.parent / "shared"))
-
-
-def shared_file(*parts: str) -> Path:
-    """A file of the contract data; missing data fails under CI and skips elsewhere."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        message = f"contract data not found: {path} (set VMAMBA_SHARED to the shared/ folder)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
+DATA = Path(__file__).resolve().parent / "data"
 
 FIXTURES = ["v0_square", "v2_ln2d_square"]
+
+
+def data_file(name: str) -> Path:
+    """A file of the contract data in tests/data (part of the repository)."""
+    return DATA / name
 
 
 @pytest.fixture(params=FIXTURES)
 def fixture(request):
     """One reference computation of the authors' implementation."""
-    return torch.load(shared_file("fixtures", f"{request.param}.pt"), weights_only=True)
+    return torch.load(data_file(f"{request.param}.pt"), weights_only=True)
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seeded():
     torch.manual_seed(0)
     yield

@@ -59,6 +59,16 @@ def test_drop_path_rates_rise_linearly():
 
 
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(depths=[1, 0, 1, 1]), r"depths\[1\] must be an integer >= 1, got 0"),
+    (dict(dims=0), r"dims\[0\] must be an integer >= 2"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be a number >= 0 and < 1, got 1.5"),
+    (dict(num_classes=-1), r"num_classes must be an integer >= 0"),
+    (dict(in_chans=0), r"in_chans must be an integer >= 1"),
+    (dict(ssm_d_state=0), r"ssm_d_state must be an integer >= 1"),
+    (dict(ssm_ratio=0.0), r"ssm_ratio must be a number > 0"),
+    (dict(mlp_ratio=-1.0), r"mlp_ratio must be a number >= 0"),
+    (dict(patch_size=3), r"patch_size must be even"),
+    (dict(global_pool="max"), r"global_pool='max' is not supported; expected one of \['avg', ''\]"),
     (dict(forward_type="v3"), r"forward_type='v3' is not supported; expected one of \['v0', 'v05', 'v05_noz'\]"),
     (dict(norm_layer="bn"), r"norm_layer='bn'.*\['ln', 'ln2d'\]"),
     (dict(downsample_version="v4"), r"downsample_version='v4'"),
@@ -101,8 +111,16 @@ def test_backend_selection_errors():
     if vmamba._mamba_selective_scan_fn is None:
         with pytest.raises(RuntimeError, match="pip install mamba-ssm"):
             vmamba.selective_scan(*args, backend="mamba_ssm")
-    with pytest.raises(ValueError, match=r"B and C must be \(B, K, N, L\)"):
+    with pytest.raises(ValueError, match=r"B and C must both be \(B, N, L\) or \(B, G, N, L\)"):
         vmamba.selective_scan(u, u, -torch.ones(8, 2), torch.randn(1, 4, 2, 6), torch.randn(1, 4, 2, 6))
+    with pytest.raises(ValueError, match=r"A must be \(G\*D, N\) = \(8, 2\)"):
+        vmamba.selective_scan(u, u, -torch.ones(8, 3), *args[3:])
+    with pytest.raises(ValueError, match=r"D must be \(8,\)"):
+        vmamba.selective_scan(*args, D=torch.ones(4))
+    with pytest.raises(TypeError, match="complex A is not supported"):
+        vmamba.selective_scan(u, u, -torch.ones(8, 2, dtype=torch.cfloat), *args[3:])
+    with pytest.raises(TypeError, match="delta must be a Tensor"):
+        vmamba.selective_scan(u, 1.0, *args[2:])
     with pytest.raises(ValueError, match="unknown backend"):
         vmamba.set_backend("fast")
     assert vmamba.available_backends("cpu")[-1] == "torch"

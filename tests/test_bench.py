@@ -1,21 +1,30 @@
-"""The bench command runs and writes its table; timings themselves are never asserted."""
+"""tools/bench.py runs and writes its table; timings themselves are never asserted."""
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import vmamba
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench  # noqa: E402  (tools/bench.py)
 
 
 def test_bench_writes_csv_and_json(tmp_path, capsys):
     out_csv, out_json = tmp_path / "bench.csv", tmp_path / "bench.json"
-    assert vmamba.main(["bench", "--model", "vmamba_tiny_s1l8", "--sizes", "32,48", "--repeats", "2",
-                        "--warmup", "0", "--threads", "1", "--csv", str(out_csv), "--json", str(out_json)]) == 0
+    threads = torch.get_num_threads()
+    assert bench.main(["--model", "vmamba_tiny_s1l8", "--sizes", "32,48", "--repeats", "2",
+                       "--warmup", "0", "--threads", "1", "--csv", str(out_csv), "--json", str(out_json)]) == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
     rows = json.loads(out_json.read_text())
     assert [(r["model"], r["size"]) for r in rows] == [("vmamba_tiny_s1l8", 32), ("vmamba_tiny_s1l8", 48)]
     for r in rows:
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["min_ms"] > 0
         assert r["ratio"] == "-"  # nothing compared
+        assert r["threads"] == 1 and r["compiled"] is False and r["compile_s"] is None
     with open(out_csv, newline="") as f:
         assert [r["size"] for r in csv.DictReader(f)] == ["32", "48"]
     assert "vmamba_tiny_s1l8" in capsys.readouterr().out
@@ -24,9 +33,9 @@ def test_bench_writes_csv_and_json(tmp_path, capsys):
 def test_bench_compares_with_timm_in_train_mode(tmp_path):
     pytest.importorskip("timm", reason="timm is not installed")
     out_json = tmp_path / "bench.json"
-    assert vmamba.main(["bench", "--model", "vmamba_tiny_s1l8", "--compare", "resnet18", "--sizes", "32",
-                        "--batch", "2", "--mode", "train", "--repeats", "1", "--warmup", "0",
-                        "--json", str(out_json)]) == 0
+    assert bench.main(["--model", "vmamba_tiny_s1l8", "--compare", "resnet18", "--sizes", "32",
+                       "--batch", "2", "--mode", "train", "--repeats", "1", "--warmup", "0",
+                       "--json", str(out_json)]) == 0
     rows = {r["model"]: r for r in json.loads(out_json.read_text())}
     assert rows["resnet18"]["ratio"] == 1.0
     expected = rows["vmamba_tiny_s1l8"]["median_ms"] / rows["resnet18"]["median_ms"]  # medians rounded to 0.01 ms
@@ -34,9 +43,52 @@ def test_bench_compares_with_timm_in_train_mode(tmp_path):
     assert all(r["mode"] == "train" and r["batch"] == 2 for r in rows.values())
 
 
+def test_bench_compile_times_compiled_models_beside_eager(tmp_path):
+    """Each model gets an eager and a compiled row; a compiled row holds its first call's
+    seconds and its timings, or the compile error and none. The dynamo-only "eager"
+    backend keeps this fast; the default is inductor."""
+    pytest.importorskip("timm", reason="timm is not installed")
+    out_json = tmp_path / "bench.json"
+    rc = bench.main(["--model", "vmamba_tiny_s1l8", "--compare", "resnet18", "--sizes", "32", "--repeats", "2",
+                     "--warmup", "0", "--compile", "--compile-backend", "eager", "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())
+    assert [(r["model"], r["compiled"]) for r in rows] == [
+        ("vmamba_tiny_s1l8", False), ("vmamba_tiny_s1l8", True), ("resnet18", False), ("resnet18", True)]
+    failed = [r for r in rows if isinstance(r["compile_s"], str)]
+    assert rc == (1 if failed else 0)
+    for r in rows:
+        if not r["compiled"]:
+            assert r["compile_s"] is None and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        elif r in failed:
+            assert r["compile_s"].startswith("failed: ") and r["median_ms"] == r["ratio"] == "-"
+        else:
+            assert r["compile_s"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    assert rows[3] not in failed  # resnet18 compiles with fullgraph=True
+    assert rows[2]["ratio"] == 1.0 and rows[3]["ratio"] == pytest.approx(
+        rows[3]["median_ms"] / rows[2]["median_ms"], rel=1e-3, abs=2e-3)  # against the eager resnet18
+
+
+def test_bench_compile_does_not_apply_to_scan():
+    with pytest.raises(SystemExit):
+        bench.main(["--scan", "--compile"])
+
+
+def test_scan_loop_matches_the_reference():
+    g = torch.Generator().manual_seed(0)
+    KD, N, L = 8, 3, 17
+    u, delta = torch.randn(2, KD, L, generator=g), torch.randn(2, KD, L, generator=g) - 1
+    A = -torch.rand(KD, N, generator=g) - 0.1
+    B, C = torch.randn(2, 4, N, L, generator=g), torch.randn(2, 4, N, L, generator=g)
+    D, bias = torch.randn(KD, generator=g), torch.randn(KD, generator=g) * 0.1
+    expected = vmamba.selective_scan_ref(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True)
+    for scan in bench.SCAN_CONTENDERS.values():
+        assert torch.allclose(scan(u, delta, A, B, C, D, bias).double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_bench_scan_reports_every_case(capsys):
-    assert vmamba.main(["bench", "--scan", "--repeats", "1", "--warmup", "0"]) == 0
+    assert bench.main(["--scan", "--repeats", "1", "--warmup", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     table = [line for line in lines if line.startswith("K=4")]
-    assert len(table) == 9  # three cases x (loop, selective_scan, fused SS2D)
+    assert len(table) == 6  # three cases x (loop, selective_scan)
     assert sum("loop (unbind)" in line for line in table) == 3
+    assert sum("selective_scan(backend='torch')" in line for line in table) == 3

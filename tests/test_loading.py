@@ -193,3 +193,70 @@ def test_builder_pretrained_true_downloads_the_release(http_root, monkeypatch):
         model = vmamba.vmamba_tiny_s1l8(pretrained=True, num_classes=10, **small)
     assert model.classifier.head.out_features == 10
     assert torch.equal(model.layers[1].blocks[0].op.A_logs, release.layers[1].blocks[0].op.A_logs)
+
+
+def test_headless_model_drops_the_checkpoint_head(fixture, recwarn):
+    model = _model(fixture, num_classes=0)
+    state = vmamba.checkpoint_filter_fn(fixture["state_dict"], model)
+    assert not any(k.startswith("classifier.head.") for k in state)
+    vmamba.load_pretrained(model, fixture["state_dict"])   # strict, and silent
+    assert not [w for w in recwarn if "vmamba" in str(w.message)]
+    full = vmamba.load_pretrained(_model(fixture), fixture["state_dict"])
+    x = fixture["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), full.forward_head(full.forward_features(x), pre_logits=True))
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 6])
+def test_first_conv_adapts_to_in_chans(fixture, in_chans):
+    """timm's rule: summed over the colours for one channel, else repeated, cut and scaled by
+    3/in_chans; a grey (or repeated-RGB) image then gives the RGB model's output."""
+    before = {k: v.clone() for k, v in fixture["state_dict"].items()}
+    model = _model(fixture, in_chans=in_chans)
+    state = vmamba.checkpoint_filter_fn(fixture["state_dict"], model)
+    rgb = fixture["state_dict"]["patch_embed.0.weight"]
+    expected = (rgb.sum(1, keepdim=True) if in_chans == 1
+                else rgb.repeat(1, 2, 1, 1)[:, :in_chans] * 3 / in_chans)
+    torch.testing.assert_close(state["patch_embed.0.weight"], expected)
+    assert all(torch.equal(before[k], v) for k, v in fixture["state_dict"].items())   # pure
+    vmamba.load_pretrained(model, fixture["state_dict"])
+    rgb_model = vmamba.load_pretrained(_model(fixture), fixture["state_dict"])
+    x = fixture["input"]
+    with torch.no_grad():
+        if in_chans == 1:
+            grey = x.mean(1, keepdim=True)
+            torch.testing.assert_close(model(grey), rgb_model(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+        elif in_chans == 6:
+            torch.testing.assert_close(model(torch.cat([x, x], 1)), rgb_model(x), rtol=1e-4, atol=1e-5)
+        else:
+            assert model(x[:, :2]).shape == (2, 10)
+
+
+def test_convert_command_writes_the_released_layout(tmp_path, capsys):
+    """python vmamba.py convert IN OUT [--model NAME]: any layout in, our layout out."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = vmamba.create_model("vanilla_vmamba_tiny").state_dict()
+    state = {k: torch.randn(v.shape) for k, v in shapes.items()}
+    february = tmp_path / "vssm_tiny_february.pth"
+    torch.save({"model": _february_layout(state), "epoch": 300}, february)
+
+    out = tmp_path / "vanilla_vmamba_tiny.safetensors"
+    assert vmamba.main(["convert", str(february), str(out)]) == 0   # the architecture is found
+    assert "vanilla_vmamba_tiny" in capsys.readouterr().out
+    converted = load_file(str(out))
+    assert sorted(converted) == sorted(state)   # safetensors stores its keys sorted
+    assert all(torch.equal(converted[k], v) for k, v in state.items())
+
+    out_pth = tmp_path / "converted.pth"
+    assert vmamba.main(["convert", str(out), str(out_pth), "--model", "vanilla_vmamba_tiny"]) == 0
+    reconverted = vmamba.load_checkpoint_file(out_pth)
+    assert sorted(reconverted) == sorted(state) and all(torch.equal(v, state[k]) for k, v in reconverted.items())
+    with pytest.raises(ValueError, match="cannot load"):
+        vmamba.main(["convert", str(out), str(tmp_path / "x.pth"), "--model", "vmamba_tiny_s1l8"])
+    torch.save({"model": {"a.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="matches none of the zoo"):
+        vmamba.main(["convert", str(tmp_path / "other.pth"), str(tmp_path / "y.pth")])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vmamba
-from conftest import shared_file
+from conftest import data_file
 
 
 def _rel(a, b):
@@ -69,20 +69,26 @@ def test_non_square_and_odd_inputs(fixture, size):
 
 
 def test_channels_first_and_last_blocks_agree(fixture):
-    """A block built with channel_first=True computes the same map on NCHW input."""
+    """A block built with channel_first=True (as VSSM builds them) computes the same map on
+    NCHW input as a channels-last block with the same weights."""
     model = _loaded(fixture)
     block = model.layers[0].blocks[0]
-    cf = vmamba.VSSBlock(16, channel_first=True, **{k: fixture["config"][k] for k in (
-        "ssm_d_state", "ssm_ratio", "ssm_conv_bias", "forward_type", "mlp_ratio")}).eval()
+    kwargs = {k: fixture["config"][k] for k in ("ssm_d_state", "ssm_ratio", "ssm_conv_bias", "forward_type",
+                                                "mlp_ratio")}
+    cf = vmamba.VSSBlock(16, channel_first=True, **kwargs).eval()
+    cl = vmamba.VSSBlock(16, channel_first=False, **kwargs).eval()
     cf.load_state_dict(block.state_dict())
+    cl.load_state_dict(block.state_dict())
     x = torch.randn(2, 7, 9, 16)
     with torch.no_grad():
-        assert _rel(cf(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), block(x)) < 1e-6
+        expected = cl(x)
+        assert _rel(cf(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), expected) < 1e-6
+        assert _rel(block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), expected) < 1e-6
 
 
 @pytest.mark.parametrize("name", vmamba.list_models())
 def test_zoo_state_dict_is_the_released_layout(name):
-    spec = json.loads(shared_file("spec", "zoo_state_dict.json").read_text())[name]
+    spec = json.loads(data_file("zoo_state_dict.json").read_text())[name]
     with torch.device("meta"):
         model = vmamba.create_model(name)
     state = model.state_dict()

@@ -10,6 +10,7 @@ import vmamba
 
 
 def _inputs(b, k, d, n, l, dtype=torch.float32, seed=0, dt_scale=1.0, a_min=1.0, a_max=16.0):
+    """Positional (u, delta, A, B, C, D) and keyword (delta_bias, delta_softplus) arguments."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(b, k * d, l, generator=g)
     delta = torch.randn(b, k * d, l, generator=g) * dt_scale
@@ -18,7 +19,8 @@ def _inputs(b, k, d, n, l, dtype=torch.float32, seed=0, dt_scale=1.0, a_min=1.0,
     C = torch.randn(b, k, n, l, generator=g)
     D = torch.randn(k * d, generator=g)
     bias = torch.randn(k * d, generator=g) * 0.5
-    return [t.to(dtype) for t in (u, delta)] + [A] + [t.to(dtype) for t in (B, C)] + [D, bias]
+    args = [t.to(dtype) for t in (u, delta)] + [A] + [t.to(dtype) for t in (B, C)] + [D]
+    return args, dict(delta_bias=bias, delta_softplus=True)
 
 
 def _rel(got, ref):
@@ -27,10 +29,16 @@ def _rel(got, ref):
 
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 2), k=st.sampled_from([1, 2, 4]), d=st.integers(1, 5), n=st.sampled_from([1, 3, 16]),
-       l=st.integers(1, 300), seed=st.integers(0, 2**16))
-def test_scan_matches_oracle_on_any_shape(b, k, d, n, l, seed):
-    inputs = _inputs(b, k, d, n, l, seed=seed)
-    assert _rel(vmamba.selective_scan(*inputs), vmamba.selective_scan_ref(*inputs)) < 1e-5
+       l=st.integers(1, 300), seed=st.integers(0, 2**16), ungrouped=st.booleans(), gated=st.booleans())
+def test_scan_matches_oracle_on_any_shape(b, k, d, n, l, seed, ungrouped, gated):
+    args, kwargs = _inputs(b, k, d, n, l, seed=seed)
+    if ungrouped:  # mamba_ssm's (B, N, L) layout: one group
+        args[3], args[4] = args[3][:, 0], args[4][:, 0]
+    if gated:
+        kwargs["z"] = torch.randn_like(args[0])
+    y = vmamba.selective_scan(*args, **kwargs)
+    assert y.dtype == torch.float32
+    assert _rel(y, vmamba.selective_scan_ref(*args, **kwargs)) < 1e-5
 
 
 @settings(max_examples=20, deadline=None)
@@ -51,7 +59,7 @@ def test_ss2d_core_matches_oracle_on_any_map(b, h, w, d, n, seed):
     dts, Bs, Cs = proj.split([r, n, n], dim=2)
     dts = torch.einsum("bkrl,kdr->bkdl", dts, dw.double())
     ys = vmamba.selective_scan_ref(xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(A_logs.double()), Bs, Cs,
-                                   Ds, db.flatten())
+                                   Ds, delta_bias=db.flatten(), delta_softplus=True)
     ref = vmamba.cross_merge(ys.view(b, 4, d, h, w)).permute(0, 2, 3, 1)
     assert _rel(got, ref) < 1e-5
 
@@ -59,18 +67,21 @@ def test_ss2d_core_matches_oracle_on_any_map(b, h, w, d, n, seed):
 @pytest.mark.parametrize("n", [1, 16])
 def test_scan_extremes_stay_finite_and_accurate(n):
     """L = 65536, dt up to 20 after softplus, A down to -50."""
-    inputs = _inputs(1, 1, 2, n, 65536, dt_scale=12.0, a_min=0.01, a_max=50.0)
-    y = vmamba.selective_scan(*inputs)
+    args, kwargs = _inputs(1, 1, 2, n, 65536, dt_scale=12.0, a_min=0.01, a_max=50.0)
+    y = vmamba.selective_scan(*args, **kwargs)
     assert y.isfinite().all()
-    assert _rel(y, vmamba.selective_scan_ref(*inputs)) < 1e-5
+    assert _rel(y, vmamba.selective_scan_ref(*args, **kwargs)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scan_low_precision_inputs(dtype):
-    inputs = _inputs(2, 4, 3, 16, 257, dtype=dtype)
-    y = vmamba.selective_scan(*inputs)
-    assert y.dtype == torch.float32 and y.isfinite().all()
-    assert _rel(y, vmamba.selective_scan_ref(*inputs)) < 1e-5   # exact on the rounded inputs
+    """Computed in float32 on the rounded inputs; only the output is rounded to u's dtype."""
+    args, kwargs = _inputs(2, 4, 3, 16, 257, dtype=dtype)
+    y, last = vmamba.selective_scan(*args, **kwargs, return_last_state=True)
+    ref, ref_last = vmamba.selective_scan_ref(*args, **kwargs, return_last_state=True)
+    assert y.dtype == dtype and y.isfinite().all()
+    assert _rel(y, ref) <= torch.finfo(dtype).eps      # the output's own rounding, no more
+    assert last.dtype == torch.float32 and _rel(last, ref_last) < 1e-5
 
 
 def test_zoo_model_in_bf16_autocast_stays_close():

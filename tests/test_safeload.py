@@ -1,4 +1,5 @@
-"""Checkpoint files are read without running their code; downloads are atomic and verified.
+"""Checkpoint files are read without running their code; downloads are atomic and verified;
+safetensors files are read and written.
 
 Everything runs on 127.0.0.1: no network access."""
 
@@ -10,8 +11,11 @@ import io
 import os
 import pickle
 import socket
+import sys
+import tarfile
 import threading
 import time
+import types
 import zipfile
 from collections import OrderedDict
 
@@ -19,7 +23,7 @@ import pytest
 import torch
 
 import vmamba
-from vmamba import PickledGlobal, PickledObject, download_cached, load_checkpoint_file
+from vmamba import PickledGlobal, PickledObject, download_cached, load_checkpoint_file, save_weights
 
 
 # ---------------------------------------------------------------------------
@@ -85,8 +89,7 @@ def marker(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-def test_training_checkpoint_with_metadata_loads(tmp_path, zip_format):
+def training_checkpoint():
     _, state_dict = small_state_dict()
     # Shaped like AdamW.state_dict() (torch.optim itself is slow to import).
     exp_avg = torch.randn(3, 4)
@@ -103,8 +106,14 @@ def test_training_checkpoint_with_metadata_loads(tmp_path, zip_format):
         "args": argparse.Namespace(lr=0.1, batch_size=128),
         "param": torch.nn.Parameter(torch.ones(2)),
     }
+    return checkpoint, state_dict, optimizer_state
+
+
+def test_training_checkpoint_with_metadata_loads(tmp_path):
+    checkpoint, state_dict, optimizer_state = training_checkpoint()
+    exp_avg = optimizer_state["state"][0]["exp_avg"]
     path = tmp_path / "ckpt.pth"
-    torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
+    torch.save(checkpoint, path)
 
     loaded = load_checkpoint_file(path)
 
@@ -129,6 +138,22 @@ def test_training_checkpoint_with_metadata_loads(tmp_path, zip_format):
     assert args.factory == PickledGlobal("argparse", "Namespace")
     assert args.state == {"lr": 0.1, "batch_size": 128}
 
+    # Nothing the load allowlisted for itself stays allowlisted.
+    assert not any(isinstance(g, tuple) and isinstance(g[0], PickledGlobal)
+                   for g in torch.serialization.get_safe_globals())
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_legacy_checkpoint_with_refused_globals_is_refused_clearly(tmp_path):
+    checkpoint, _, _ = training_checkpoint()
+    path = tmp_path / "ckpt.pth"
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="legacy non-zip format") as excinfo:
+        load_checkpoint_file(path)
+    assert str(path) in str(excinfo.value)
+    assert isinstance(excinfo.value.__cause__, pickle.UnpicklingError)
+
 
 def test_numpy_metadata_becomes_placeholders(tmp_path):
     np = pytest.importorskip("numpy")
@@ -139,6 +164,42 @@ def test_numpy_metadata_becomes_placeholders(tmp_path):
     assert_state_dicts_equal(loaded["model"], state_dict)
     assert isinstance(loaded["best_acc"], PickledObject)
     assert loaded["best_acc"].factory.module.startswith("numpy")
+
+
+def test_bare_global_becomes_placeholder_class(tmp_path):
+    _, state_dict = small_state_dict()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": state_dict, "norm_layer": torch.nn.LayerNorm}, path)
+    loaded = load_checkpoint_file(path)
+    norm_layer = loaded["norm_layer"]
+    assert norm_layer is not torch.nn.LayerNorm
+    assert isinstance(norm_layer, PickledGlobal)
+    assert norm_layer == PickledGlobal("torch.nn.modules.normalization", "LayerNorm")
+    assert str(norm_layer) == "torch.nn.modules.normalization.LayerNorm"
+    assert isinstance(norm_layer(3), PickledObject) and norm_layer(3).args == (3,)
+
+
+def test_module_named_by_a_global_is_never_imported(tmp_path):
+    name = "vmamba_safeload_probe_module"
+    module = types.ModuleType(name)
+    exec("class Config:\n    def __init__(self):\n        self.lr = 0.5\n", module.__dict__)
+    sys.modules[name] = module
+    try:
+        _, state_dict = small_state_dict()
+        path = tmp_path / "ckpt.pth"
+        torch.save({"model": state_dict, "config": module.Config()}, path)
+    finally:
+        del sys.modules[name]
+    (tmp_path / f"{name}.py").write_text("import pathlib\npathlib.Path(__file__).with_name('imported').touch()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        loaded = load_checkpoint_file(path)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert name not in sys.modules and not (tmp_path / "imported").exists()
+    assert_state_dicts_equal(loaded["model"], state_dict)
+    assert loaded["config"].global_name == f"{name}.Config"
+    assert loaded["config"].state == {"lr": 0.5}
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -186,6 +247,12 @@ def test_malicious_payload_is_not_executed(tmp_path, marker, payload_name, zip_f
         _use_new_zipfile_serialization=zip_format,
     )
 
+    if not zip_format:
+        with pytest.raises(ValueError, match="legacy non-zip format"):
+            load_checkpoint_file(path)
+        assert not marker.exists()
+        return
+
     loaded = load_checkpoint_file(path)
 
     assert_state_dicts_equal(loaded["model"], state_dict)
@@ -225,6 +292,17 @@ def test_malicious_state_dict_value(tmp_path, marker):
     assert isinstance(loaded["evil"], PickledObject)
 
 
+def zip_checkpoint_with_pickle(path, data):
+    """A torch.save zip archive whose data.pkl is replaced by ``data``."""
+    buffer = io.BytesIO()
+    torch.save({}, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            archive.writestr(info, data if info.filename.endswith("/data.pkl") else source.read(info))
+    return path
+
+
 # Raw protocol-2 pickles exercising opcodes a torch.save payload cannot emit.
 _RAW_ATTACKS = {
     # BUILD on an allowlisted class would setattr() on torch.nn.Parameter.
@@ -245,34 +323,71 @@ _RAW_ATTACKS = {
     # Persistent ids other than tensor storages.
     "persid-other": b"\x80\x02X\x05\x00\x00\x00otherK\x01\x86Q.",
     "persid-string": b"\x80\x02Pfoo\n.",
+    # BUILD on a placeholder class itself (not on a record), with slot state.
+    "build-on-placeholder-class": b"\x80\x02cfoo\nBar\nN}X\x01\x00\x00\x00kK\x01s\x86b.",
+    # BUILD and SETITEM on a plain dict while placeholders are allowlisted.
+    "build-on-dict": b"\x80\x02cfoo\nBar\n)R}}X\x01\x00\x00\x00kK\x01sb\x86.",
+    # APPEND to a placeholder record (only real lists take items).
+    "append-to-record": b"\x80\x02cfoo\nBar\n)RK\x01a.",
 }
 
 
 @pytest.mark.parametrize("name", sorted(_RAW_ATTACKS))
-def test_restricted_unpickler_refuses_side_effects(name):
-    with pytest.raises(pickle.UnpicklingError):
-        vmamba._restricted_load(io.BytesIO(_RAW_ATTACKS[name]))
+def test_raw_pickle_side_effects_are_refused(tmp_path, name):
+    path = zip_checkpoint_with_pickle(tmp_path / "evil.pth", _RAW_ATTACKS[name])
+    with pytest.raises(ValueError, match="could not be read as a PyTorch checkpoint") as excinfo:
+        load_checkpoint_file(path)
+    assert isinstance(excinfo.value.__cause__, pickle.UnpicklingError)
     assert not hasattr(torch.nn.Parameter, "safeload_pwned")
     assert not hasattr(torch.nn.Parameter, "a")
 
 
-def test_restricted_unpickler_placeholder_operations():
-    # GLOBAL os.system, REDUCE -> placeholder; calling it again (REDUCE on a
-    # placeholder object) and BUILD on it are only recorded.
+def test_placeholder_operations_are_only_recorded(tmp_path):
+    # GLOBAL os.system, REDUCE -> record; calling the record again (REDUCE on it) and BUILD
+    # on the result are only recorded.
     data = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00id\x85R)R}X\x01\x00\x00\x00kK\x01sb."
-    result = vmamba._restricted_load(io.BytesIO(data))
+    result = load_checkpoint_file(zip_checkpoint_with_pickle(tmp_path / "ops.pth", data))
     assert isinstance(result, PickledObject)
     assert result.args == ()
     assert result.state == {"k": 1}
     assert result.factory.factory == PickledGlobal("os", "system")
     assert result.factory.args == ("id",)
     assert result.global_name == "os.system"
+    assert repr(result) == "<PickledObject os.system>"
+
+
+@pytest.mark.parametrize("module", ["sys", "os", "posix", "nt", "builtins"])
+def test_globals_of_blocked_modules_stay_inert(tmp_path, module):
+    _, state_dict = small_state_dict()
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as archive:
+        inner = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        weights = archive.read(inner)
+    # {"model": <the state dict>, "evil": module.system("id")}; the state dict pickle is
+    # embedded whole (its memo indices stay below 100, the ones used here are 100+).
+    call = b"c" + module.encode() + b"\nsystem\nq\x64X\x02\x00\x00\x00id\x85R"
+    data = (b"\x80\x02}(X\x05\x00\x00\x00model" + weights[2:-1]
+            + b"X\x04\x00\x00\x00evil" + call + b"u.")
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            archive.writestr(info, data if info.filename == inner else source.read(info))
+    loaded = load_checkpoint_file(path)
+    assert_state_dicts_equal(loaded["model"], state_dict)
+    assert loaded["evil"].factory == PickledGlobal(module, "system")
+    assert loaded["evil"].args == ("id",)
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_whole_module_pickle_becomes_placeholder(tmp_path, zip_format):
     path = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 3), path, _use_new_zipfile_serialization=zip_format)
+    if not zip_format:
+        with pytest.raises(ValueError, match="legacy non-zip format"):
+            load_checkpoint_file(path)
+        return
     loaded = load_checkpoint_file(path)
     assert loaded.global_name == "torch.nn.modules.linear.Linear"
     assert loaded.state["_parameters"]["weight"].shape == (3, 2)
@@ -284,8 +399,9 @@ def test_sparse_tensors_are_validated_on_fallback(tmp_path, zip_format):
     values = torch.tensor([1.0, 2.0])
     good = torch.sparse_coo_tensor(indices, values, (3,), check_invariants=True)
     path = tmp_path / "sparse.pth"
-    torch.save({"s": good, "cfg": TrainConfig()}, path, _use_new_zipfile_serialization=zip_format)
-    assert torch.equal(load_checkpoint_file(path)["s"].to_dense(), good.to_dense())
+    if zip_format:
+        torch.save({"s": good, "cfg": TrainConfig()}, path)
+        assert torch.equal(load_checkpoint_file(path)["s"].to_dense(), good.to_dense())
 
     # Out-of-bounds index: using it could read out of bounds, so loading fails.
     bad = torch.sparse_coo_tensor(indices * 50, values, (3,), check_invariants=False)
@@ -293,15 +409,32 @@ def test_sparse_tensors_are_validated_on_fallback(tmp_path, zip_format):
     with pytest.raises(ValueError, match="could not be read"):
         load_checkpoint_file(path)
 
+    # The failed load leaves nothing behind that would fail the next one.
+    other = tmp_path / "other.pth"
+    torch.save({"s": good}, other)
+    assert torch.equal(load_checkpoint_file(other)["s"].to_dense(), good.to_dense())
+    assert torch.equal(torch.load(other, weights_only=True)["s"].to_dense(), good.to_dense())
+
 
 def test_torchscript_archive_is_refused(tmp_path):
     path = tmp_path / "scripted.pt"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("scripted/data.pkl", pickle.dumps({}, protocol=2))
         archive.writestr("scripted/constants.pkl", pickle.dumps((), protocol=2))
-    with pytest.raises(ValueError, match="TorchScript"):
-        vmamba._check_format_for_restricted_load(str(path))
-    with pytest.raises(ValueError, match="could not be read"):
+        archive.writestr("scripted/version", "3\n")
+    with pytest.raises(ValueError, match="could not be read.*TorchScript"):
+        load_checkpoint_file(path)
+
+
+def test_legacy_tar_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "old.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name in ("sys_info", "pickle", "storages", "tensors"):
+            payload = pickle.dumps({}, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="could not be read.*legacy .tar format"):
         load_checkpoint_file(path)
 
 
@@ -516,20 +649,21 @@ def test_connection_refused(tmp_path):
     assert _files(tmp_path) == []
 
 
-def test_timeout(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(vmamba, "_DOWNLOAD_TIMEOUT_S", 0.3)
+def test_server_hanging_up_without_answer(server, tmp_path):
     server.mode = "slow"
     url = f"{server.base_url}/model.pth"
-    with pytest.raises(RuntimeError, match="timed out") as excinfo:
+    with pytest.raises(RuntimeError) as excinfo:
         download_cached(url, progress=False, cache_dir=tmp_path)
     assert url in str(excinfo.value)
+    assert os.path.join(tmp_path, "model.pth") in str(excinfo.value)
+    assert excinfo.value.__cause__ is not None
     assert _files(tmp_path) == []
 
 
 def test_truncated_body_leaves_no_file_then_recovers(server, tmp_path):
     url = f"{server.base_url}/model.pth"
     server.mode = "truncate"
-    with pytest.raises(RuntimeError, match="connection closed after") as excinfo:
+    with pytest.raises(RuntimeError, match="incomplete: the connection closed early") as excinfo:
         download_cached(url, progress=False, cache_dir=tmp_path)
     assert url in str(excinfo.value)
     assert _files(tmp_path) == []  # neither final file nor .partial leftovers
@@ -539,6 +673,14 @@ def test_truncated_body_leaves_no_file_then_recovers(server, tmp_path):
     with open(path, "rb") as file:
         assert file.read() == server.body
     assert _files(tmp_path) == ["model.pth"]
+
+
+def test_download_shows_progress(server, tmp_path, capfd):
+    path = download_cached(f"{server.base_url}/w.pth", cache_dir=tmp_path, progress=True)
+    assert os.path.getsize(path) == len(server.body)
+    assert "100" in capfd.readouterr().err   # tqdm's bar (or torch's fallback) reached 100%
+    download_cached(f"{server.base_url}/v.pth", cache_dir=tmp_path, progress=False)
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
@@ -552,13 +694,18 @@ def test_truncated_body_leaves_no_file_then_recovers(server, tmp_path):
         ("/a/m%C3%B6del.pth", "m_del.pth"),
     ],
 )
-def test_cache_file_name_is_filesystem_safe(url_path, expected):
-    assert vmamba._cache_file_name(f"https://example.com{url_path}?x=1#frag") == expected
+def test_cache_file_name_is_filesystem_safe(server, tmp_path, url_path, expected):
+    cache_dir = tmp_path / "cache"
+    path = download_cached(f"{server.base_url}{url_path}?x=1#frag", progress=False, cache_dir=cache_dir)
+    assert path == os.path.join(cache_dir, expected)
+    assert _files(cache_dir) == [expected] and _files(tmp_path) == ["cache"]
+    assert server.requests == [f"{url_path}?x=1"]
 
 
-def test_cache_file_name_is_length_limited():
-    name = vmamba._cache_file_name("https://example.com/" + "a" * 500 + ".pth")
-    assert len(name) <= 200 and name.endswith(".pth")
+def test_cache_file_name_is_length_limited(server, tmp_path):
+    path = download_cached(f"{server.base_url}/{'a' * 500}.pth", progress=False, cache_dir=tmp_path)
+    name = os.path.basename(path)
+    assert len(name) <= 200 and name.endswith(".pth") and _files(tmp_path) == [name]
 
 
 @pytest.mark.parametrize("url", ["https://example.com/", "https://example.com/%2e%2e"])
@@ -576,3 +723,117 @@ def test_malformed_sha256_rejected(sha256, tmp_path):
 def test_non_http_url_rejected(tmp_path):
     with pytest.raises(ValueError, match="http"):
         download_cached("file:///etc/passwd", cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# safetensors files and save_weights
+# ---------------------------------------------------------------------------
+
+
+def _tiny_vssm():
+    torch.manual_seed(0)
+    return vmamba.VSSM(depths=[1], dims=8, num_classes=3)
+
+
+def _safetensors_bytes(state_dict, tmp_path):
+    path = tmp_path / "tmp.safetensors"
+    save_weights(state_dict, path)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_safetensors_file_loads(tmp_path):
+    pytest.importorskip("safetensors")
+    _, state_dict = small_state_dict()
+    path = tmp_path / "weights.safetensors"
+    save_weights(state_dict, path)
+    assert_state_dicts_equal(dict(sorted(load_checkpoint_file(path).items())), dict(sorted(state_dict.items())))
+    # Recognised by content too, whatever the file is called.
+    renamed = tmp_path / "weights.bin"
+    path.rename(renamed)
+    assert torch.equal(load_checkpoint_file(renamed)["0.weight"], state_dict["0.weight"])
+
+
+def test_safetensors_file_loads_into_model(tmp_path):
+    pytest.importorskip("safetensors")
+    source = _tiny_vssm()
+    path = tmp_path / "vssm.safetensors"
+    save_weights(source, path)
+    model = vmamba.load_pretrained(vmamba.VSSM(depths=[1], dims=8, num_classes=3), path)
+    assert_state_dicts_equal(model.state_dict(), source.state_dict())
+
+
+def test_safetensors_url_loads_into_model(server, tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    source = _tiny_vssm()
+    server.body = _safetensors_bytes(source.state_dict(), tmp_path)
+    url = f"{server.base_url}/release/vssm_tiny.safetensors"
+    model = vmamba.load_pretrained(vmamba.VSSM(depths=[1], dims=8, num_classes=3), url, progress=False,
+                                   sha256=hashlib.sha256(server.body).hexdigest())
+    assert_state_dicts_equal(model.state_dict(), source.state_dict())
+    assert _files(tmp_path / "hub" / "checkpoints") == ["vssm_tiny.safetensors"]
+    assert server.requests == ["/release/vssm_tiny.safetensors"]
+
+
+def test_corrupt_safetensors_file_raises_value_error(tmp_path):
+    pytest.importorskip("safetensors")
+    _, state_dict = small_state_dict()
+    path = tmp_path / "weights.safetensors"
+    save_weights(state_dict, path)
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="could not be read") as excinfo:
+        load_checkpoint_file(path)
+    assert str(path) in str(excinfo.value) and excinfo.value.__cause__ is not None
+
+
+def test_safetensors_without_the_package_names_pip(tmp_path, monkeypatch):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        load_checkpoint_file(path)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        save_weights({"w": torch.ones(1)}, tmp_path / "out.safetensors")
+    save_weights({"w": torch.ones(1)}, tmp_path / "out.pth")   # torch.save needs nothing extra
+    assert torch.equal(load_checkpoint_file(tmp_path / "out.pth")["w"], torch.ones(1))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_save_weights_round_trips(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    base = torch.arange(24.0).reshape(4, 6)
+    state = {
+        "weight": base,
+        "tied": base,                       # the same tensor twice
+        "rows": base[1:3],                  # a view into it
+        "transposed": base.t(),             # not contiguous
+        "bias": torch.nn.Parameter(torch.ones(3)),
+        "ints": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "empty": torch.zeros(0),
+    }
+    path = tmp_path / f"weights{suffix}"
+    save_weights(state, path)
+    loaded = load_checkpoint_file(path)
+    assert sorted(loaded) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value.detach()) and loaded[key].dtype == value.dtype, key
+    assert torch.equal(state["weight"], torch.arange(24.0).reshape(4, 6))   # input untouched
+
+
+def test_save_weights_takes_a_model(tmp_path):
+    pytest.importorskip("safetensors")
+    model = _tiny_vssm()
+    for name in ("m.safetensors", "m.pth"):
+        save_weights(model, tmp_path / name)
+        restored = vmamba.load_pretrained(vmamba.VSSM(depths=[1], dims=8, num_classes=3), tmp_path / name)
+        assert_state_dicts_equal(restored.state_dict(), model.state_dict())
+
+
+def test_save_weights_safetensors_refuses_non_tensors(tmp_path):
+    pytest.importorskip("safetensors")
+    with pytest.raises(TypeError, match="only tensors"):
+        save_weights({"w": torch.ones(1), "epoch": 3}, tmp_path / "w.safetensors")

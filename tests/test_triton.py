@@ -3,7 +3,6 @@ interpreter (conftest.py sets TRITON_INTERPRET=1 before vmamba is imported); siz
 tiny because it is slow. Select or skip them with ``-m triton`` / ``-m "not triton"``."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed")
 import vmamba  # noqa: E402
@@ -14,31 +13,11 @@ from vmamba import _selective_scan_triton as selective_scan_triton  # noqa: E402
 pytestmark = pytest.mark.triton
 
 
-def ref_selective_scan(u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, reverse):
-    """Per-step float64 recurrence; reversed groups are flipped, scanned, flipped back."""
-    u, delta, A, Bs, Cs = (t.double() for t in (u, delta, A, Bs, Cs))
-    Bsz, KD, L = u.shape
-    K = Bs.shape[1]
-    z = delta + (delta_bias.double()[:, None] if delta_bias is not None else 0.0)
-    dt = F.softplus(z) if delta_softplus else z
-    Bc = Bs.repeat_interleave(KD // K, dim=1)                  # (batch, K*D, N, L)
-    Cc = Cs.repeat_interleave(KD // K, dim=1)
-    rev = torch.tensor([bool(reverse and reverse[c * K // KD]) for c in range(KD)])
-
-    def flip(x):  # flip along L for the channels of reversed groups
-        r = rev.view(1, KD, *([1] * (x.dim() - 2)))
-        return torch.where(r, x.flip(-1), x)
-
-    u_, dt_, B_, C_ = flip(u), flip(dt), flip(Bc), flip(Cc)
-    h = u.new_zeros(Bsz, KD, A.shape[1])
-    ys = []
-    for u_t, dt_t, B_t, C_t in zip(u_.unbind(-1), dt_.unbind(-1), B_.unbind(-1), C_.unbind(-1)):
-        h = torch.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t
-        ys.append((h * C_t).sum(-1))
-    y = flip(torch.stack(ys, -1))
-    if Ds is not None:
-        y = y + Ds.double()[:, None] * u
-    return y
+def ref_scan(inputs, softplus=True):
+    """float64 (y, last_state) of vmamba.selective_scan_ref, inputs as make_inputs gives them."""
+    u, delta, A, Bs, Cs, Ds, bias = inputs
+    return vmamba.selective_scan_ref(u, delta, A, Bs, Cs, Ds, delta_bias=bias, delta_softplus=softplus,
+                                     return_last_state=True)
 
 
 def make_inputs(Bsz, K, D, N, L, dtype, with_D, with_bias, seed=0):
@@ -70,33 +49,35 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(vmamba, "_scan_blocks", lambda D, N, L: (*default(D, N, L)[:2], 16))
 
 
-REV23 = [False, False, True, True]
 CASES = [
-    # (Bsz, K, D, N, L, dtype, with_D, with_bias, softplus, reverse, small_chunks)
-    (1, 4, 4, 1, 131, torch.float32, True, True, True, REV23, True),
-    (1, 4, 3, 4, 37, torch.float32, True, True, True, REV23, True),
-    (1, 4, 4, 4, 37, torch.float32, False, False, True, None, False),  # default tiles: 1 chunk
-    (1, 4, 4, 3, 37, torch.float32, True, False, False, [False, True, False, True], True),
-    (1, 4, 4, 4, 37, torch.float16, True, True, True, REV23, True),
-    (2, 4, 4, 1, 37, torch.bfloat16, False, True, True, REV23, True),
+    # (Bsz, K, D, N, L, dtype, with_D, with_bias, softplus, small_chunks)
+    (1, 4, 4, 1, 131, torch.float32, True, True, True, True),
+    (1, 4, 2, 2, 32, torch.float32, True, True, True, True),  # L a multiple of BLOCK_L
+    (1, 4, 3, 4, 37, torch.float32, True, True, True, True),
+    (1, 4, 4, 4, 37, torch.float32, False, False, True, False),  # default tiles: 1 chunk
+    (1, 4, 4, 3, 37, torch.float32, True, False, False, True),
+    (1, 4, 4, 4, 37, torch.float16, True, True, True, True),
+    (2, 4, 4, 1, 37, torch.bfloat16, False, True, True, True),
 ]
 
 
-@pytest.mark.parametrize("Bsz,K,D,N,L,dtype,with_D,with_bias,softplus,reverse,chunked", CASES)
+@pytest.mark.parametrize("Bsz,K,D,N,L,dtype,with_D,with_bias,softplus,chunked", CASES)
 def test_selective_scan_matches_float64(Bsz, K, D, N, L, dtype, with_D, with_bias, softplus,
-                                        reverse, chunked, request):
+                                        chunked, request):
     if chunked:
         request.getfixturevalue("small_chunks")
     inputs = make_inputs(Bsz, K, D, N, L, dtype, with_D, with_bias)
     if not softplus:  # delta is used as dt directly: keep it positive
         with torch.no_grad():
             inputs[1].copy_(inputs[1].abs() * 0.2)
-    y = selective_scan_triton(*inputs, delta_softplus=softplus, reverse=reverse)
+    y, last = selective_scan_triton(*inputs, delta_softplus=softplus)
     assert y.dtype == torch.float32 and y.shape == (Bsz, K * D, L)
+    assert last.dtype == torch.float32 and last.shape == (Bsz, K * D, N) and not last.requires_grad
 
     ref_inputs = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    y_ref = ref_selective_scan(*ref_inputs, softplus, reverse)
+    y_ref, last_ref = ref_scan(ref_inputs, softplus)
     assert_close(y, y_ref, 1e-5, "y")  # computed in float32 from the same (rounded) inputs
+    assert_close(last, last_ref.detach(), 1e-5, "last_state")
 
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     y.backward(dy)
@@ -115,10 +96,11 @@ def test_selective_scan_strong_decay_no_nan(small_chunks):
     inputs = make_inputs(1, 4, 2, 4, 21, torch.float32, True, True, seed=3)
     with torch.no_grad():
         inputs[1].mul_(20.0)  # large positive delta -> dt up to ~30
-    y = selective_scan_triton(*inputs, reverse=[False, True, False, True])
+    y, last = selective_scan_triton(*inputs, delta_softplus=True)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref = ref_selective_scan(*ref_inputs, True, [False, True, False, True])
+    y_ref, last_ref = ref_scan(ref_inputs)
     assert_close(y, y_ref, 1e-5, "y")
+    assert_close(last, last_ref.detach(), 1e-5, "last_state")
     y.sum().backward()
     y_ref.sum().backward()
     for name, t, r in zip(["u", "delta", "A", "B", "C", "D", "delta_bias"], inputs, ref_inputs):
@@ -130,7 +112,8 @@ def test_selective_scan_compiles_without_graph_break():
     inputs = make_inputs(1, 4, 2, 2, 9, torch.float32, True, True)
 
     def f(u, delta, A, B, C, D, bias):
-        return selective_scan_triton(u, delta, A, B, C, D, bias, reverse=[False, False, True, True]).sum()
+        y, last = selective_scan_triton(u, delta, A, B, C, D, bias, delta_softplus=True)
+        return y.sum() + last.sum()
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs)
     out.backward()
@@ -191,13 +174,14 @@ def test_custom_op_registrations():
     """Schema, fake (meta) implementations and autograd registration of all four ops."""
     ops = getattr(torch.ops, vmamba._OPS_NS)
     u, delta, A, Bs, Cs, Ds, bias = make_inputs(1, 4, 2, 2, 9, torch.float32, True, True)
-    y, states = ops.selective_scan_fwd(u, delta, A, Bs, Cs, Ds, bias, True, 12)
+    y, states = ops.selective_scan_fwd(u, delta, A, Bs, Cs, Ds, bias, True)
+    assert states.shape == (1, 8, 2, 2)  # one chunk: its start state, then the final state
     detached = [t.detach() for t in (u, delta, A, Bs, Cs, Ds, bias)]
     calls = [
-        (ops.selective_scan_fwd, (u, delta, A, Bs, Cs, Ds, bias, True, 12)),
-        (ops.selective_scan_fwd, (u, delta, A, Bs, Cs, None, None, False, 0)),
+        (ops.selective_scan_fwd, (u, delta, A, Bs, Cs, Ds, bias, True)),
+        (ops.selective_scan_fwd, (u, delta, A, Bs, Cs, None, None, False)),
         (ops.selective_scan_bwd,
-         (torch.randn_like(y), *detached, states.detach(), True, 12)),
+         (torch.randn_like(y), *detached, states.detach(), True)),
         (ops.cross_scan, (torch.randn(1, 2, 3, 5, requires_grad=True),)),
         (ops.cross_merge, (torch.randn(1, 4, 2, 3, 5, requires_grad=True),)),
     ]
@@ -208,11 +192,16 @@ def test_custom_op_registrations():
 
 def test_public_api_and_model_use_triton():
     """selective_scan(backend="triton") and a whole SS2D layer agree with the torch backend."""
-    inputs = make_inputs(1, 4, 3, 2, 23, torch.float32, True, True)
+    u, delta, A, Bs, Cs, Ds, bias = make_inputs(1, 4, 3, 2, 23, torch.float32, True, True)
+    z = torch.randn_like(u)
+    kw = dict(D=Ds, z=z, delta_bias=bias, delta_softplus=True)
     with torch.no_grad():
-        got = vmamba.selective_scan(*inputs, backend="triton")
-        ref = vmamba.selective_scan(*inputs, backend="torch")
+        got, last = vmamba.selective_scan(u, delta, A, Bs, Cs, **kw, return_last_state=True, backend="triton")
+        ref = vmamba.selective_scan(u, delta, A, Bs, Cs, **kw, backend="torch")
+        y_ref, last_ref = vmamba.selective_scan_ref(u, delta, A, Bs, Cs, **kw, return_last_state=True)
     assert_close(got, ref.double(), 1e-5, "y")
+    assert_close(got, y_ref, 1e-5, "y vs ref")
+    assert_close(last, last_ref, 1e-5, "last_state")
     layer = vmamba.SS2D(d_model=8, d_state=2, ssm_ratio=1.0, forward_type="v05_noz").eval()
     x = torch.randn(1, 3, 5, 8)
     with torch.no_grad():

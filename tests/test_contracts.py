@@ -1,0 +1,231 @@
+"""Contracts of issue #11, on small models of every zoo architecture.
+
+- No forward writes into a tensor it is given: not the model's input, not any module's
+  input, in train or eval mode, with autograd on, off or in inference mode, and also when
+  a block's ``norm`` and ``op`` are ablated to ``nn.Identity``.
+- ``torch.compile(fullgraph=True)`` (inductor, CPU) and ``torch.export`` reproduce eager,
+  and a second call of the compiled model with the same shape does not recompile.
+- timm's FX feature extraction (``feature_cls="fx"``) returns what the getter and
+  ``forward_intermediates`` return.
+- Nothing outlives a forward: no tensors are kept between calls.
+"""
+import functools
+import gc
+
+import pytest
+import torch
+import torch.nn as nn
+
+import vmamba
+
+SMALL = dict(depths=[1, 1, 1, 1], dims=8)
+# The zoo's two architecture families, each in its smallest useful form.
+FAMILIES = {
+    "vanilla": "vanilla_vmamba_tiny",   # v0 (gated), N=16, v1 patch embedding and patch merging, ln
+    "v2": "vmamba_tiny_s1l8",           # v05_noz, N=1, MLP, v2 patch embedding, v3 downsample, ln2d
+}
+MODES = {  # (training, autograd context)
+    "train, grad": (True, torch.enable_grad),
+    "train, no_grad": (True, torch.no_grad),
+    "train, inference_mode": (True, torch.inference_mode),
+    "eval, grad": (False, torch.enable_grad),
+    "eval, no_grad": (False, torch.no_grad),
+    "eval, inference_mode": (False, torch.inference_mode),
+}
+
+
+def _rel(got, ref):
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------
+# No forward writes into its input
+
+
+class _InputGuard:
+    """Hooks on every module: after each forward, that module's tensor inputs must hold the
+    values (and, for tensors with a version counter, the version) they had before it."""
+
+    def __init__(self, model: nn.Module):
+        self.changed, self._pending, self._handles = [], {}, []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(functools.partial(self._before, name)))
+            self._handles.append(module.register_forward_hook(functools.partial(self._after, name)))
+
+    @staticmethod
+    def _tensors(args):
+        return [a for a in args if isinstance(a, torch.Tensor)]
+
+    def _before(self, name, module, args):
+        record = [(t, None if t.is_inference() else t._version, t.detach().clone()) for t in self._tensors(args)]
+        self._pending.setdefault(name, []).append(record)
+
+    def _after(self, name, module, args, output):
+        for t, version, value in self._pending[name].pop():
+            if not torch.equal(t.detach(), value) or (version is not None and t._version != version):
+                self.changed.append(f"{name or 'the model'} ({type(module).__name__})")
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _ablate(model: nn.Module) -> None:
+    for layer in model.layers:
+        for block in layer.blocks:
+            block.norm, block.op = nn.Identity(), nn.Identity()
+
+
+def _check_no_writes(model: nn.Module, x: torch.Tensor) -> None:
+    guard = _InputGuard(model)
+    try:
+        for mode, (training, context) in MODES.items():
+            model.train(training)
+            x_before, version = x.clone(), x._version
+            with context():
+                out = model(x)
+                outs = out if isinstance(out, list) else [out]
+                if torch.is_grad_enabled():
+                    sum(o.float().square().mean() for o in outs).backward()   # autograd saw no overwrites
+            assert torch.equal(x, x_before) and x._version == version, f"{mode}: the input was modified"
+            assert not guard.changed, f"{mode}: inputs modified by {guard.changed}"
+            model.zero_grad(set_to_none=True)
+    finally:
+        guard.remove()
+
+
+@pytest.mark.parametrize("ablated", [False, True], ids=["full", "norm_and_op_ablated"])
+@pytest.mark.parametrize("name", vmamba.list_models())
+def test_no_forward_writes_into_its_input(name, ablated):
+    """The old in-place residual turned x + op(norm(x)) with op = norm = Identity into 2x in place."""
+    torch.manual_seed(0)
+    model = vmamba.create_model(name, num_classes=5, **SMALL)   # the zoo's drop_path rates: active in train
+    backbone = vmamba.create_model(name, features_only=True, out_indices=(1, 3), **SMALL)
+    x = torch.randn(2, 3, 24, 20)   # stage maps 6x5 (two chunks) down to 1x1
+    for net in (model, backbone):
+        if ablated:
+            _ablate(net)
+        _check_no_writes(net, x)
+
+
+def test_the_guard_catches_an_in_place_residual():
+    """The check itself: a block that adds in place into its input is reported."""
+
+    class InPlaceBlock(nn.Module):
+        def forward(self, x):
+            return x.add_(1.0)
+
+    model = vmamba.VSSM(num_classes=5, **SMALL)
+    model.layers[1].blocks[0] = InPlaceBlock()
+    with pytest.raises(AssertionError, match=r"layers\.1\.blocks\.0 \(InPlaceBlock\)"):
+        _check_no_writes(model, torch.randn(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile and torch.export
+#
+# Tiny models and inputs keep each compilation to tens of seconds. Chunks of 4 steps (instead
+# of the default 16) give several chunks, a partial last chunk and the log-depth carry scan at
+# these sizes while the unrolled loop stays short; raising=False keeps the test meaningful
+# (with the default chunk) should that internal name change.
+
+
+def _compile_case(family):
+    torch.manual_seed(0)
+    model = vmamba.create_model(FAMILIES[family], depths=[1, 1], dims=8, num_classes=10).eval()
+    return model, torch.randn(2, 3, 20, 12)   # stage maps 5x3 (L=15) and 3x2 (L=6)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_fullgraph_matches_eager_without_recompiling(family, monkeypatch):
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    model, x = _compile_case(family)
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        expected = model(x)
+        assert _rel(compiled(x), expected) < 1e-4
+        x2 = torch.randn_like(x)
+        with torch.compiler.set_stance("fail_on_recompile"):   # same shape: the compiled code is reused
+            got = compiled(x2)
+        assert _rel(got, model(x2)) < 1e-4
+    torch.compiler.reset()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_export_matches_eager(family, monkeypatch):
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    model, x = _compile_case(family)
+    program = torch.export.export(model, (x,))
+    exported = program.module()
+    with torch.no_grad():
+        for inputs in (x, torch.randn_like(x)):   # nothing of the example input is baked in
+            assert _rel(exported(inputs), model(inputs)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# timm's FX feature extraction
+
+
+def _load_subset(module: nn.Module, state: dict) -> None:
+    """Load the model's weights into a wrapper's copy of (a part of) the model."""
+    own = module.state_dict()
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+@pytest.mark.parametrize("name", vmamba.list_models())
+def test_timm_fx_features_match_the_getter_and_forward_intermediates(name):
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    pytest.importorskip("torchvision", reason="timm's FX feature extraction needs torchvision")
+    vmamba.register_timm()
+    model = vmamba.create_model(name, **SMALL).eval()
+    fx = timm.create_model(name, features_only=True, feature_cls="fx", **SMALL).eval()
+    getter = timm.create_model(name, features_only=True, **SMALL).eval()
+    state = model.state_dict()
+    _load_subset(fx.graph_module, state)
+    _load_subset(getter.model, state)
+    assert fx.feature_info.channels() == getter.feature_info.channels() == [8, 16, 32, 64]
+    assert fx.feature_info.reduction() == getter.feature_info.reduction() == [4, 8, 16, 32]
+    x = torch.randn(2, 3, 64, 40)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+        for extractor in (fx, getter):
+            got = extractor(x)
+            assert [tuple(f.shape) for f in got] == [tuple(f.shape) for f in expected]
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e)
+
+
+# ---------------------------------------------------------------------------------------
+# Nothing outlives a forward
+
+
+def _live_tensors():
+    gc.collect()
+    # type(), not isinstance(): the latter reads __class__, which some deprecated torch objects warn on
+    tensors = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    return len(tensors), sum(t.untyped_storage().nbytes() for t in tensors if t.device.type != "meta")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nothing_is_kept_between_calls(family):
+    torch.manual_seed(0)
+    model = vmamba.create_model(FAMILIES[family], num_classes=5, **SMALL)
+    x = torch.randn(2, 3, 64, 40)
+    before = _live_tensors()
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        with torch.inference_mode():
+            out = model(x)
+        model.train()
+        model(x).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        del out
+        assert _live_tensors() == before, "tensors (count, bytes) outlived the forward"
+    kept = [f"{name}.{attr}" for name, m in model.named_modules() for attr, value in vars(m).items()
+            if isinstance(value, torch.Tensor)]
+    assert not kept, f"modules hold tensors besides parameters and buffers: {kept}"

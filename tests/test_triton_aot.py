@@ -1,0 +1,202 @@
+"""Every Triton kernel of vmamba.py compiles for real GPUs (sm_80 and sm_90), checked on a
+machine without one: ``triton.compile`` runs the whole pipeline down to a cubin with the
+``ptxas`` that ships with triton, for each tile configuration ``_scan_blocks`` can choose.
+
+The interpreter (TRITON_INTERPRET=1, set by conftest.py) replaces the jit functions, so the
+compilation runs in a subprocess without it: this file run as a script. By hand::
+
+    python tests/test_triton_aot.py [--jobs N]     # prints one JSON summary line
+
+Coverage. The full product (95 tiles x 8 constexpr combinations x 2 kernels x 2 targets) is
+~3000 compilations, over an hour on two cores, so each distinct tile is compiled once per
+kernel while the constexpr combination (HAS_D, HAS_BIAS, SOFTPLUS) and the target cycle
+along the tiles: every tile on one target, every combination on both targets for both
+kernels. The tiles VMamba runs (at any size, N=1 and N=16) are also compiled on both
+targets with float32, bfloat16 and float16 inputs, and the cross-scan kernel for each
+BLOCK, MERGE and target. Integer arguments are specialised as triton does at launch
+(1 becomes a constant, multiples of 16 are marked divisible, pointers 16-byte aligned),
+from a real (D, N, L) that selects the tile.
+"""
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = (80, 90)
+NUM_WARPS = 4  # what every launch in vmamba.py passes
+COMBOS = list(itertools.product((True, False), repeat=3))  # HAS_D, HAS_BIAS, SOFTPLUS
+SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}  # per-block limit (A100, H100)
+# Sequence lengths: the tiles change only at powers of two; these bracket every one.
+LENGTHS = sorted({v for k in range(17) for v in (2 ** k - 1, 2 ** k, 2 ** k + 1) if 1 <= v <= 65536}
+                 | {7 * 7, 14 * 14, 28 * 28, 56 * 56, 64 * 64, 128 * 128})
+
+
+def scan_tiles(scan_blocks):
+    """{(BLOCK_D, BLOCK_N, BLOCK_L): [(D, N, L) with the smallest L, ... with the largest L]}
+    over D in 1..1536, N in 1..16 and the lengths above."""
+    tiles = {}
+    for L in LENGTHS:
+        for N in range(1, 17):
+            for D in range(1, 1537):
+                tile = scan_blocks(D, N, L)
+                examples = tiles.setdefault(tile, [(D, N, L), (D, N, L)])
+                examples[1] = (D, N, L)
+    return tiles
+
+
+def arg_type(value):
+    """Signature type and divisibility of an integer launch argument, as triton specialises it."""
+    if value == 1:
+        return "constexpr", False
+    return ("i32" if value < 2 ** 31 else "i64"), value % 16 == 0
+
+
+def scan_job(kernel, tile, shape, combo, cap, dtype="fp32", K=4):
+    (block_d, block_n, block_l), (D, N, L) = tile, shape
+    ints = dict(L=L, N=N, D=D, K=K, n_chunks=math.ceil(L / block_l))
+    consts = dict(zip(("HAS_D", "HAS_BIAS", "SOFTPLUS"), combo), BLOCK_D=block_d, BLOCK_N=block_n,
+                  BLOCK_L=block_l)
+    low = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr"}  # inputs that may be bf16/fp16
+    return dict(kernel=kernel, cap=cap, ints=ints, consts=consts,
+                ptrs={name: dtype for name in low})
+
+
+def cross_job(block, merge, cap, dtype="fp32"):
+    H = max(1, math.isqrt(block)) if block < 1024 else 56
+    W = block // H if block < 1024 else 56  # L = H*W selects this BLOCK: min(1024, next_pow2(L))
+    C = 96
+    return dict(kernel="_cross_kernel", cap=cap, ints=dict(C=C, H=H, W=W, stride_k=C * H * W),
+                consts=dict(MERGE=merge, BLOCK=block), ptrs=dict(src_ptr=dtype, dst_ptr=dtype))
+
+
+def all_jobs(vmamba):
+    tiles = scan_tiles(vmamba._scan_blocks)
+    jobs = []
+    for i, (tile, examples) in enumerate(sorted(tiles.items())):
+        combo, cap = COMBOS[i % len(COMBOS)], TARGETS[(i // len(COMBOS)) % len(TARGETS)]
+        for kernel in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
+            jobs.append(scan_job(kernel, tile, examples[i % 2], combo, cap, K=4 if i % 3 else 1))
+    for cap, (D, N, L), dtype, kernel in itertools.product(
+            TARGETS, [(192, 1, 3136), (192, 16, 3136)], ("fp32", "bf16", "fp16"),
+            ("_scan_fwd_kernel", "_scan_bwd_kernel")):
+        jobs.append(scan_job(kernel, vmamba._scan_blocks(D, N, L), (D, N, L), COMBOS[0], cap, dtype))
+    blocks = sorted({min(1024, vmamba._next_pow2(L)) for L in range(1, 65537)})
+    for cap, block, merge in itertools.product(TARGETS, blocks, (False, True)):
+        jobs.append(cross_job(block, merge, cap))
+    for cap, dtype, merge in itertools.product(TARGETS, ("bf16", "fp16"), (False, True)):
+        jobs.append(cross_job(1024, merge, cap, dtype))
+    return jobs, len(tiles)
+
+
+def _init_worker():
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(ROOT))
+    import vmamba  # noqa: F401
+
+
+def compile_job(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import vmamba
+    kernel = getattr(vmamba, job["kernel"])
+    signature, constexprs, attrs = {}, dict(job["consts"]), {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + job["ptrs"].get(name, "fp32")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name], divisible = arg_type(job["ints"][name])
+            if signature[name] == "constexpr":
+                constexprs[name] = job["ints"][name]
+            elif divisible:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    start = time.perf_counter()
+    result = dict(job, ok=False, error=None)
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", job["cap"], 32), options={"num_warps": NUM_WARPS})
+        cubin, shared = compiled.asm.get("cubin"), compiled.metadata.shared
+        result.update(cubin_bytes=len(cubin or b""), shared=shared)
+        if not cubin:
+            result["error"] = "no cubin produced"
+        elif shared > SHARED_MEMORY[job["cap"]]:
+            result["error"] = f"needs {shared} bytes of shared memory"
+        else:
+            result["ok"] = True
+    except Exception as exc:  # a compiler error is a result, reported with its job
+        result["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    _init_worker()
+    import triton
+
+    import vmamba
+    start = time.perf_counter()
+    # the assembler triton runs (it ships one; TRITON_PTXAS_PATH overrides it)
+    ptxas = os.environ.get("TRITON_PTXAS_PATH") or str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
+    jobs, n_tiles = all_jobs(vmamba)
+    jobs.sort(key=lambda job: job["kernel"] != "_scan_bwd_kernel")  # the slowest first
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(compile_job, jobs))
+    failed = [r for r in results if not r["ok"]]
+    compiled = {f"sm_{cap}": {kind: sum(r["ok"] and r["cap"] == cap and (r["kernel"] == "_cross_kernel") == cross
+                                        for r in results)
+                              for kind, cross in (("scan", False), ("cross", True))}
+                for cap in TARGETS}
+    print(json.dumps(dict(
+        triton=triton.__version__, ptxas=f"{ptxas}: {version.strip().splitlines()[-1]}", tiles=n_tiles,
+        jobs=len(jobs), compiled=compiled, failed=failed, slowest=sorted(results, key=lambda r: -r["seconds"])[:3],
+        seconds=round(time.perf_counter() - start, 1))))
+    return 1 if failed else 0
+
+
+# --- the test (pytest collects this file; the work happens in the subprocess above)
+
+try:
+    import pytest
+except ImportError:  # run as a script without pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.mark.triton
+    def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+        pytest.importorskip("triton", reason="triton is not installed")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, every time
+        proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                              timeout=900)
+        lines = proc.stdout.strip().splitlines()
+        assert lines, f"no output (status {proc.returncode}):\n{proc.stderr[-4000:]}"
+        summary = json.loads(lines[-1])
+        failures = "\n".join(f"{r['kernel']} sm_{r['cap']} {r['consts']} {r['ints']}: {r['error']}"
+                             for r in summary["failed"][:10])
+        assert proc.returncode == 0 and not summary["failed"], (
+            f"{len(summary['failed'])} of {summary['jobs']} compilations failed:\n{failures}")
+        print(f"compiled {summary['jobs']} kernels ({summary['tiles']} scan tiles): {summary['compiled']} "
+              f"in {summary['seconds']} s")
+        assert summary["tiles"] > 1 and all(n["scan"] and n["cross"] for n in summary["compiled"].values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Latency of VMamba models side by side with timm models, and of the selective scan.
+
+    python tools/bench.py --model vmamba_tiny_s1l8 --compare convnext_tiny --sizes 224,512 --repeats 9
+    python tools/bench.py --model vmamba_tiny_s1l8 --compare convnext_tiny --batch 8 --mode train
+    python tools/bench.py --compile                 # torch.compile'd models beside the eager ones
+    python tools/bench.py --scan                    # selective_scan against a per-position loop
+
+All timings of one table are taken in the same run, interleaved round-robin (one call of
+each contender per round), and summarised by their median, so that a machine whose speed
+drifts slows every contender alike. Uses vmamba's public API only.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+TOOLS = Path(__file__).resolve().parent
+for _path in (str(TOOLS.parent), str(TOOLS)):  # vmamba.py, and _common.py beside this file
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import vmamba  # noqa: E402
+from _common import optional_import, print_table, resolve_device, write_csv, write_json  # noqa: E402
+
+__all__ = ["timm_model", "bench_rows", "scan_loop", "scan_rows", "main"]
+
+
+# ----------------------------------------------------------------------------------------
+# Models.
+
+
+def timm_model(name: str, size: int) -> nn.Module:
+    """A timm model with random weights, built for ``size`` px inputs when it takes a size."""
+    timm = optional_import("timm", "timm", f"--compare {name}")
+    try:
+        return timm.create_model(name, pretrained=False, img_size=size)
+    except TypeError:  # models without a fixed input size take no img_size
+        return timm.create_model(name, pretrained=False)
+
+
+def _interleaved(calls: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, List[float]]:
+    """Run every call once per round, ``warmup`` + ``repeats`` rounds; the milliseconds of
+    each call in the last ``repeats`` rounds."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for i in range(warmup + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Median/min/max latency of each model at each size, runs interleaved round-robin.
+
+    With ``args.compile``, each model also runs as ``torch.compile(model, fullgraph=True)``:
+    compiled once per size, its first call (compilation included) reported as
+    ``compile_s``, then timed in the same rounds as the eager models. A model that fails to
+    compile keeps its row, with the error in ``compile_s`` and no timings. ``ratio`` is each
+    median over the eager median of the first ``--compare`` model.
+    """
+    device = resolve_device(args.device)
+    names = [(n, "vmamba") for n in args.model.split(",")]
+    names += [(n, "timm") for n in args.compare.split(",")] if args.compare else []
+    train = args.mode == "train"
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        x = torch.randn(args.batch, 3, size, size, device=device)
+        if args.compile:
+            torch.compiler.reset()  # a fresh compilation per size, within the recompile limit
+
+        def step(model: nn.Module, module: nn.Module) -> None:
+            if train:
+                model(x).float().square().mean().backward()
+                module.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode():
+                    model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        calls: Dict[Tuple[str, bool], Callable[[], None]] = {}      # (name, compiled) -> one step
+        compile_s: Dict[Tuple[str, bool], Any] = {}
+        for name, kind in names:
+            torch.manual_seed(0)
+            module = vmamba.create_model(name) if kind == "vmamba" else timm_model(name, size)
+            module = module.to(device).train(train)
+            calls[name, False] = lambda m=module: step(m, m)
+            compile_s[name, False] = None
+            if not args.compile:
+                continue
+            fast = torch.compile(module, fullgraph=True, dynamic=False, backend=args.compile_backend)
+            start = time.perf_counter()
+            try:
+                step(fast, module)
+            except Exception as e:  # report it in the table and time the others
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                print(f"{name} at {size} px does not compile: {type(e).__name__}: {first_line}", file=sys.stderr)
+                compile_s[name, True] = f"failed: {type(e).__name__}"
+                module.zero_grad(set_to_none=True)
+                continue
+            compile_s[name, True] = round(time.perf_counter() - start, 2)
+            calls[name, True] = lambda f=fast, m=module: step(f, m)
+
+        times = _interleaved(calls, args.warmup, args.repeats)
+        compare = next((name for name, kind in names if kind == "timm"), None)
+        base = statistics.median(times[compare, False]) if compare else None
+        for name, _ in names:
+            for compiled in (False, True) if args.compile else (False,):
+                t = sorted(times.get((name, compiled), []))
+                row = dict(model=name, compiled=compiled, size=size, batch=args.batch, mode=args.mode,
+                           device=str(device), threads=torch.get_num_threads(),
+                           compile_s=compile_s[name, compiled], median_ms="-", min_ms="-", max_ms="-", ratio="-")
+                if t:
+                    median = statistics.median(t)
+                    row.update(median_ms=round(median, 2), min_ms=round(t[0], 2), max_ms=round(t[-1], 2),
+                               ratio=round(median / base, 3) if base else "-")
+                rows.append(row)
+    return rows
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    """Time models side by side and print (and optionally save) the table; 1 if a model
+    failed to compile."""
+    rows = bench_rows(args)
+    compared = args.compare.split(",")[0] if args.compare else None
+    compiled = f", compiled with torch.compile(fullgraph=True, backend={args.compile_backend!r})" \
+        if args.compile else ""
+    print(f"tools/bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.mode}{compiled}, median of {args.repeats} after {args.warmup} warm-up runs, interleaved"
+          + (f"; ratio = median / {compared}'s eager median" if compared else ""))
+    columns = ["model", "size", "median_ms", "min_ms", "max_ms", "ratio"]
+    if args.compile:
+        columns[1:1] = ["compiled", "compile_s"]
+    print_table([{**r, "compile_s": "-" if r["compile_s"] is None else r["compile_s"]} for r in rows], columns)
+    _save(rows, args)
+    failed = [r for r in rows if isinstance(r["compile_s"], str)]
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------
+# The selective scan.
+
+
+def scan_loop(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
+    """The obvious selective scan: one step per position, vectorised over batch, channels
+    and state, stepping with unbind (the baseline of ``--scan``). Shapes as
+    :func:`vmamba.selective_scan`; softplus is applied to ``delta + delta_bias``."""
+    K = B.shape[1]
+    dt = F.softplus(delta + delta_bias[:, None])                               # (B, KD, L)
+    Bk, Ck = (t.repeat_interleave(u.shape[1] // K, dim=1) for t in (B, C))   # (B, KD, N, L)
+    dA = torch.exp(dt.unsqueeze(2) * A[:, :, None])
+    dBu = (dt * u).unsqueeze(2) * Bk
+    h, ys = u.new_zeros(dA.shape[:3]), []
+    for a_t, x_t, c_t in zip(dA.unbind(-1), dBu.unbind(-1), Ck.unbind(-1)):
+        h = a_t * h + x_t
+        ys.append((h * c_t).sum(-1))
+    return torch.stack(ys, -1) + D[:, None] * u
+
+
+def _torch_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
+    """The public scan with the pure-PyTorch backend, on the same inputs as :func:`scan_loop`."""
+    return vmamba.selective_scan(u, delta, A, B, C, D=D, delta_bias=delta_bias, delta_softplus=True,
+                                 backend="torch")
+
+
+SCAN_CASES = ((96, 1, 56, False), (96, 1, 56, True), (192, 16, 56, False))  # (D, N, side, backward)
+SCAN_CONTENDERS = {"loop (unbind)": scan_loop, "selective_scan(backend='torch')": _torch_scan}
+
+
+def scan_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """For each case of :data:`SCAN_CASES` (VMamba-T's first-stage size, K=4 directions,
+    L=3136), the per-position loop and ``selective_scan(backend="torch")`` timed
+    interleaved on the CPU: median and min milliseconds, speedup = loop / scan."""
+    rows = []
+    for D, N, side, backward in SCAN_CASES:
+        g = torch.Generator().manual_seed(0)
+        L, KD = side * side, 4 * D
+        u, delta = torch.randn(1, KD, L, generator=g), torch.randn(1, KD, L, generator=g) - 2
+        A = -torch.rand(KD, N, generator=g) * 4 - 0.1
+        B, C = torch.randn(1, 4, N, L, generator=g), torch.randn(1, 4, N, L, generator=g)
+        Dv, bias = torch.randn(KD, generator=g), torch.randn(KD, generator=g) * 0.1
+        inputs = (u, delta, A, B, C, Dv, bias)
+
+        def run(fn: Callable[..., Tensor]) -> None:
+            if not backward:
+                with torch.no_grad():
+                    fn(*inputs)
+                return
+            fn(*[t.clone().requires_grad_() for t in inputs]).sum().backward()
+
+        times = _interleaved({name: lambda fn=fn: run(fn) for name, fn in SCAN_CONTENDERS.items()},
+                             args.warmup, args.repeats)
+        base = statistics.median(times["loop (unbind)"])
+        for name, t in times.items():
+            rows.append(dict(case=f"K=4 D={D} N={N} L={L} {'fwd+bwd' if backward else 'fwd'}", scan=name,
+                             threads=torch.get_num_threads(), median_ms=round(statistics.median(t), 2),
+                             min_ms=round(min(t), 2), speedup=round(base / statistics.median(t), 2)))
+    return rows
+
+
+def _bench_scan(args: argparse.Namespace) -> int:
+    """Time the torch selective scan against the per-position loop and print the table."""
+    rows = scan_rows(args)
+    print(f"tools/bench.py --scan: torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
+          f"median of {args.repeats} after {args.warmup} warm-up runs, interleaved; speedup = loop / scan")
+    print_table(rows, ["case", "scan", "median_ms", "min_ms", "speedup"])
+    _save(rows, args)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+
+
+def _save(rows: List[Dict[str, Any]], args: argparse.Namespace) -> None:
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.json:
+        write_json(args.json, rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
+    parser = argparse.ArgumentParser(
+        prog="tools/bench.py", description="Latency of vmamba models, and of timm models with --compare, "
+        "measured interleaved in one run (medians, min, max). Ratios are to the first --compare model.")
+    parser.add_argument("--model", default="vmamba_tiny_s1l8", help="comma-separated zoo names")
+    parser.add_argument("--sizes", default="224", help="comma-separated resolutions (default: 224)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch threads (default: {torch.get_num_threads()})")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer",
+                        help="infer: eval forward; train: forward + backward in train mode")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--compare", default=None, metavar="NAME[,NAME]", help="timm models to time alongside")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(model, fullgraph=True) of every model, compiled once "
+                             "per size; the first call's seconds go in the compile_s column")
+    parser.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                        help="torch.compile backend for --compile (default: inductor)")
+    parser.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--scan", action="store_true",
+                        help="instead of models, time selective_scan(backend='torch') against a "
+                             "per-position loop (CPU)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; ``argv`` defaults to the process's arguments. Returns the exit code.
+    torch's thread count is set to ``--threads`` for the run and restored afterwards."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.scan and args.compile:
+        parser.error("--compile times models; it does not apply to --scan")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _bench_scan(args) if args.scan else _bench_models(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+#!/usr/bin/env python
+"""One-process check of vmamba on a CUDA GPU: correctness, torch.compile, throughput.
+
+    python tools/gpu_check.py [--out DIR] [--budget SECONDS]
+    python tools/gpu_check.py --small     # the same code paths on CPU, tiny sizes
+
+--small (alias --dry-run) runs every section on CPU with the Triton kernels interpreted
+(TRITON_INTERPRET=1), at tiny sizes: state size at most 2 in the family models, one zoo
+model beside convnext_tiny, and torch.compile's "aot_eager" backend. It exercises the
+script; its numbers mean nothing.
+
+1. Correctness at VMamba-T sizes, float32 and bfloat16 inputs: selective_scan with the
+   triton and torch backends against the float64 selective_scan_ref (y, last state and the
+   gradients of every input); cross_scan / cross_merge, triton against torch (values and
+   gradients); one small model of each zoo family, forward and backward, triton against
+   torch on the same weights (logits in float32; logits and every weight gradient in a
+   float64 copy of the model, where only the scans round to float32).
+2. torch.compile(vmamba_tiny_s1l8(), fullgraph=True) against eager.
+3. Throughput at batch 128, 224 px, eager and compiled: vmamba_tiny_s1l8 and
+   vmamba_small_s1l20 (triton, and mamba_ssm when it is installed) beside timm's
+   swin_tiny_patch4_window7_224 and convnext_tiny; inference in float32 (TF32 on) and
+   bfloat16 autocast, and a bfloat16 training step (forward, backward, SGD step). Medians
+   of interleaved repeats after warm-up. Whatever would not fit in the time budget is
+   skipped with a note; a watchdog ends the run at budget + 20 s whatever it is doing.
+4. Writes gpu_check.json and gpu_check.md to --out (default gpu_check_out/) and prints the
+   tables. Exit status: 0 when every correctness check passed, 1 when one failed, 2 when
+   there is no CUDA device (and --small was not given). Tolerances are those of the CPU
+   tests of the kernels: 1e-5 on outputs, 1e-4 on gradients, 1e-2 with bfloat16 inputs,
+   as max |error| / max |reference|. Default budget 450 s (--budget).
+
+Needs torch, triton, timm and numpy; uses vmamba's public API only.
+"""
+import argparse
+import inspect
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+START = time.perf_counter()
+ROOT = Path(__file__).resolve().parents[1]
+NO_CUDA = ("gpu_check: no CUDA device (torch.cuda.is_available() is False). This script checks "
+           "vmamba on a GPU; run it on a CUDA machine, or with --small to exercise it on CPU.")
+
+# Tolerances: those of the CPU tests of the Triton kernels (tests/test_triton.py), as
+# max |error| / max |reference|.
+TOL = {"y32": 1e-5, "grad32": 1e-4, "low": 1e-2, "exact": 0.0}
+
+FAMILIES = ("vanilla_vmamba_tiny", "vmamba_tiny_s2l5", "vmamba_tiny_s1l8")
+ZOO = ("vmamba_tiny_s1l8", "vmamba_small_s1l20")
+MODES = ("infer_fp32_tf32", "infer_bf16", "train_bf16")
+
+FULL = dict(
+    # (batch, K, D, N, L, with the gate z): stage 1 and stage 3 of VMamba-T
+    scan=[(2, 4, 192, 1, 56 * 56, False), (2, 4, 192, 16, 56 * 56, False), (2, 4, 96, 1, 56 * 56, False),
+          (2, 4, 96, 16, 56 * 56, False), (2, 4, 384, 1, 14 * 14, True), (2, 4, 384, 16, 14 * 14, True)],
+    cross=[(2, 192, 56, 56), (2, 384, 14, 14)],
+    family_arch=dict(depths=[1, 1, 2, 1], dims=32), family_input=(2, 3, 224, 224), max_state=16,
+    families=FAMILIES, compile_input=(2, 3, 224, 224), zoo=ZOO, zoo_arch={},
+    batch=128, img=224, timm={"swin_tiny_patch4_window7_224": {}, "convnext_tiny": {}},
+    warmup=3, repeats=5, iters=3, budget=450.0, eager_s=10.0, compile_backend="inductor",
+)
+SMALL = dict(
+    scan=[(1, 4, 2, 1, 37, False), (1, 4, 3, 4, 21, True), (1, 2, 2, 2, 21, False)],
+    cross=[(1, 3, 5, 7)],
+    family_arch=dict(depths=[1, 1], dims=[4, 4]), family_input=(1, 3, 16, 16), max_state=2,
+    families=FAMILIES[::2], compile_input=(1, 3, 16, 16),
+    zoo=ZOO[:1], zoo_arch=dict(depths=[1, 1], dims=[4, 4]),
+    batch=1, img=32, timm={"convnext_tiny": dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))},
+    warmup=1, repeats=2, iters=1, budget=60.0, eager_s=2.0, compile_backend="aot_eager",
+)
+
+
+class Run:
+    """Results so far, the time budget, and writing them out (also from the watchdog)."""
+
+    def __init__(self, out: Path, budget: float, info: dict):
+        self.out, self.budget, self.info = out, budget, info
+        self.checks, self.bench, self.notes = [], [], []
+        self.section = "setup"
+        self.lock = threading.RLock()
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - START)
+
+    def note(self, text: str) -> None:
+        print(f"note: {text}", flush=True)
+        with self.lock:
+            self.notes.append(text)
+
+    def check(self, name: str, parts: dict, seconds: float) -> None:
+        """parts: {what: (error, tolerance)}; passes when every error is within its tolerance."""
+        worst = max(parts, key=lambda k: parts[k][0] / max(parts[k][1], 1e-30) if parts[k][0] else 0.0)
+        ok = all(err <= tol for err, tol in parts.values())
+        row = dict(name=name, ok=ok, worst=worst, error=parts[worst][0], tol=parts[worst][1],
+                   parts={k: dict(error=e, tol=t) for k, (e, t) in parts.items()}, seconds=round(seconds, 2))
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {worst} {parts[worst][0]:.2e} (tol {parts[worst][1]:.0e})",
+              flush=True)
+        with self.lock:
+            self.checks.append(row)
+
+    def failed(self, name: str, exc: BaseException) -> None:
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        print(f"FAIL {name}: {text}", flush=True)
+        if exc.__traceback__ is not None:
+            traceback.print_exception(exc, file=sys.stdout)
+        with self.lock:
+            self.checks.append(dict(name=name, ok=False, worst="exception", error=None, tol=None,
+                                    exception=text[-2000:], seconds=None))
+
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks)
+
+    def markdown(self) -> str:
+        lines = [f"# vmamba GPU check: {self.info.get('device')}", "",
+                 f"torch {self.info.get('torch')}, triton {self.info.get('triton')}, "
+                 f"backends {self.info.get('backends')}, {time.perf_counter() - START:.0f} s", "",
+                 "| check | worst part | max rel. error | tolerance | result |", "|---|---|---|---|---|"]
+        for c in self.checks:
+            err = "-" if c["error"] is None else f"{c['error']:.2e}"
+            tol = "-" if c["tol"] is None else f"{c['tol']:.0e}"
+            lines.append(f"| {c['name']} | {c['worst']} | {err} | {tol} | {'ok' if c['ok'] else '**FAIL**'} |")
+        lines += ["", "| model | backend | mode | eager img/s | compiled img/s | compile s |",
+                  "|---|---|---|---|---|---|"]
+        rows = {}
+        for b in self.bench:
+            rows.setdefault((b["model"], b["backend"], b["mode"]), {})[b["compiled"]] = b
+        fmt = lambda b: "-" if b is None or b.get("img_per_s") is None else f"{b['img_per_s']:.0f}"
+        for (model, backend, mode), r in rows.items():
+            comp = r.get(True)
+            secs = "-" if comp is None or comp.get("compile_s") is None else f"{comp['compile_s']:.0f}"
+            lines.append(f"| {model} | {backend} | {mode} | {fmt(r.get(False))} | {fmt(comp)} | {secs} |")
+        if self.notes:
+            lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        with self.lock:
+            self.out.mkdir(parents=True, exist_ok=True)
+            data = dict(info=self.info, ok=self.ok(), seconds=round(time.perf_counter() - START, 1),
+                        checks=self.checks, throughput=self.bench, notes=self.notes)
+            (self.out / "gpu_check.json").write_text(json.dumps(data, indent=1))
+            (self.out / "gpu_check.md").write_text(self.markdown())
+
+    def finish(self) -> int:
+        self.write()
+        print("\n" + self.markdown(), flush=True)
+        print(f"wrote {self.out / 'gpu_check.json'} and {self.out / 'gpu_check.md'}", flush=True)
+        return 0 if self.ok() else 1
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Correctness
+
+def rel_err(got, ref) -> float:
+    if got is None or ref is None:
+        return float("inf") if (got is None) != (ref is None) else 0.0
+    ref = ref.detach().double()
+    err = ((got.detach().double() - ref).abs().max() / (ref.abs().max() + 1e-30)).item()
+    return err if err == err else float("inf")  # NaN fails
+
+
+def scan_inputs(torch, b, k, d, n, l, dtype, device, seed=0):
+    """VMamba-like inputs: A = -(1..N), dt = softplus(delta + bias) around 0.001..0.1."""
+    g = torch.Generator().manual_seed(seed)
+    kd = k * d
+    t = dict(u=torch.randn(b, kd, l, generator=g), delta=0.5 * torch.randn(b, kd, l, generator=g),
+             A=-torch.arange(1, n + 1).float().repeat(kd, 1) * (0.5 + torch.rand(kd, n, generator=g)),
+             B=torch.randn(b, k, n, l, generator=g), C=torch.randn(b, k, n, l, generator=g),
+             D=torch.randn(kd, generator=g), z=torch.randn(b, kd, l, generator=g),
+             delta_bias=torch.log(torch.expm1(torch.rand(kd, generator=g) * 0.099 + 0.001)))
+    low = {"u", "delta", "B", "C", "z"}  # what a model under autocast hands over in bfloat16
+    return {name: v.to(device=device, dtype=dtype if name in low else torch.float32).requires_grad_()
+            for name, v in t.items()}
+
+
+def check_scans(run, torch, vmamba, cfg, device):
+    for (b, k, d, n, l, use_z) in cfg["scan"]:
+        for dtype in (torch.float32, torch.bfloat16):
+            low = dtype != torch.float32
+            inputs = scan_inputs(torch, b, k, d, n, l, dtype, device)
+            names = [x for x in inputs if use_z or x != "z"]
+            ref_in = {x: inputs[x].detach().double().requires_grad_() for x in names}
+
+            def call(fn, t, **kw):
+                return fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], z=t.get("z"),
+                          delta_bias=t["delta_bias"], delta_softplus=True, return_last_state=True, **kw)
+
+            start = time.perf_counter()
+            y_ref, last_ref = call(vmamba.selective_scan_ref, ref_in)
+            dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+            ref_grads = torch.autograd.grad(y_ref, [ref_in[x] for x in names], dy.double())
+            ref_s = time.perf_counter() - start
+            for backend in ("triton", "torch"):
+                name = f"scan {backend} {str(dtype)[6:]} B{b} K{k} D{d} N{n} L{l}{' z' if use_z else ''}"
+                try:
+                    start = time.perf_counter()
+                    y, last = call(vmamba.selective_scan, {x: inputs[x] for x in names}, backend=backend)
+                    grads = torch.autograd.grad(y, [inputs[x] for x in names], dy)
+                    parts = {"y": (rel_err(y, y_ref), TOL["low"] if low else TOL["y32"]),
+                             "last_state": (rel_err(last, last_ref), TOL["y32"])}
+                    if y.dtype != dtype:
+                        parts["y dtype"] = (1.0, 0.0)
+                    for x, g, r in zip(names, grads, ref_grads):
+                        parts[f"grad {x}"] = (rel_err(g, r), TOL["low"] if low else TOL["grad32"])
+                    run.check(name, parts, time.perf_counter() - start + ref_s)
+                except Exception as exc:
+                    run.failed(name, exc)
+            del y_ref, ref_grads, ref_in
+
+
+def check_cross(run, torch, vmamba, cfg, device):
+    for shape in cfg["cross"]:
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"cross_scan/merge {str(dtype)[6:]} {tuple(shape)}"
+            try:
+                start = time.perf_counter()
+                tol = TOL["low"] if dtype != torch.float32 else TOL["y32"]
+                b, c, h, w = shape
+                x = torch.randn(shape, device=device).to(dtype)
+                ys = torch.randn(b, 4, c, h, w, device=device).to(dtype)
+                out = {}
+                for backend in ("triton", "torch"):
+                    xi, yi = x.clone().requires_grad_(), ys.clone().requires_grad_()
+                    s = vmamba.cross_scan(xi, backend=backend)
+                    m = vmamba.cross_merge(yi, backend=backend)
+                    gx, = torch.autograd.grad(s, xi, ys.reshape(b, 4, c, h * w))
+                    gy, = torch.autograd.grad(m, yi, x)
+                    out[backend] = (s, m, gx, gy)
+                t, r = out["triton"], out["torch"]
+                parts = {"scan": (rel_err(t[0], r[0]), TOL["exact"]), "merge": (rel_err(t[1], r[1]), tol),
+                         "grad scan": (rel_err(t[2], r[2]), tol), "grad merge": (rel_err(t[3], r[3]), tol)}
+                run.check(name, parts, time.perf_counter() - start)
+            except Exception as exc:
+                run.failed(name, exc)
+
+
+def check_families(run, torch, vmamba, cfg, device):
+    """Triton against torch on one small model per zoo family, same weights. The weight
+    gradients are compared in a float64 model (the scans still run in float32) because in
+    float32 the first layers' gradients, sums with much cancellation, differ at ~3e-4
+    between any two float32 evaluations (both backends are that far from float64)."""
+    seen = []
+    for zoo_name in cfg["families"]:
+        family = {k: v for k, v in vmamba.model_config(zoo_name).items()
+                  if k not in ("depths", "dims", "drop_path_rate")}
+        family["ssm_d_state"] = min(family["ssm_d_state"], cfg["max_state"])
+        if family in seen:
+            continue
+        seen.append(family)
+        name = f"model {zoo_name} family {cfg['family_arch']} fwd+bwd"
+        try:
+            start = time.perf_counter()
+            parts = {}
+            for dtype in (torch.float32, torch.float64):
+                torch.manual_seed(0)
+                model = vmamba.VSSM(**cfg["family_arch"], **family).to(device, dtype).eval()
+                x = torch.randn(cfg["family_input"], device=device, dtype=dtype)
+                params = dict(model.named_parameters())
+                res = {}
+                for backend in ("triton", "torch"):
+                    vmamba.set_backend(backend)
+                    out = model(x)
+                    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+                    res[backend] = (out.detach(), torch.autograd.grad(out, list(params.values()), g))
+                bits = str(dtype)[-2:]
+                parts[f"logits f{bits}"] = (rel_err(res["triton"][0], res["torch"][0]), TOL["grad32"])
+                if dtype == torch.float64:
+                    worst, where = max((rel_err(a, b), n) for a, b, n in zip(*[res[k][1] for k in res], params))
+                    parts[f"grad {where} f64"] = (worst, TOL["grad32"])
+            run.check(name, parts, time.perf_counter() - start)
+        except Exception as exc:
+            run.failed(name, exc)
+        finally:
+            vmamba.set_backend(None)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. torch.compile(fullgraph=True) of a zoo model against eager
+
+def compile_model(torch, model, **kwargs):
+    """torch.compile, with recompilations counted per call where this torch can (one
+    model's recompilations must not use up another's limit and fall back to eager)."""
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        kwargs.update(isolate_recompiles=True, recompile_limit=16)
+    return torch.compile(model, **kwargs)
+
+
+class RecompileLimitNotes(logging.Handler):
+    """Turns dynamo's 'hit the recompile limit' warnings (that code runs eagerly from then
+    on) into notes of the run."""
+
+    def __init__(self, run):
+        super().__init__(logging.WARNING)
+        self.run = run
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "recompile_limit" in message or "cache_size_limit" in message:
+            self.run.note(f"during {self.run.section}: {message.splitlines()[0]} {message.splitlines()[1:2]}")
+
+
+def check_compile(run, torch, vmamba, cfg, device):
+    name = f"torch.compile(vmamba_tiny_s1l8, fullgraph=True, backend={cfg['compile_backend']}) vs eager"
+    try:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        model = vmamba.vmamba_tiny_s1l8(**cfg["zoo_arch"]).to(device).eval()
+        x = torch.randn(cfg["compile_input"], device=device)
+        vmamba.set_backend("triton")
+        compiled = compile_model(torch, model, fullgraph=True, backend=cfg["compile_backend"])
+        with torch.no_grad():
+            eager = model(x)
+            got = compiled(x)
+            compile_s = time.perf_counter() - start
+            got = compiled(x)  # the cached graph
+        run.check(name, {"logits": (rel_err(got, eager), TOL["grad32"])}, time.perf_counter() - start)
+        run.info["compile_s"] = round(compile_s, 1)
+        run.note(f"fullgraph compile of vmamba_tiny_s1l8 took {compile_s:.0f} s")
+    except Exception as exc:
+        run.failed(name, exc)
+    finally:
+        vmamba.set_backend(None)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Throughput
+
+class Entry:
+    def __init__(self, label, backend, build):
+        self.label, self.backend, self.build = label, backend, build
+        self.model = self.opt = None
+        self.compiled = None  # torch.compile(model), made once and shared by the modes
+
+
+def make_step(torch, F, vmamba, entry, model, mode, x, target):
+    device_type = x.device.type
+
+    def use_backend():
+        if entry.backend != "timm":
+            vmamba.set_backend(entry.backend)
+
+    if mode == "train_bf16":
+        def step():
+            use_backend()
+            entry.opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            entry.opt.step()
+    else:
+        low = mode == "infer_bf16"
+
+        def step():
+            use_backend()
+            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=low):
+                model(x)
+    return step
+
+
+def timed(torch, fn, iters, cuda):
+    """Seconds per call of fn, over iters calls."""
+    if cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000.0 / iters
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def prepare(run, torch, entry, mode, step, compiled, cuda, cfg):
+    """Warm up one (entry, mode), compiling when compiled, then time one step.
+    Returns (warm-up seconds, seconds per step), or None when it fails."""
+    start = time.perf_counter()
+    try:
+        for _ in range(cfg["warmup"]):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        warm_s = time.perf_counter() - start
+        return warm_s, timed(torch, step, 1, cuda)
+    except Exception as exc:
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-500:]
+        run.note(f"{entry.label} ({entry.backend}) {mode} {'compiled' if compiled else 'eager'}: failed: {text}")
+        return None
+
+
+def bench(run, torch, F, vmamba, cfg, device):
+    import timm
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for float32 matmuls and convolutions
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    backends = ["triton"] + (["mamba_ssm"] if "mamba_ssm" in vmamba.available_backends(device) else [])
+    entries = [Entry(name, backend, lambda name=name: getattr(vmamba, name)(**cfg["zoo_arch"]))
+               for backend in backends for name in cfg["zoo"]]
+    entries += [Entry(name, "timm", lambda name=name, kw=kw: timm.create_model(name, **kw))
+                for name, kw in cfg["timm"].items()]
+    x = torch.randn(cfg["batch"], 3, cfg["img"], cfg["img"], device=device)
+    target = torch.randint(0, 1000, (cfg["batch"],), device=device)
+    models = {}
+    for e in entries:  # one set of weights per architecture, shared by its backends
+        if e.label not in models:
+            torch.manual_seed(0)
+            models[e.label] = e.build().to(device)
+        e.model = models[e.label]
+        e.opt = torch.optim.SGD(e.model.parameters(), lr=1e-4, momentum=0.9)
+
+    # Expected compile seconds per model and mode; refined by every compile that runs.
+    first = run.info.get("compile_s") or (90.0 if cuda else 10.0)
+    guess = {ZOO[0]: first, ZOO[1]: 2 * first}
+    for compiled, modes in ((False, MODES), (True, ("infer_bf16", "train_bf16", "infer_fp32_tf32"))):
+        for mode in modes:
+            run.section = f"throughput {mode} {'compiled' if compiled else 'eager'}"
+            ready = []
+            for e in entries:
+                factor = 2.5 if mode == "train_bf16" else 1.0
+                need = 1.3 * factor * guess.get(e.label, 60.0 if cuda else 10.0) if compiled else cfg["eager_s"]
+                if run.left() < need:
+                    run.note(f"skipped {e.label} ({e.backend}) {mode} {'compiled' if compiled else 'eager'}: "
+                             f"{run.left():.0f} s left, it may take ~{need:.0f} s")
+                    continue
+                if compiled and e.compiled is None:
+                    e.compiled = compile_model(torch, e.model, backend=cfg["compile_backend"])
+                model = e.compiled if compiled else e.model
+                model.train(mode == "train_bf16")
+                step = make_step(torch, F, vmamba, e, model, mode, x, target)
+                got = prepare(run, torch, e, mode, step, compiled, cuda, cfg)
+                if got is not None:
+                    if compiled:
+                        guess[e.label] = max(guess.get(e.label, 0.0), got[0] / factor)
+                    ready.append(dict(entry=e, step=step, samples=[], warm_s=got[0], per_step=got[1]))
+            # Interleaved repeats: one sample of every entry per round, while time allows.
+            for r in range(cfg["repeats"]):
+                round_s = sum(item["per_step"] for item in ready) * cfg["iters"]
+                if run.left() < round_s + 5:
+                    if ready:
+                        run.note(f"{run.section}: stopped after {r} of {cfg['repeats']} repeats (time budget)")
+                    break
+                for item in ready:
+                    if item.get("failed"):
+                        continue
+                    try:
+                        item["samples"].append(timed(torch, item["step"], cfg["iters"], cuda))
+                    except Exception as exc:
+                        run.note(f"{item['entry'].label} {mode}: failed while timing: {exc}")
+                        item["failed"] = True
+            for item in ready:
+                e, samples = item["entry"], item["samples"]
+                med = statistics.median(samples) if samples else None
+                row = dict(model=e.label, backend=e.backend, mode=mode, compiled=compiled,
+                           batch=cfg["batch"], img=cfg["img"], samples_s=samples,
+                           ms_per_step=None if med is None else med * 1e3,
+                           img_per_s=None if med is None else cfg["batch"] / med,
+                           compile_s=round(item["warm_s"], 1) if compiled else None)
+                with run.lock:
+                    run.bench.append(row)
+                rate = "-" if med is None else f"{row['img_per_s']:.1f} img/s"
+                print(f"{e.label:30s} {e.backend:9s} {mode:16s} {'compiled' if compiled else 'eager':8s} {rate}",
+                      flush=True)
+            run.write()
+    vmamba.set_backend(None)
+
+
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="output folder")
+    parser.add_argument("--small", "--dry-run", action="store_true",
+                        help="tiny sizes on CPU with the Triton interpreter (exercises this script)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run (default 450; 60 with --small); a watchdog "
+                             "ends it 20 s later")
+    parser.add_argument("--skip-bench", action="store_true", help="correctness and compile checks only")
+    args = parser.parse_args(argv)
+    cfg = dict(SMALL if args.small else FULL)
+    if args.budget is not None:
+        cfg["budget"] = args.budget
+    # The interpreter replaces the kernels when they are defined, i.e. at import of vmamba.
+    if args.small:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+    import torch
+    import torch.nn.functional as F
+    if not args.small and not torch.cuda.is_available():
+        print(NO_CUDA, file=sys.stderr, flush=True)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    import vmamba
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.device("cpu" if args.small else "cuda")
+    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--small)",
+                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+                backends=vmamba.available_backends(device), small=args.small, budget_s=cfg["budget"])
+    run = Run(args.out, cfg["budget"], info)
+    info["section_s"] = {"start-up": round(time.perf_counter() - START, 1)}
+
+    def watchdog():
+        with run.lock:
+            run.note(f"watchdog: stopped at {time.perf_counter() - START:.0f} s, during {run.section}")
+            code = run.finish()
+        os._exit(code)
+
+    logging.getLogger("torch._dynamo").addHandler(RecompileLimitNotes(run))
+    timer = threading.Timer(max(1.0, run.left() + 20.0), watchdog)
+    timer.daemon = True
+    timer.start()
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # correctness in true float32
+    torch.backends.cudnn.allow_tf32 = False
+    if vmamba.available_backends(device).count("triton") == 0:
+        run.failed("triton backend available", RuntimeError(f"available: {vmamba.available_backends(device)}"))
+    for section, fn in (("selective_scan", check_scans), ("cross_scan/merge", check_cross),
+                        ("model families", check_families), ("torch.compile", check_compile)):
+        run.section = section
+        begin = time.perf_counter()
+        fn(run, torch, vmamba, cfg, device)
+        run.info.setdefault("section_s", {})[section] = round(time.perf_counter() - begin, 1)
+        run.write()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.skip_bench:
+        run.note("throughput skipped (--skip-bench)")
+    else:
+        begin = time.perf_counter()
+        bench(run, torch, F, vmamba, cfg, device)
+        run.info.setdefault("section_s", {})["throughput"] = round(time.perf_counter() - begin, 1)
+    timer.cancel()
+    with run.lock:
+        return run.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
