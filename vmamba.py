@@ -108,10 +108,9 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return (y, h) if return_last_state else y
 
 
-# The torch scan cuts the sequence into time-major chunks of _CHUNK steps, so one multiply-add advances every
-# chunk a step. From a zero state each chunk yields its exit state; a log-depth scan over chunks turns those into
-# entry states (a chunk's decay is exp(A * sum of its dt): nothing is divided by a decay), which then enter the
-# chunk's outputs. Plain autograd gives the backward (linear in L); torch.compile fuses the passes.
+# The torch scan cuts the sequence into time-major chunks of _CHUNK steps (one multiply-add advances every chunk).
+# Each chunk's exit state from zero; a log-depth scan over chunks gives entry states (decay exp(A * sum of dt), no
+# division), which enter the chunk's outputs. Plain autograd gives the backward; torch.compile fuses the passes.
 _CHUNK = 16
 
 
@@ -130,12 +129,11 @@ def _scan_chunked(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tup
     """u, dt (B, G, D, L) float32, dt after softplus; A (G, D, N); B, C (B, G, N, L).
     Returns y (B, G, D, L) with y_t = <C_t, h_t>, and the last state h_L (B, G, D, N)."""
     b, g, d, L = u.shape
-    T = min(_CHUNK, L)
-    nc = -(-L // T)
+    T = max(t for t in range(1, min(_CHUNK, L) + 1) if L % t == 0)  # chunks tile L: nothing to pad
+    nc = L // T
 
-    def chunks(t: Tensor) -> Tensor:  # (B, G, X, L) -> (T, B, nc, G, X); padded steps have dt = 0
-        t = F.pad(t, (0, nc * T - L)).unflatten(-1, (nc, T))          # (B, G, X, nc, T)
-        return t.permute(4, 0, 3, 1, 2).contiguous()                  # (T, B, nc, G, X)
+    def chunks(t: Tensor) -> Tensor:  # (B, G, X, L) -> (T, B, nc, G, X)
+        return t.reshape(b, g, -1, nc, T).permute(4, 0, 3, 1, 2).contiguous()
 
     def shift(H: Tensor) -> Tensor:  # exit states (B, nc, ...) -> entry states of the chunks
         return torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1)
@@ -151,8 +149,8 @@ def _scan_chunked(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tup
         for t in range(1, T):
             hs.append(torch.addcmul(x[t], a[t], hs[-1]))
         cum = dA.cumsum(0)
-        H = _chunk_carries(torch.exp(cum[-1]), hs[-1])                # exit states, (B, nc, G, D, 1)
-        h = torch.addcmul(torch.stack(hs), torch.exp(cum), shift(H))  # (T, B, nc, G, D, 1)
+        H = _chunk_carries(torch.exp(dA.sum(0)), hs[-1])              # exit states, (B, nc, G, D, 1)
+        h = torch.stack(hs) + torch.exp(cum) * shift(H)[None]         # (T, B, nc, G, D, 1)
         y = (h * Cs).sum(-1).permute(1, 3, 4, 2, 0)                   # (B, G, D, nc, T)
     else:
         # N > 1: (T, ..., N) tensors would be N times the input, so each step's decay and input
@@ -171,7 +169,7 @@ def _scan_chunked(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tup
             h = step(t, h)
             ys.append((h * C_s[t]).sum(-1))                           # (B, nc, G, D)
         y = torch.stack(ys, -1).permute(0, 2, 3, 1, 4)                # (B, G, D, nc, T)
-    return y.reshape(b, g, d, nc * T)[..., :L], H[:, -1]
+    return y.reshape(b, g, d, L), H[:, -1]
 
 
 def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -190,8 +188,6 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     if D is not None:
         y = y + D.float()[:, None] * u
     return y, last.reshape(b, channels, n)
-
-
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
@@ -236,10 +232,9 @@ if triton is not None:
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, y_ptr, states_ptr,
                          L, N, D, K, n_chunks, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L),
-        any float; A (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states
-        (B, K*D, n_chunks + 1, N), the state before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s
-        (a_s = exp(dt_s A), b_s = dt_s B_s u_s) is an associative scan over (a_s, b_s) from the carried state."""
+        """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L); A
+        (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states (B, K*D, n_chunks
+        + 1, N), before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s is an associative scan."""
         pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
         b, k = pid_bk // K, pid_bk % K
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -368,9 +363,8 @@ if triton is not None:
 
     @triton.jit
     def _cross_kernel(src_ptr, dst_ptr, C, H, W, stride_k, MERGE: tl.constexpr, BLOCK: tl.constexpr):
-        """Cross-scan (MERGE=False) or cross-merge. Grid: (batch * C, cdiv(H*W, BLOCK)). Pixel p = h*W + w,
-        t = w*H + h, sits at positions p, t, L-1-p, L-1-t of sequences k = 0..3. Scan: x (B, C, H, W) ->
-        (B, 4, C, L); merge: ys (B, 4, C, L) -> (B, C, H, W), summed in float32. Contiguous, dtype of src."""
+        """Cross-scan (MERGE=False) or cross-merge; grid (batch * C, cdiv(H*W, BLOCK)). Pixel p = h*W + w, t = w*H + h
+        is at p, t, L-1-p, L-1-t of sequences k = 0..3. Merge sums in float32. Contiguous, dtype of src."""
         pid_bc, pid_l = tl.program_id(0), tl.program_id(1)
         L, b, ch = H * W, pid_bc // C, pid_bc % C
         p = pid_l * BLOCK + tl.arange(0, BLOCK)
@@ -482,9 +476,8 @@ _selective_scan_fwd.register_autograd(_selective_scan_backward, setup_context=_s
 
 
 def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Grouped selective scan as :func:`selective_scan_ref` (no z): u, delta (batch, K*D, L); A (K*D, N), N <= 16
-    best; B, C (batch, K, N, L); D, delta_bias (K*D,) or None; any float dtype. Returns y (batch, K*D, L)
-    float32, differentiable in all inputs, and last_state (batch, K*D, N) float32, not differentiable."""
+    """Grouped selective scan as :func:`selective_scan_ref` (no z), shapes as _scan_fwd_kernel. Returns y (batch,
+    K*D, L) float32, differentiable in all inputs, and last_state (batch, K*D, N) float32, not differentiable."""
     y, states = _selective_scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
     return y, states[:, :, -1]
 
@@ -553,8 +546,7 @@ def available_backends(device: Union[str, torch.device] = "cuda") -> List[str]:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force the backend that ``"auto"`` resolves to, process-wide; ``None`` restores automatic choice.
-    Takes precedence over the environment variable ``VMAMBA_BACKEND``, which does the same."""
+    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``); ``None`` restores it."""
     global _forced_backend
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
@@ -658,17 +650,15 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
     return rows + cols                                                # (B, C, H, W)
 
 
-# torch.compile traces this once per distinct input shape and reuses the compiled region for
-# every other block of that shape (a no-op in eager, and on torch versions without it).
+# torch.compile traces this once per input shape, reused by every block of that shape (eager, old torch: no-op).
 _compile_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
 
 
 @_compile_region
 def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
               A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
-    """The four-direction selective scan of SS2D on a channels-last map: x (B, H, W, D); x_proj_weight
-    (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,). Returns
-    (B, H, W, D) in x's dtype: ``cross_merge(selective_scan(cross_scan(x), ...))``, directions as K=4 groups."""
+    """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
+    (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
     b, h, w, d = x.shape
     n, r = A_logs.shape[1], dt_projs_weight.shape[2]
     xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
@@ -681,11 +671,9 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     return cross_merge(ys.view(b, 4, d, h, w), backend).permute(0, 2, 3, 1)   # (B, H, W, D)
 
 
-# --- Layers. Between the modules of VSSM, maps are (B, C, H, W) held in channels-last memory;
-# each module views them as (B, H, W, C), so LayerNorm and Linear act on contiguous channels
-# and every permute is a free view (timm's ConvNeXt blocks work the same way). "ln" and
-# "ln2d" models (the authors' channels-last and channels-first variants) have the same
-# weights and compute the same function, so both run this one way.
+# --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
+# (B, H, W, C), so LayerNorm and Linear act on contiguous channels and permutes are free views (as in timm's
+# ConvNeXt). "ln" and "ln2d" models have the same weights and function, so both run this one way.
 
 
 def _one_of(name: str, value: Any, accepted: Sequence[Any]) -> Any:
@@ -754,13 +742,9 @@ FORWARD_TYPES = ("v0", "v05", "v05_noz")
 
 
 class SS2D(nn.Module):
-    """2-D selective scan: VMamba's replacement for attention.
-
-    Input and output are channels-last (B, H, W, d_model), or (B, d_model, H, W) with
-    ``channel_first=True``. ``forward_type``: ``"v0"`` and ``"v05"`` gate the output
-    with ``silu(z)`` from a second half of ``in_proj``; ``"v05_noz"`` does not.
-    ``backend`` (attribute, default "auto"): the selective-scan backend of this layer.
-    """
+    """2-D selective scan, VMamba's attention: (B, H, W, d_model) in and out, (B, d_model, H, W) with
+    ``channel_first``. ``forward_type`` "v0"/"v05" gate the output with ``silu(z)`` from a second half of
+    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend."""
 
     def __init__(self, d_model: int = 96, d_state: int = 16, ssm_ratio: float = 2.0,
                  dt_rank: Union[int, str] = "auto", act_layer: str = "silu", d_conv: int = 3,
@@ -811,19 +795,15 @@ class SS2D(nn.Module):
         """Initialise the state-space parameters (kept apart from generic Linear init)."""
         dt_min, dt_max, dt_scale, floor = self._dt_init
         # x_proj: what nn.Linear(d_inner, R + 2N) would draw, for each direction.
-        bound = self.d_inner ** -0.5
-        self.x_proj_weight.uniform_(-bound, bound)
+        self.x_proj_weight.uniform_(-self.d_inner ** -0.5, self.d_inner ** -0.5)
         # dt_proj weight: keeps the variance of dt independent of the rank R.
-        std = self.dt_rank ** -0.5 * dt_scale
-        self.dt_projs_weight.uniform_(-std, std)
-        # dt bias: inverse softplus of dt drawn log-uniformly in [dt_min, dt_max], so that
-        # softplus(bias) starts in that range.
+        self.dt_projs_weight.uniform_(-self.dt_rank ** -0.5 * dt_scale, self.dt_rank ** -0.5 * dt_scale)
+        # dt bias: inverse softplus of dt drawn log-uniformly in [dt_min, dt_max] (softplus(bias) starts there).
         dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min)).clamp(min=floor)
         self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # A = -exp(A_logs) = -(1, 2, ..., N) per channel: the S4D-real initialisation, in float32.
-        n = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_logs.copy_(torch.log(n).expand_as(self.A_logs))
+        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
         # D = 1: the skip connection starts as identity.
         self.Ds.fill_(1.0)
 
@@ -846,11 +826,8 @@ class SS2D(nn.Module):
 
 
 class VSSBlock(nn.Module):
-    """Pre-norm residual block: ``x + drop_path(SS2D(norm(x)))``, then an optional MLP.
-
-    Input and output are channels-last (B, H, W, hidden_dim), or (B, C, H, W) with
-    ``channel_first=True``. Keyword names follow the authors' code.
-    """
+    """Pre-norm residual block: ``x + drop_path(SS2D(norm(x)))``, then an optional MLP. (B, H, W, hidden_dim) in
+    and out, (B, C, H, W) with ``channel_first``. Keyword names follow the authors' code."""
 
     def __init__(self, hidden_dim: int = 96, drop_path: float = 0.0, channel_first: bool = False,
                  ssm_d_state: int = 16, ssm_ratio: float = 2.0, ssm_dt_rank: Union[int, str] = "auto",
@@ -862,8 +839,8 @@ class VSSBlock(nn.Module):
         _one_of("mlp_act_layer", mlp_act_layer, ("gelu",))
         _one_of("gmlp", gmlp, (False,))
         _check_range("mlp_ratio", mlp_ratio, 0)
-        _check_range("mlp_drop_rate", mlp_drop_rate, 0, 1)
-        _check_range("drop_path", drop_path, 0, 1)
+        for name, value in (("mlp_drop_rate", mlp_drop_rate), ("drop_path", drop_path)):
+            _check_range(name, value, 0, 1)
         self.channel_first, self.post_norm = channel_first, post_norm
         self.norm = nn.LayerNorm(hidden_dim)
         self.op = SS2D(d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
@@ -879,23 +856,15 @@ class VSSBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.channel_first:
             x = x.permute(0, 2, 3, 1)                                 # (B, H, W, C)
-        if self.post_norm:
-            x = x + self.drop_path(self.norm(self.op(x)))
-        else:
-            x = x + self.drop_path(self.op(self.norm(x)))
-        if self.mlp is not None:
-            if self.post_norm:
-                x = x + self.drop_path(self.norm2(self.mlp(x)))
-            else:
-                x = x + self.drop_path(self.mlp(self.norm2(x)))
+        for norm, op in ((self.norm, self.op), (self.norm2, self.mlp)):
+            if op is not None:
+                x = x + self.drop_path(norm(op(x)) if self.post_norm else op(norm(x)))
         return x.permute(0, 3, 1, 2) if self.channel_first else x
 
 
 class PatchMerging(nn.Module):
-    """Downsample "v1": 2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C).
-
-    Input and output are channels-last (B, H, W, C), or (B, C, H, W) with ``channel_first=True``.
-    """
+    """Downsample "v1": 2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C); (B, H, W, C) in and out,
+    (B, C, H, W) with ``channel_first``."""
 
     def __init__(self, dim: int, out_dim: int, channel_first: bool = False):
         super().__init__()
@@ -922,27 +891,23 @@ def _make_patch_embed(version: str, in_chans: int, dim: int, patch_size: int) ->
                              Permute(0, 2, 3, 1), nn.LayerNorm(dim), Permute(0, 3, 1, 2))
     stride = patch_size // 2
     return nn.Sequential(
-        nn.Conv2d(in_chans, dim // 2, 3, stride=stride, padding=1), Permute(0, 2, 3, 1),
-        nn.LayerNorm(dim // 2), Permute(0, 3, 1, 2), nn.GELU(),
-        nn.Conv2d(dim // 2, dim, 3, stride=stride, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(dim),
-        Permute(0, 3, 1, 2))
+        nn.Conv2d(in_chans, dim // 2, 3, stride=stride, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(dim // 2),
+        Permute(0, 3, 1, 2), nn.GELU(), nn.Conv2d(dim // 2, dim, 3, stride=stride, padding=1), Permute(0, 2, 3, 1),
+        nn.LayerNorm(dim), Permute(0, 3, 1, 2))
 
 
 def _make_downsample(version: str, dim: int, out_dim: int) -> nn.Module:
     """(B, dim, H, W) -> (B, out_dim, ceil(H/2), ceil(W/2)), channels-last memory in and out."""
     if version == "v1":
         return PatchMerging(dim, out_dim, channel_first=True)
-    conv = (nn.Conv2d(dim, out_dim, 2, stride=2) if version == "v2"
-            else nn.Conv2d(dim, out_dim, 3, stride=2, padding=1))
+    conv = nn.Conv2d(dim, out_dim, 2, stride=2) if version == "v2" else nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
     # Index 0 is the authors' Permute (channels-last models) or Identity (channels-first ones).
     return nn.Sequential(nn.Identity(), conv, Permute(0, 2, 3, 1), nn.LayerNorm(out_dim), Permute(0, 3, 1, 2))
 
 
 class ClassifierHead(nn.Module):
-    """LayerNorm -> global average pool -> Linear, on a channels-last (B, H, W, C) map.
-
-    ``global_pool=""`` keeps the map: the output is then (B, C, H, W), as in timm.
-    """
+    """LayerNorm -> global average pool -> Linear, on a (B, H, W, C) map; ``global_pool=""`` keeps the map and
+    returns (B, C, H, W), as in timm."""
 
     def __init__(self, dim: int, num_classes: int, global_pool: str = "avg"):
         super().__init__()
@@ -959,31 +924,23 @@ class ClassifierHead(nn.Module):
 
 
 class VSSM(nn.Module):
-    """VMamba classifier. Keyword names are the authors', so their configs work as they are.
+    """VMamba classifier; keyword names are the authors', so their configs work. Defaults build VMamba-T (s1l8).
 
-    Defaults build VMamba-T (s1l8). Supported values: ``forward_type`` "v0" | "v05" |
-    "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" | "v2" |
-    "v3"; ``norm_layer`` "ln" | "ln2d" (same weights, same outputs); ``global_pool``
-    "avg" | "" (no pooling: the output is the normalised map). ``dims`` is the first
-    stage's width (doubled per stage) or one width per stage. ``device`` and ``dtype`` are
-    PyTorch's factory keywords (timm passes them): where, and in which dtype, the parameters
-    are created.
-
-    Input: float (B, in_chans, H, W). Output: logits (B, num_classes). Between the stages,
-    maps are (B, C, H, W) in channels-last memory.
-    """
+    ``forward_type`` "v0" | "v05" | "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" |
+    "v2" | "v3"; ``norm_layer`` "ln" | "ln2d" (same weights and outputs); ``global_pool`` "avg" | "" (output: the
+    normalised map). ``dims``: the first stage's width (doubled per stage) or one per stage. ``device``, ``dtype``:
+    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W); output: (B, num_classes)."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96,
-                 ssm_d_state: int = 1, ssm_ratio: float = 1.0, ssm_dt_rank: Union[int, str] = "auto",
-                 ssm_act_layer: str = "silu", ssm_conv: int = 3, ssm_conv_bias: bool = False,
-                 ssm_drop_rate: float = 0.0, ssm_init: str = "v0", forward_type: str = "v05_noz",
-                 mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu", mlp_drop_rate: float = 0.0,
-                 gmlp: bool = False, drop_path_rate: float = 0.2, patch_norm: bool = True,
-                 norm_layer: str = "ln2d", downsample_version: str = "v3",
-                 patchembed_version: str = "v2", use_checkpoint: bool = False, posembed: bool = False,
-                 imgsize: int = 224, check_finite: bool = False, global_pool: str = "avg",
-                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
+                 depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, ssm_d_state: int = 1,
+                 ssm_ratio: float = 1.0, ssm_dt_rank: Union[int, str] = "auto", ssm_act_layer: str = "silu",
+                 ssm_conv: int = 3, ssm_conv_bias: bool = False, ssm_drop_rate: float = 0.0, ssm_init: str = "v0",
+                 forward_type: str = "v05_noz", mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu",
+                 mlp_drop_rate: float = 0.0, gmlp: bool = False, drop_path_rate: float = 0.2, patch_norm: bool = True,
+                 norm_layer: str = "ln2d", downsample_version: str = "v3", patchembed_version: str = "v2",
+                 use_checkpoint: bool = False, posembed: bool = False, imgsize: int = 224, check_finite: bool = False,
+                 global_pool: str = "avg", device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.norm_layer = _one_of("norm_layer", norm_layer, ("ln", "ln2d"))
         patchembed_version = _one_of("patchembed_version", patchembed_version, ("v1", "v2"))
@@ -1007,30 +964,25 @@ class VSSM(nn.Module):
             _check_range(f"dims[{i}]", dim, 2 if patchembed_version == "v2" and i == 0 else 1, integer=True)
             _check_range(f"depths[{i}]", depth, 1, integer=True)
         self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
-        self.depths, self.dims, self.num_features = list(depths), dims, dims[-1]
-        self.head_hidden_size = dims[-1]
-        self.check_finite = check_finite
-        self.grad_checkpointing = use_checkpoint
+        self.depths, self.dims, self.num_features, self.head_hidden_size = list(depths), dims, dims[-1], dims[-1]
+        self.check_finite, self.grad_checkpointing = check_finite, use_checkpoint
         # A stage's map before its downsample: the output of its last block, (B, C, H, W).
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks")
                              for i, d in enumerate(dims)]
-
         total = sum(depths)
         rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]   # rises linearly
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.patch_embed = _make_patch_embed(patchembed_version, in_chans, dims[0], patch_size)
             self.layers = nn.ModuleList()
             for i, depth in enumerate(depths):
-                blocks = nn.Sequential(*[
-                    VSSBlock(dims[i], drop_path=rates[sum(depths[:i]) + j], channel_first=True,
-                             ssm_d_state=ssm_d_state, ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank,
-                             ssm_act_layer=ssm_act_layer, ssm_conv=ssm_conv, ssm_conv_bias=ssm_conv_bias,
-                             ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init, forward_type=forward_type,
-                             mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act_layer, mlp_drop_rate=mlp_drop_rate,
-                             gmlp=gmlp)
-                    for j in range(depth)])
-                downsample = (_make_downsample(downsample_version, dims[i], dims[i + 1])
-                              if i + 1 < len(depths) else nn.Identity())
+                blocks = nn.Sequential(*[VSSBlock(
+                    dims[i], drop_path=rates[sum(depths[:i]) + j], channel_first=True, ssm_d_state=ssm_d_state,
+                    ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act_layer, ssm_conv=ssm_conv,
+                    ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init,
+                    forward_type=forward_type, mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act_layer,
+                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp) for j in range(depth)])
+                downsample = (_make_downsample(downsample_version, dims[i], dims[i + 1]) if i + 1 < len(depths)
+                              else nn.Identity())
                 self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
             self.classifier = ClassifierHead(dims[-1], num_classes, global_pool)
         self.apply(self._init_weights)
@@ -1122,13 +1074,10 @@ class VSSM(nn.Module):
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """Stage outputs (before downsampling) as a list, plus the final features.
-
-        ``indices``: stage indices, or an int n for the last n stages (default: all).
-        ``norm`` applies the classifier's LayerNorm to the last stage's map.
-        ``output_fmt``: "NCHW" or "NHWC". Returns ``intermediates`` if
-        ``intermediates_only`` else ``(final_features, intermediates)``.
-        """
+        """Stage outputs (before downsampling) as a list, plus the final features. ``indices``: stage indices, or
+        an int n for the last n (default: all); ``norm`` applies the classifier's LayerNorm to the last stage's map;
+        ``output_fmt`` "NCHW" | "NHWC". Returns ``intermediates`` if ``intermediates_only`` else
+        ``(final_features, intermediates)``."""
         fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
         n = len(self.layers)
         indices = self._stage_indices(indices)
@@ -1148,12 +1097,9 @@ class VSSM(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop what feature extraction at stages ``indices`` never uses (timm's API).
-
-        Stages after the last of ``indices`` go, with that stage's downsample; with
-        ``prune_head`` the classifier's Linear, with ``prune_norm`` its LayerNorm. Afterwards
-        the model is only for :meth:`forward_intermediates`. Returns the indices as stage numbers.
-        """
+        """Drop what feature extraction at stages ``indices`` never uses (timm's API): later stages and the last
+        one's downsample; the classifier's Linear with ``prune_head``, its LayerNorm with ``prune_norm``. Afterwards
+        the model is only for :meth:`forward_intermediates`. Returns the indices as stage numbers."""
         indices = self._stage_indices(indices)
         last = max(indices)
         self.layers = self.layers[:last + 1]
@@ -1181,17 +1127,11 @@ class VSSM(nn.Module):
 
     @torch.no_grad()
     def flops(self, shape: Sequence[int] = (3, 224, 224)) -> float:
-        """FLOPs of one input of ``shape`` (C, H, W), counted as the authors' ``VSSM.flops``
-        counts them: multiply-adds (about 4.9e9 for VMamba-T at 224 px).
-
-        Dense operations (Linear, convolution, the projections' einsums) are counted by
-        ``torch.utils.flop_counter`` (its count / 2); each selective scan of length L, D
-        channels (all four directions of an SS2D) and state size N adds 9*L*D*N, the Mamba
-        authors' estimate. Normalisations and element-wise operations are not counted. The
-        count runs on meta-device stand-ins: fast, and the model is not modified.
-        """
+        """FLOPs of one input of ``shape`` (C, H, W) as the authors' ``VSSM.flops`` counts them: multiply-adds (about
+        4.9e9 for VMamba-T at 224 px). Dense operations via ``torch.utils.flop_counter`` (its count / 2); each
+        selective scan (length L, D channels over all four directions, state N) adds 9*L*D*N, the Mamba authors'
+        estimate; norms and element-wise ops are not counted. Runs on meta-device stand-ins; the model is unchanged."""
         from torch.utils.flop_counter import FlopCounterMode
-
         scans = []
 
         def count_scan(module: SS2D, args: Tuple[Tensor]) -> None:
@@ -1212,24 +1152,17 @@ class VSSM(nn.Module):
         return counter.get_total_flops() / 2 + sum(scans)
 
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """Load a downloaded checkpoint file: timm's hook for ``pretrained=True``.
-
-        Same as the module's :func:`load_pretrained` (any released layout, read without
-        running pickled code, first convolution adapted to ``in_chans``), except that a head
-        with another class count is replaced silently, as timm does when ``num_classes`` is given.
-        """
+        """Load a downloaded checkpoint file (timm's hook for ``pretrained=True``): the module's
+        :func:`load_pretrained`, but a head of another class count is replaced silently, as timm does."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="vmamba: the checkpoint's head")
             load_pretrained(self, checkpoint_path)  # the module function
 
 
 class Backbone_VSSM(VSSM):
-    """VMamba backbone for detection and segmentation (the authors' ``Backbone_VSSM``).
-
-    Returns a list of NCHW maps, one per stage in ``out_indices`` (strides 4, 8, 16, 32),
-    each through its own LayerNorm ``outnorm{i}``. ``pretrained``: a path, URL or state
-    dict to load (a classification checkpoint works: its head is ignored).
-    """
+    """VMamba backbone for detection and segmentation (the authors' ``Backbone_VSSM``): a list of NCHW maps, one
+    per stage in ``out_indices`` (strides 4..32), each through its LayerNorm ``outnorm{i}``. ``pretrained``: a path,
+    URL or state dict to load (a classification checkpoint works: its head is ignored)."""
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
                  norm_layer: str = "ln", **kwargs: Any):
@@ -1329,8 +1262,8 @@ _BLOCKED_ALIAS = "(blocked)."
 
 
 def _unblocked(source: str) -> Union[str, io.BytesIO]:
-    """``source``, or an in-memory copy if it names globals of a module torch refuses even when
-    allowlisted: there the module gets the prefix _BLOCKED_ALIAS, so that it can be allowlisted."""
+    """``source``, or an in-memory copy whose globals of modules torch refuses even when allowlisted get the
+    prefix _BLOCKED_ALIAS (so that they can be allowlisted)."""
     with zipfile.ZipFile(source) as archive:
         pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
         data = archive.read(pkl)
@@ -1372,13 +1305,11 @@ def _safetensors(purpose: str) -> Any:
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
-    """Load a checkpoint onto the CPU without running code from it. ``.safetensors`` files (by name or content)
-    are read with safetensors, others with ``torch.load(weights_only=True)``. If that refuses a zip checkpoint,
-    each global it names outside torch's allowlist (``os.system``, ``eval`` ... included) is allowlisted,
-    process-wide during one more load, as an inert :class:`PickledGlobal`, building :class:`PickledObject`
-    records. Legacy non-zip files are read only if torch accepts them as they are. Raises OSError as ``open``
-    does, ImportError (with the pip command) for .safetensors without safetensors, and ValueError naming the
-    path, chained from the cause, for a corrupt or refused file."""
+    """Load a checkpoint onto the CPU without running code from it: ``.safetensors`` (by name or content) with
+    safetensors, others with ``torch.load(weights_only=True)``; if that refuses a zip checkpoint, each global outside
+    torch's allowlist (``os.system`` ... too) is allowlisted for one more load as an inert :class:`PickledGlobal`
+    building :class:`PickledObject` records. Legacy non-zip files only if torch accepts them. Raises OSError as
+    ``open``, ImportError (with the pip command) for .safetensors without safetensors, ValueError for a bad file."""
     source = os.fspath(path)
     with open(source, "rb") as file:
         head, size = file.read(9), os.fstat(file.fileno()).st_size
@@ -1407,8 +1338,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
 
 
 def _cache_file_name(url: str) -> str:
-    """The URL's last path segment, percent-decoded, characters outside [A-Za-z0-9._+-] replaced
-    by '_', leading dots dropped; a name over 200 characters is shortened with a hash."""
+    """The URL's last path segment, percent-decoded, other than [A-Za-z0-9._+-] -> '_', no leading dots, <= 200."""
     name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1], errors="replace")
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
     if not name:
@@ -1429,11 +1359,10 @@ def _file_sha256(path: str) -> str:
 
 def download_cached(url: str, sha256: Optional[str] = None, progress: bool = True,
                     cache_dir: Union[str, os.PathLike, None] = None) -> str:
-    """Download an http(s) ``url`` once, with ``torch.hub.download_url_to_file``, to ``cache_dir`` (default
-    ``<torch.hub.get_dir()>/checkpoints``) under the URL's last path segment; return the path. ``sha256`` (hex
-    digest, or a prefix of >= 8 hex digits) is checked on every call: a cached mismatch is downloaded again, with
-    a warning; a downloaded mismatch is deleted and raises ValueError naming the URL and both digests. A failed
-    or truncated (zip) download raises RuntimeError naming the URL and the cache path, leaving no file there."""
+    """Download an http(s) ``url`` once to ``cache_dir`` (default ``<torch.hub.get_dir()>/checkpoints``) under its
+    last path segment; return the path. ``sha256`` (hex digest or >= 8-digit prefix) is checked on every call: a
+    cached mismatch is downloaded again (warning), a downloaded one deleted (ValueError). A failed or truncated
+    download raises RuntimeError naming the URL and cache path, leaving no file."""
     if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ValueError(f"only http(s) URLs can be downloaded, got {url!r}")
     expected = None if sha256 is None else sha256.strip().lower()
@@ -1486,14 +1415,9 @@ def save_weights(state_dict_or_model: Union[nn.Module, Dict[str, Any]], path: Un
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema")   # the first one present is used
 _PREFIXES = ("module.", "backbone.")
 # The February 2024 layout of the vanilla models -> ours.
-_RENAMES = (
-    (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
-    (re.compile(r"^patch_embed\.norm\."), "patch_embed.2."),
-    (re.compile(r"\.ln_1\."), ".norm."),
-    (re.compile(r"\.self_attention\."), ".op."),
-    (re.compile(r"^norm\."), "classifier.norm."),
-    (re.compile(r"^head\."), "classifier.head."),
-)
+_RENAMES = tuple((re.compile(p), r) for p, r in (
+    (r"^patch_embed\.proj\.", "patch_embed.0."), (r"^patch_embed\.norm\.", "patch_embed.2."), (r"\.ln_1\.", ".norm."),
+    (r"\.self_attention\.", ".op."), (r"^norm\.", "classifier.norm."), (r"^head\.", "classifier.head.")))
 # The authors' newer single-file layout: unstacked projections -> stacked parameters.
 _UNSTACKED = {"op.x_proj.weight": "op.x_proj_weight", "op.dt_projs.weight": "op.dt_projs_weight",
               "op.dt_projs.bias": "op.dt_projs_bias"}
@@ -1515,8 +1439,7 @@ def _unwrap_checkpoint(ckpt: Any) -> Dict[str, Tensor]:
 
 
 def _adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
-    """A first-convolution weight for RGB, (O, 3, k, k), adapted to ``in_chans`` inputs as
-    timm does: summed over the colours for one channel; else repeated, cut and rescaled."""
+    """An RGB first-conv weight (O, 3, k, k) adapted to ``in_chans`` as timm does (sum, or repeat and rescale)."""
     if in_chans == 1:
         return weight.sum(dim=1, keepdim=True)
     repeats = -(-in_chans // weight.shape[1])
@@ -1524,16 +1447,11 @@ def _adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
 
 
 def checkpoint_filter_fn(checkpoint: Any, model: nn.Module) -> Dict[str, Tensor]:
-    """Convert any known checkpoint layout to ``model``'s state-dict layout.
-
-    Accepts the released layout, the authors' newer single-file layout (unstacked
-    ``x_proj``/``dt_projs``, ``downsample.1/.2`` patch merging), the February 2024 layout
-    (``patch_embed.proj``, ``ln_1``, ``self_attention``, top-level ``norm``/``head``),
-    ``module.``/``backbone.`` prefixes and ``model``/``state_dict``/``model_ema`` wrappers.
-    The checkpoint's head is dropped when the model has none, and an RGB first convolution
-    is adapted to the model's ``in_chans``. Pure: neither argument is modified. Keys the
-    model does not know are passed through (``load_pretrained`` reports them).
-    """
+    """Convert any known checkpoint layout to ``model``'s state-dict layout: the released one, the authors' newer
+    single-file one (unstacked ``x_proj``/``dt_projs``, ``downsample.1/.2``), the February 2024 one (``ln_1``,
+    ``self_attention``, top-level ``norm``/``head``), ``module.``/``backbone.`` prefixes and ``model``/``state_dict``/
+    ``model_ema`` wrappers. Drops the head when the model has none; adapts an RGB first conv to ``in_chans``. Pure;
+    unknown keys are passed through (``load_pretrained`` reports them)."""
     state = _unwrap_checkpoint(checkpoint)
     if any(k.startswith("backbone.") for k in state):   # detection/segmentation: keep the backbone
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
@@ -1572,13 +1490,10 @@ def _is_url(source: Any) -> bool:
 def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
                     sha256: Optional[str] = None, progress: bool = True) -> nn.Module:
     """Load weights into ``model`` from a path (PyTorch or ``.safetensors``), an http(s) URL or a state dict.
-
-    URLs are downloaded once into torch.hub's cache with a progress bar, checked against ``sha256`` when
-    given. Any layout of :func:`checkpoint_filter_fn` is accepted; files are read without running code.
-    ``strict``: every parameter must load with the right shape, except a head of another class count (left
-    freshly initialised, with a warning) and a backbone's ``outnorm`` layers. On any error the model is
-    left unchanged. Returns ``model``.
-    """
+    URLs are downloaded once into torch.hub's cache, checked against ``sha256`` when given; any layout of
+    :func:`checkpoint_filter_fn`; files are read without running code. ``strict``: every parameter must load with
+    the right shape, except a head of another class count (left fresh, with a warning) and a backbone's ``outnorm``
+    layers. On any error the model is left unchanged. Returns ``model``."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
@@ -1611,9 +1526,8 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
     if missing or unexpected or mismatched:
         report = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped "
                   f"of {len(own)} model keys")
-        examples = "; ".join(f"{label} e.g. {items[:3]}" for label, items in
-                             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
-                             if items)
+        examples = "; ".join(f"{label} e.g. {items[:3]}" for label, items in (
+            ("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if items)
         if strict:
             raise ValueError(f"cannot load {name} into {type(model).__name__} ({report}): {examples}. "
                              "Is it a checkpoint of another architecture? The model is unchanged.")
@@ -1690,49 +1604,26 @@ def _build(name: str, pretrained: Union[bool, str, dict], **kwargs: Any) -> VSSM
     return model
 
 
-def vanilla_vmamba_tiny(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-T, vanilla (v0, N=16, no MLP): 22.9M params, 5.6 GFLOPs, 82.2% top-1."""
-    return _build("vanilla_vmamba_tiny", pretrained, **kwargs)
+def _zoo_function(name: str, label: str) -> Callable[..., VSSM]:
+    """The public builder of a released model, e.g. ``vmamba_tiny_s1l8(pretrained=False, **kwargs)``."""
+    def builder(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
+        return _build(name, pretrained, **kwargs)
+
+    params, gflops, top1 = _ZOO[name][2:]
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{label}: {params / 1e6:.1f}M params, {gflops} GFLOPs, {top1}% top-1."
+    return builder
 
 
-def vanilla_vmamba_small(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-S, vanilla (v0, N=16, no MLP): 44.4M params, 11.2 GFLOPs, 83.5% top-1."""
-    return _build("vanilla_vmamba_small", pretrained, **kwargs)
-
-
-def vanilla_vmamba_base(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-B, vanilla (v0, N=16, no MLP): 76.3M params, 18.0 GFLOPs, 83.7% top-1."""
-    return _build("vanilla_vmamba_base", pretrained, **kwargs)
-
-
-def vmamba_tiny_s2l5(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-T (ssm_ratio 2, depth 5 in stage 3): 30.7M params, 4.9 GFLOPs, 82.5% top-1."""
-    return _build("vmamba_tiny_s2l5", pretrained, **kwargs)
-
-
-def vmamba_small_s2l15(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-S (ssm_ratio 2, depth 15 in stage 3): 50.1M params, 8.7 GFLOPs, 83.6% top-1."""
-    return _build("vmamba_small_s2l15", pretrained, **kwargs)
-
-
-def vmamba_base_s2l15(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-B (ssm_ratio 2, depth 15 in stage 3): 88.6M params, 15.4 GFLOPs, 83.9% top-1."""
-    return _build("vmamba_base_s2l15", pretrained, **kwargs)
-
-
-def vmamba_tiny_s1l8(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-T (ssm_ratio 1, depth 8 in stage 3): 30.2M params, 4.9 GFLOPs, 82.6% top-1."""
-    return _build("vmamba_tiny_s1l8", pretrained, **kwargs)
-
-
-def vmamba_small_s1l20(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-S (ssm_ratio 1, depth 20 in stage 3): 49.0M params, 8.6 GFLOPs, 83.3% top-1."""
-    return _build("vmamba_small_s1l20", pretrained, **kwargs)
-
-
-def vmamba_base_s1l20(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
-    """VMamba-B (ssm_ratio 1, depth 20 in stage 3): 86.6M params, 15.2 GFLOPs, 83.8% top-1."""
-    return _build("vmamba_base_s1l20", pretrained, **kwargs)
+vanilla_vmamba_tiny = _zoo_function("vanilla_vmamba_tiny", "VMamba-T, vanilla (v0, N=16, no MLP)")
+vanilla_vmamba_small = _zoo_function("vanilla_vmamba_small", "VMamba-S, vanilla (v0, N=16, no MLP)")
+vanilla_vmamba_base = _zoo_function("vanilla_vmamba_base", "VMamba-B, vanilla (v0, N=16, no MLP)")
+vmamba_tiny_s2l5 = _zoo_function("vmamba_tiny_s2l5", "VMamba-T (ssm_ratio 2, depth 5 in stage 3)")
+vmamba_small_s2l15 = _zoo_function("vmamba_small_s2l15", "VMamba-S (ssm_ratio 2, depth 15 in stage 3)")
+vmamba_base_s2l15 = _zoo_function("vmamba_base_s2l15", "VMamba-B (ssm_ratio 2, depth 15 in stage 3)")
+vmamba_tiny_s1l8 = _zoo_function("vmamba_tiny_s1l8", "VMamba-T (ssm_ratio 1, depth 8 in stage 3)")
+vmamba_small_s1l20 = _zoo_function("vmamba_small_s1l20", "VMamba-S (ssm_ratio 1, depth 20 in stage 3)")
+vmamba_base_s1l20 = _zoo_function("vmamba_base_s1l20", "VMamba-B (ssm_ratio 1, depth 20 in stage 3)")
 
 
 def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
@@ -1743,24 +1634,17 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any)
     return globals()[name](pretrained=pretrained, **kwargs)
 
 
-
-
 # --- Ecosystem: timm's registry and OpenMMLab's. Neither package is imported unless asked for.
-# The released files hold training state, which timm's weights-only loader refuses, so ``custom_load``
-# hands the downloaded file to VSSM.load_pretrained.
-default_cfgs: Dict[str, Dict[str, Any]] = {
-    name: dict(url=pretrained_url(name), custom_load=True, num_classes=1000, pool_size=(7, 7),
-               first_conv="patch_embed.0", classifier="classifier.head", license="mit",
-               paper_ids="arXiv:2401.10166", origin_url="https://github.com/MzeroMiko/VMamba",
-               **EVAL_CONFIG)
-    for name in _ZOO
-}
+# timm's weights-only loader refuses the released files (training state): ``custom_load`` uses VSSM.load_pretrained.
+default_cfgs: Dict[str, Dict[str, Any]] = {name: dict(
+    url=pretrained_url(name), custom_load=True, num_classes=1000, pool_size=(7, 7), first_conv="patch_embed.0",
+    classifier="classifier.head", license="mit", paper_ids="arXiv:2401.10166",
+    origin_url="https://github.com/MzeroMiko/VMamba", **EVAL_CONFIG) for name in _ZOO}
 
 
 def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         from timm.models import build_model_with_cfg
-
         return build_model_with_cfg(VSSM, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                     feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
                                     **dict(model_config(name), **kwargs))
@@ -1771,15 +1655,11 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
 
 
 def register_timm() -> List[str]:
-    """Register the zoo with timm (``timm.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10)``,
-    ``features_only=True``, also with ``feature_cls="fx"``) and SS2D, PatchMerging and DropPath as FX leaves.
-
-    Done on ``import vmamba`` when timm is already imported; otherwise call it after importing timm.
-    Idempotent; names registered by another module are left alone. Returns the names registered.
-    """
+    """Register the zoo with timm (``timm.create_model("vmamba_tiny_s1l8", pretrained=True)``, ``features_only``,
+    ``feature_cls="fx"``) and SS2D, PatchMerging, DropPath as FX leaves. Done on ``import vmamba`` when timm is
+    imported; idempotent; another module's names are left alone. Returns the names registered."""
     from timm.layers import register_notrace_module
     from timm.models import is_model, model_entrypoint, register_model
-
     for module in (SS2D, PatchMerging, DropPath):
         register_notrace_module(module)
     registered = []
@@ -1799,9 +1679,8 @@ def register_mm() -> type:
     try:
         from mmengine.registry import MODELS
     except ImportError as e:
-        raise ImportError("register_mm needs OpenMMLab's mmengine (and mmdet or mmseg for their "
-                          "pipelines): pip install -U openmim && mim install mmengine mmdet mmsegmentation"
-                          ) from e
+        raise ImportError("register_mm needs OpenMMLab's mmengine (and mmdet or mmseg for their pipelines): "
+                          "pip install -U openmim && mim install mmengine mmdet mmsegmentation") from e
     registries = [MODELS]
     for package in ("mmdet", "mmseg"):
         try:
@@ -1817,8 +1696,7 @@ if "timm" in sys.modules and __name__ != "__main__":
     try:
         register_timm()
     except Exception as e:  # e.g. an old timm without these APIs
-        warnings.warn(f"vmamba: the models are not registered with timm ({type(e).__name__}: {e})",
-                      stacklevel=2)
+        warnings.warn(f"vmamba: the models are not registered with timm ({type(e).__name__}: {e})", stacklevel=2)
 
 
 # --- Command line: ``python vmamba.py`` runs an offline smoke test of this file.
@@ -1831,20 +1709,16 @@ def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
 
 
-def _flops_table(shape: Sequence[int] = (3, 224, 224),
-                 names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """Rows of params (millions) and GFLOPs of zoo models beside the published GFLOPs, built on the
-    meta device (seconds); ``error`` is relative, at 224 px only."""
+def _flops_table(shape: Sequence[int] = (3, 224, 224), names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Params (M) and GFLOPs of zoo models beside the published GFLOPs, on the meta device; ``error`` at 224 px."""
     rows = []
     for name in names or list_models():
         with torch.device("meta"):
             model = create_model(name)
-        gflops = model.flops(shape) / 1e9
-        published = _ZOO[name][3]
-        at_224 = tuple(shape) == (3, 224, 224)
+        gflops, published = model.flops(shape) / 1e9, _ZOO[name][3]
         rows.append(dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                          gflops=round(gflops, 2), published_gflops=published,
-                         error=f"{gflops / published - 1:+.1%}" if at_224 else "-"))
+                         error=f"{gflops / published - 1:+.1%}" if tuple(shape) == (3, 224, 224) else "-"))
     return rows
 
 
@@ -1906,9 +1780,9 @@ def _smoke(args: argparse.Namespace) -> int:
         finally:
             set_backend(None)
         rows.append(row)
+    weights = f"pretrained={args.pretrained}" if args.pretrained else "random weights"
     print(f"vmamba.py smoke test: torch {torch.__version__}, device {device}, "
-          f"{args.batch}x3x{args.img_size}x{args.img_size}, forward + backward, "
-          + (f"pretrained={args.pretrained}" if args.pretrained else "random weights"))
+          f"{args.batch}x3x{args.img_size}x{args.img_size}, forward + backward, {weights}")
     _print_table(rows, ["model", "params", "output", "time", "backend", "status"])
     print("all ok" if not failures else f"{failures} model(s) failed")
     return 1 if failures else 0
@@ -1939,9 +1813,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model", default=None, help="zoo architecture (default: the one the checkpoint matches)")
     p.set_defaults(run=_cmd_convert)
     args = parser.parse_args(argv)
-    if args.command is None:
-        return _smoke(args)
-    return args.run(args)
+    return _smoke(args) if args.command is None else args.run(args)
 
 
 if __name__ == "__main__":
