@@ -17,21 +17,8 @@ Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
-import importlib
-import io
-import math
-import os
-import pickle
-import pickletools
-import re
-import sys
-import time
-import urllib.parse
-import warnings
-import zipfile
+import argparse, contextlib, hashlib, io, math, os, pickle, pickletools, re, sys, time, warnings, zipfile
+import importlib.util, urllib.parse
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -83,7 +70,6 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Shapes (G groups of D channels, state size N, length L): u, delta, z (gate) (B, G*D, L);
     A (G*D, N) negative decay rates; B, C (B, G, N, L) or (B, N, L), shared by a group;
     D (skip), delta_bias (G*D,) optional. With ``dt = softplus(delta + delta_bias)`` (or no softplus)::
-
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
         y_t = (<C_t, h_t> + D * u_t) * silu(z_t)
 
@@ -1676,19 +1662,13 @@ def register_timm() -> List[str]:
 def register_mm() -> type:
     """Register :class:`Backbone_VSSM` as ``"MM_VSSM"`` (the authors' name) in the MODELS registries of
     mmengine and, when installed, mmdet and mmseg, so the authors' configs build it. Idempotent."""
-    try:
-        from mmengine.registry import MODELS
-    except ImportError as e:
+    if importlib.util.find_spec("mmengine") is None:
         raise ImportError("register_mm needs OpenMMLab's mmengine (and mmdet or mmseg for their pipelines): "
-                          "pip install -U openmim && mim install mmengine mmdet mmsegmentation") from e
-    registries = [MODELS]
-    for package in ("mmdet", "mmseg"):
-        try:
-            registries.append(importlib.import_module(f"{package}.registry").MODELS)
-        except ImportError:
-            pass
-    for registry in registries:
-        registry.register_module(name="MM_VSSM", module=Backbone_VSSM, force=True)
+                          "pip install -U openmim && mim install mmengine mmdet mmsegmentation")
+    for package in ("mmengine", "mmdet", "mmseg"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"{package}.registry").MODELS.register_module(
+                name="MM_VSSM", module=Backbone_VSSM, force=True)
     return Backbone_VSSM
 
 
