@@ -8,8 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread unless OMP_NUM_THREADS says otherwise (set before torch starts, so that
+# subprocesses inherit it too). The tests run tiny models, which more threads only slow down: on
+# a busy 2-core runner, a thread waiting for a core made some tests 10 to 50 times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))   # in case torch was imported first
 
 # Triton kernels run on CPU under the interpreter, which must be chosen before they are
 # defined (at import of vmamba). The "auto" backend on CPU stays pure PyTorch regardless.

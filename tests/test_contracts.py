@@ -24,6 +24,9 @@ FAMILIES = {
     "vanilla": "vanilla_vmamba_tiny",   # v0 (gated), N=16, v1 patch embedding and patch merging, ln
     "v2": "vmamba_tiny_s1l8",           # v05_noz, N=1, MLP, v2 patch embedding, v3 downsample, ln2d
 }
+# The nine zoo models are three architectures that differ only in depths, widths and
+# drop-path rates (test_three_architectures_cover_the_zoo checks it): one name each.
+ARCHITECTURES = ["vanilla_vmamba_tiny", "vmamba_tiny_s2l5", "vmamba_tiny_s1l8"]
 MODES = {  # (training, autograd context)
     "train, grad": (True, torch.enable_grad),
     "train, no_grad": (True, torch.no_grad),
@@ -36,6 +39,15 @@ MODES = {  # (training, autograd context)
 
 def _rel(got, ref):
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def _architecture(name):
+    return {k: v for k, v in vmamba.model_config(name).items() if k not in ("depths", "dims", "drop_path_rate")}
+
+
+def test_three_architectures_cover_the_zoo():
+    covered = [_architecture(name) for name in ARCHITECTURES]
+    assert all(_architecture(name) in covered for name in vmamba.list_models())
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,7 +107,7 @@ def _check_no_writes(model: nn.Module, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("ablated", [False, True], ids=["full", "norm_and_op_ablated"])
-@pytest.mark.parametrize("name", vmamba.list_models())
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_no_forward_writes_into_its_input(name, ablated):
     """The old in-place residual turned x + op(norm(x)) with op = norm = Identity into 2x in place."""
     torch.manual_seed(0)
@@ -124,10 +136,10 @@ def test_the_guard_catches_an_in_place_residual():
 # ---------------------------------------------------------------------------------------
 # torch.compile and torch.export
 #
-# Tiny models and inputs keep each compilation to tens of seconds. Chunks of 4 steps (instead
-# of the default 16) give several chunks, a partial last chunk and the log-depth carry scan at
-# these sizes while the unrolled loop stays short; raising=False keeps the test meaningful
-# (with the default chunk) should that internal name change.
+# Tiny models and inputs keep each compilation to tens of seconds. Chunks of at most 4 steps
+# (instead of 16) give several chunks and the log-depth carry scan at these sizes while the
+# unrolled loop stays short; raising=False keeps the test meaningful (with the default chunk)
+# should that internal name change.
 
 
 def _compile_case(family):
@@ -175,7 +187,7 @@ def _load_subset(module: nn.Module, state: dict) -> None:
     module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-@pytest.mark.parametrize("name", vmamba.list_models())
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_timm_fx_features_match_the_getter_and_forward_intermediates(name):
     timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
     pytest.importorskip("torchvision", reason="timm's FX feature extraction needs torchvision")
@@ -213,7 +225,7 @@ def _live_tensors():
 def test_nothing_is_kept_between_calls(family):
     torch.manual_seed(0)
     model = vmamba.create_model(FAMILIES[family], num_classes=5, **SMALL)
-    x = torch.randn(2, 3, 64, 40)
+    x = torch.randn(2, 3, 32, 24)
     before = _live_tensors()
     for _ in range(2):
         model.eval()

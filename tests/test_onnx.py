@@ -30,7 +30,8 @@ def _legacy_export(module, args, names):
 
 @pytest.mark.parametrize("length", [16, 33, 140])
 def test_scan_export_matches_onnxruntime(length):
-    """One chunk, and lengths that are not a multiple of the chunk (a partial last chunk)."""
+    """One chunk, and lengths that are no multiple of 16 (33, 140): the exported graph must
+    chunk them as eager does. (The legacy exporter once turned -(-L // T) into 2 for L=33.)"""
 
     class Scan(torch.nn.Module):
         def forward(self, u, delta, A, B, C):
@@ -46,7 +47,7 @@ def test_scan_export_matches_onnxruntime(length):
 def test_export_matches_onnxruntime(name):
     torch.manual_seed(0)
     model = vmamba.create_model(name, depths=[1, 1, 2, 1]).eval()
-    x = torch.randn(1, 3, 112, 80)  # stage maps 28x20 .. 4x3: chunked and partial chunks
+    x = torch.randn(1, 3, 112, 80)  # stage maps 28x20 .. 4x3: one chunk and several
     model_bytes = _legacy_export(model, (x,), ["image"])
     graph = onnx.load_from_string(model_bytes)
     onnx.checker.check_model(graph)

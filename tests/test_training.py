@@ -10,17 +10,7 @@ import vmamba
 datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is not installed")
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: this model is too small to gain from more, and on a shared 2-core
-    runner a second thread that waits for a busy core slows every step several times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_learns_digits(one_thread):
+def test_learns_digits():
     digits = datasets.load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0      # (1797, 1, 8, 8)
     x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
