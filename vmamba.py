@@ -1773,7 +1773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="vmamba.py", description="VMamba in one file. Without a command: an offline smoke test "
         "that builds the zoo models, runs forward and backward and compares every available backend.")
     parser.add_argument("--model", default=None, help=f"comma-separated model names (default: all of {list_models()})")
-    parser.add_argument("--img-size", type=int, default=64, help="input resolution (default: 64)")
+    parser.add_argument("--img-size", type=int, default=32, help="input resolution (default: 32)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH_OR_URL",
