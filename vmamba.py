@@ -115,11 +115,11 @@ def _scan_chunked(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tup
     """u, dt (B, G, D, L) float32, dt after softplus; A (G, D, N); B, C (B, G, N, L).
     Returns y (B, G, D, L) with y_t = <C_t, h_t>, and the last state h_L (B, G, D, N)."""
     b, g, d, L = u.shape
-    T = max(t for t in range(1, min(_CHUNK, L) + 1) if L % t == 0)  # chunks tile L: nothing to pad
-    nc = L // T
+    T = min(_CHUNK, L)
+    nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
 
-    def chunks(t: Tensor) -> Tensor:  # (B, G, X, L) -> (T, B, nc, G, X)
-        return t.reshape(b, g, -1, nc, T).permute(4, 0, 3, 1, 2).contiguous()
+    def chunks(t: Tensor) -> Tensor:  # (B, G, X, L) -> (T, B, nc, G, X); padded steps have dt = 0
+        return F.pad(t, (0, nc * T - L)).reshape(b, g, -1, nc, T).permute(4, 0, 3, 1, 2).contiguous()
 
     def shift(H: Tensor) -> Tensor:  # exit states (B, nc, ...) -> entry states of the chunks
         return torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1)
@@ -155,7 +155,7 @@ def _scan_chunked(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tup
             h = step(t, h)
             ys.append((h * C_s[t]).sum(-1))                           # (B, nc, G, D)
         y = torch.stack(ys, -1).permute(0, 2, 3, 1, 4)                # (B, G, D, nc, T)
-    return y.reshape(b, g, d, L), H[:, -1]
+    return y.reshape(b, g, d, nc * T)[..., :L], H[:, -1]
 
 
 def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
