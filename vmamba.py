@@ -42,12 +42,8 @@ try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
 except Exception:  # ImportError, or an "undefined symbol" OSError from a broken build
     _mamba_selective_scan_fn = None
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = tl = None
-_HAS_TRITON = triton is not None
+# triton is imported on first use (importing it takes ~0.4 s), by _require_triton().
+_HAS_TRITON, triton, tl = importlib.util.find_spec("triton") is not None, None, None
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 _INSTALL_HINTS = {"mamba_ssm": "pip install mamba-ssm --no-build-isolation (needs a CUDA toolkit matching torch)",
                   "triton": "pip install triton (Linux; ships with the CUDA builds of torch)"}
@@ -177,11 +173,6 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
-def _require_triton():
-    if not _HAS_TRITON:
-        raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -195,7 +186,9 @@ def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
     return block_d, block_n, block_l
 
 
-if triton is not None:
+def _define_triton_kernels() -> None:  # module-level names, which every triton version resolves
+    global _affine_combine, _affine_combine_excl, _softplus_tl, _scan_fwd_kernel, _scan_bwd_kernel, _cross_kernel
+
     @triton.jit
     def _affine_combine(a1, b1, a2, b2):
         """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
@@ -375,6 +368,17 @@ if triton is not None:
             tl.store(dst_ptr + offs[3], x, mask=mask)
 
 
+def _require_triton() -> None:
+    """Import triton and define the kernels (once), or raise saying how to install it."""
+    global triton, tl
+    if not _HAS_TRITON:
+        raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
+    if tl is None:
+        import triton
+        _define_triton_kernels()
+        import triton.language as tl  # last: a non-None tl says the kernels are defined
+
+
 # --- Selective scan: custom ops and autograd
 def _scan_dims(u, A, Bs):
     Bsz, KD, L = u.shape
@@ -507,14 +511,6 @@ def _save_hw(ctx, inputs, output):
 _cross_scan.register_autograd(lambda ctx, g: _cross_merge(g.reshape(*g.shape[:3], *ctx.hw)), setup_context=_save_hw)
 _cross_merge.register_autograd(lambda ctx, g: _cross_scan(g).reshape(g.shape[0], 4, g.shape[1], *ctx.hw),
                                setup_context=_save_hw)
-
-
-def _cross_scan_triton(x: Tensor) -> Tensor:  # shapes checked by cross_scan
-    return cross_scan(x, "triton")
-
-
-def _cross_merge_triton(ys: Tensor) -> Tensor:
-    return cross_merge(ys, "triton")
 
 
 # --- Backend choice and the public kernels.

@@ -6,11 +6,17 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 import vmamba  # noqa: E402
-from vmamba import _cross_merge_triton as cross_merge_triton  # noqa: E402
-from vmamba import _cross_scan_triton as cross_scan_triton  # noqa: E402
 from vmamba import _selective_scan_triton as selective_scan_triton  # noqa: E402
 
 pytestmark = pytest.mark.triton
+
+
+def cross_scan_triton(x):
+    return vmamba.cross_scan(x, "triton")
+
+
+def cross_merge_triton(ys):
+    return vmamba.cross_merge(ys, "triton")
 
 
 def ref_scan(inputs, softplus=True):

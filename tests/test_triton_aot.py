@@ -99,7 +99,8 @@ def all_jobs(vmamba):
 def _init_worker():
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
-    import vmamba  # noqa: F401
+    import vmamba
+    vmamba._require_triton()  # imports triton and defines the kernels (done lazily on first use)
 
 
 def compile_job(job):
