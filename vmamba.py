@@ -90,9 +90,11 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return (y, h) if return_last_state else y
 
 
-# The torch scan cuts the sequence into time-major chunks of _CHUNK steps (one multiply-add advances every chunk).
-# Each chunk's exit state from zero; a log-depth scan over chunks gives entry states (decay exp(A * sum of dt), no
-# division), which enter the chunk's outputs. Plain autograd gives the backward; torch.compile fuses the passes.
+# The torch scan works channels-last, (B, L, G, D): every step is a (B, chunks, G, D) view with D contiguous, so
+# each op (and each loop torch.compile generates) runs along channels. The sequence is cut into chunks of T steps
+# (T up to _CHUNK, a divisor of L when one is near, else the end is zero-padded); one multiply-add advances every
+# chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay exp(A * sum of
+# dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear in L).
 _CHUNK = 16
 
 
@@ -107,69 +109,48 @@ def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
     return S
 
 
-def _scan_chunked(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
-    """u, dt (B, G, D, L) float32, dt after softplus; A (G, D, N); B, C (B, G, N, L).
-    Returns y (B, G, D, L) with y_t = <C_t, h_t>, and the last state h_L (B, G, D, N)."""
-    b, g, d, L = u.shape
-    T = min(_CHUNK, L)
-    nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
-
-    def chunks(t: Tensor) -> Tensor:  # (B, G, X, L) -> (T, B, nc, G, X); padded steps have dt = 0
-        return F.pad(t, (0, nc * T - L)).reshape(b, g, -1, nc, T).permute(4, 0, 3, 1, 2).contiguous()
-
-    def shift(H: Tensor) -> Tensor:  # exit states (B, nc, ...) -> entry states of the chunks
-        return torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1)
-
-    dts, dus = chunks(dt).unsqueeze(-1), chunks(dt * u).unsqueeze(-1)  # (T, B, nc, G, D, 1)
-    Bs, Cs = chunks(B).unsqueeze(-2), chunks(C).unsqueeze(-2)          # (T, B, nc, G, 1, N)
-    if A.shape[-1] == 1:
-        # N = 1: every tensor is the input's size. One pass from a zero state gives each chunk's
-        # local states; the entry states add in, decayed by exp(A * cumulative dt).
-        dA = dts * A                                                  # (T, B, nc, G, D, 1)
-        x, a = (dus * Bs).unbind(0), torch.exp(dA).unbind(0)
-        hs = [x[0]]
-        for t in range(1, T):
-            hs.append(torch.addcmul(x[t], a[t], hs[-1]))
-        cum = dA.cumsum(0)
-        H = _chunk_carries(torch.exp(dA.sum(0)), hs[-1])              # exit states, (B, nc, G, D, 1)
-        h = torch.stack(hs) + torch.exp(cum) * shift(H)[None]         # (T, B, nc, G, D, 1)
-        y = (h * Cs).sum(-1).permute(1, 3, 4, 2, 0)                   # (B, G, D, nc, T)
-    else:
-        # N > 1: (T, ..., N) tensors would be N times the input, so each step's decay and input
-        # are formed inside two passes: from zero for the exit states, then from the entry states.
-        dt_s, du_s, B_s, C_s = (t.unbind(0) for t in (dts, dus, Bs, Cs))
-
-        def step(t: int, h: Tensor) -> Tensor:
-            return torch.addcmul(du_s[t] * B_s[t], torch.exp(dt_s[t] * A), h)
-
-        h = dts.new_zeros(b, nc, g, d, A.shape[-1])                   # (B, nc, G, D, N)
-        for t in range(T):
-            h = step(t, h)
-        H = _chunk_carries(torch.exp(dts.sum(0) * A), h)              # exit states, (B, nc, G, D, N)
-        h, ys = shift(H), []
-        for t in range(T):
-            h = step(t, h)
-            ys.append((h * C_s[t]).sum(-1))                           # (B, nc, G, D)
-        y = torch.stack(ys, -1).permute(0, 2, 3, 1, 4)                # (B, G, D, nc, T)
-    return y.reshape(b, g, d, nc * T)[..., :L], H[:, -1]
-
-
 def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                           delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tuple[Tensor, Tensor]:
-    """Backend "torch": u, delta (B, G*D, L); A (G*D, N); B, C (B, G, N, L); D, delta_bias (G*D,).
-    Returns y (B, G*D, L) and the last state (B, G*D, N), float32."""
-    b, channels, L = u.shape
-    g, n = B.shape[1], A.shape[1]
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    dt = F.softplus(delta) if delta_softplus else delta
-    y, last = _scan_chunked(u.view(b, g, -1, L), dt.view(b, g, -1, L), A.float().view(g, -1, n),
-                            B.float(), C.float())                     # (B, G, D, L), (B, G, D, N)
-    y = y.reshape(b, channels, L)
+    """Backend "torch", channels-last: u, delta (B, L, G, D); A (G, D, N); B, C (B, L, G, N); D, delta_bias (G, D).
+    Returns y (B, L, G, D) and the last state (B, G, D, N), float32."""
+    b, L, g, d = u.shape
+    n = A.shape[-1]
+    u, A = u.float(), A.float()
+    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
+    dt = F.softplus(dt) if delta_softplus else dt                     # (B, L, G, D)
+    T = min(L, next((t for t in range(_CHUNK, _CHUNK // 3, -1) if L % t == 0), _CHUNK))
+    nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
+    uu, B, C = u, B.float(), C.float()
+    if nc * T != L:  # padded steps have dt = 0: no decay, no input
+        uu, dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, nc * T - L)) for t in (u, dt, B, C))
+
+    def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
+        return t.view(b, nc, T, *t.shape[2:]).unbind(2)
+
+    Bs, Cs = steps(B.unsqueeze(-2)), steps(C.unsqueeze(-2))          # (B, nc, G, 1, N) each
+    du = (dt * uu).unsqueeze(-1)                                      # (B, nc*T, G, D, 1)
+    if n == 1:  # decays and inputs are the input's size: form them at once
+        a_s, x_s = steps(torch.exp(dt.unsqueeze(-1) * A)), steps(du * B.unsqueeze(-2))
+    else:       # N times the input: form each step's in the step
+        dts, dus = steps(dt.unsqueeze(-1)), steps(du)                 # (B, nc, G, D, 1) each
+
+    def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, D, N)
+        if n == 1:
+            return torch.addcmul(x_s[t], a_s[t], h)
+        return torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
+
+    h = u.new_zeros(b, nc, g, d, n)                                   # pass 1: exit states from zero
+    for t in range(T):
+        h = step(t, h)
+    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-1) * A), h)
+    h, ys = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
+    for t in range(T):
+        h = step(t, h)
+        ys.append((h * Cs[t]).sum(-1))                                # (B, nc, G, D)
+    y = torch.stack(ys, 2).view(b, nc * T, g, d)[:, :L]               # (B, L, G, D)
     if D is not None:
-        y = y + D.float()[:, None] * u
-    return y, last.reshape(b, channels, n)
+        y = y + D.float() * u
+    return y, H[:, -1]
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
@@ -597,12 +578,32 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if backend == "mamba_ssm":
         return _mamba_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     B, C = (t.unsqueeze(1) if t.ndim == 3 else t for t in (B, C))    # (B, G, N, L)
-    scan = _selective_scan_triton if backend == "triton" else _selective_scan_torch
-    y, last = scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "triton":
+        y, last = _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
+        (b, channels, L), g, n = u.shape, B.shape[1], A.shape[1]
+        D, delta_bias = (None if t is None else t.view(g, -1) for t in (D, delta_bias))
+        u, delta = (t.reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous() for t in (u, delta))
+        y, last = _selective_scan_torch(u, delta, A.view(g, -1, n), B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
+                                        D, delta_bias, delta_softplus)
+        y, last = y.permute(0, 2, 3, 1).reshape(b, channels, L), last.reshape(b, channels, n)
     if z is not None:
         y = y * F.silu(z.float())
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y
+
+
+def _to_sequences(t: Tensor) -> Tensor:
+    """(B, H, W, 4, X) -> (B, H*W, 4, X): direction k of t read in scan order k (row-major, column-major, both
+    reversed). A copy with X contiguous, channels-last as the torch scan wants it."""
+    rows, cols = t[:, :, :, 0::2].flatten(1, 2), t[:, :, :, 1::2].transpose(1, 2).flatten(1, 2)   # (B, L, 2, X)
+    return torch.stack([rows[:, :, 0], cols[:, :, 0], rows[:, :, 1].flip(1), cols[:, :, 1].flip(1)], dim=2)
+
+
+def _from_sequences(ys: Tensor, h: int, w: int) -> Tensor:
+    """(B, H*W, 4, X) -> (B, H, W, X): the adjoint of :func:`_to_sequences`, each sequence back on its pixels, summed."""
+    rows, cols = ys[:, :, 0] + ys[:, :, 2].flip(1), ys[:, :, 1] + ys[:, :, 3].flip(1)   # (B, L, X) each
+    return rows.unflatten(1, (h, w)) + cols.unflatten(1, (w, h)).transpose(1, 2)
 
 
 def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
@@ -611,10 +612,8 @@ def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
         raise ValueError(f"cross_scan expects (B, C, H, W), got shape {tuple(x.shape)}")
     if _resolve_backend(backend, x.device) == "triton":
         return _cross_scan(x)
-    rows = rearrange(x, "b c h w -> b c (h w)")                       # row-major
-    cols = rearrange(x, "b c h w -> b c (w h)")                       # column-major
-    xs = torch.stack([rows, cols], dim=1)                             # (B, 2, C, L)
-    return torch.cat([xs, xs.flip(-1)], dim=1)                        # (B, 4, C, L)
+    b, c, h, w = x.shape
+    return _to_sequences(x.permute(0, 2, 3, 1).unsqueeze(3).expand(b, h, w, 4, c)).permute(0, 2, 3, 1)
 
 
 def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
@@ -624,12 +623,7 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
         raise ValueError(f"cross_merge expects (B, 4, C, H, W), got shape {tuple(ys.shape)}")
     if _resolve_backend(backend, ys.device) == "triton":
         return _cross_merge(ys)
-    h = ys.shape[3]
-    ys = ys.flatten(3)                                                # (B, 4, C, L)
-    ys = ys[:, :2] + ys[:, 2:].flip(-1)                               # (B, 2, C, L)
-    rows = rearrange(ys[:, 0], "b c (h w) -> b c h w", h=h)
-    cols = rearrange(ys[:, 1], "b c (w h) -> b c h w", h=h)
-    return rows + cols                                                # (B, C, H, W)
+    return _from_sequences(ys.flatten(3).permute(0, 3, 1, 2), *ys.shape[3:]).permute(0, 3, 1, 2)
 
 
 # torch.compile traces this once per input shape, reused by every block of that shape (eager, old torch: no-op).
@@ -643,14 +637,19 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
     b, h, w, d = x.shape
     n, r = A_logs.shape[1], dt_projs_weight.shape[2]
-    xs = cross_scan(x.permute(0, 3, 1, 2), backend)                   # (B, 4, D, L)
-    proj = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)          # (B, 4, R+2N, L)
-    dts, Bs, Cs = proj.split([r, n, n], dim=2)                        # (B, 4, R|N|N, L)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)        # (B, 4, D, L)
-    ys = selective_scan(xs.reshape(b, 4 * d, h * w), dts.reshape(b, 4 * d, h * w), -torch.exp(A_logs.float()),
-                        Bs, Cs, Ds.float(), delta_bias=dt_projs_bias.reshape(-1).float(),
-                        delta_softplus=True, backend=backend)         # (B, 4*D, L)
-    return cross_merge(ys.view(b, 4, d, h, w), backend).permute(0, 2, 3, 1)   # (B, H, W, D)
+    backend = _resolve_backend(backend, x.device)
+    proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight)          # (B, H, W, 4, R+2N), per pixel
+    dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, H, W, 4, R|N|N)
+    dts = torch.einsum("bhwkr,kdr->bhwkd", dts, dt_projs_weight)      # (B, H, W, 4, D)
+    xs, dts, Bs, Cs = (_to_sequences(t) for t in (x.unsqueeze(3).expand(b, h, w, 4, d), dts, Bs, Cs))
+    A = -torch.exp(A_logs.float())                                    # (B, L, 4, D|N) above; A (4*D, N)
+    if backend == "torch":
+        ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, Ds.view(4, d), dt_projs_bias, True)[0]
+    else:
+        ys = selective_scan(xs.flatten(2).transpose(1, 2), dts.flatten(2).transpose(1, 2), A, Bs.permute(0, 2, 3, 1),
+                            Cs.permute(0, 2, 3, 1), Ds.float(), delta_bias=dt_projs_bias.reshape(-1).float(),
+                            delta_softplus=True, backend=backend).view(b, 4, d, -1).permute(0, 3, 1, 2)
+    return _from_sequences(ys, h, w)                                  # (B, H, W, D)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
