@@ -146,10 +146,10 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     h, ys = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
-        ys.append((h * Cs[t]).sum(-1))                                # (B, nc, G, D)
+        ys.append(h * Cs[t] if n == 1 else (h * Cs[t]).sum(-1))       # (B, nc, G, D[, 1])
     y = torch.stack(ys, 2).view(b, nc * T, g, d)[:, :L]               # (B, L, G, D)
     if D is not None:
-        y = y + D.float() * u
+        y = torch.addcmul(y, u, D.float())
     return y, H[:, -1]
 
 
@@ -644,12 +644,13 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     xs, dts, Bs, Cs = (_to_sequences(t) for t in (x.unsqueeze(3).expand(b, h, w, 4, d), dts, Bs, Cs))
     A = -torch.exp(A_logs.float())                                    # (B, L, 4, D|N) above; A (4*D, N)
     if backend == "torch":
-        ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, Ds.view(4, d), dt_projs_bias, True)[0]
+        ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, None, dt_projs_bias, True)[0]
     else:
         ys = selective_scan(xs.flatten(2).transpose(1, 2), dts.flatten(2).transpose(1, 2), A, Bs.permute(0, 2, 3, 1),
-                            Cs.permute(0, 2, 3, 1), Ds.float(), delta_bias=dt_projs_bias.reshape(-1).float(),
+                            Cs.permute(0, 2, 3, 1), delta_bias=dt_projs_bias.reshape(-1).float(),
                             delta_softplus=True, backend=backend).view(b, 4, d, -1).permute(0, 3, 1, 2)
-    return _from_sequences(ys, h, w)                                  # (B, H, W, D)
+    # The skip term D_k * u of every direction lands on the pixel it came from: sum_k D_k * x after the merge.
+    return torch.addcmul(_from_sequences(ys, h, w), x, Ds.float().view(4, d).sum(0))   # (B, H, W, D)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
