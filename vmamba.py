@@ -139,15 +139,16 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
             return torch.addcmul(x_s[t], a_s[t], h)
         return torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
 
-    h = u.new_zeros(b, nc, g, d, n)                                   # pass 1: exit states from zero
-    for t in range(T):
+    h = x_s[0] if n == 1 else dus[0] * Bs[0]                          # pass 1: exit states from zero
+    for t in range(1, T):
         h = step(t, h)
     H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-1) * A), h)
-    h, ys = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
+    h, hs = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
-        ys.append(h * Cs[t] if n == 1 else (h * Cs[t]).sum(-1))       # (B, nc, G, D[, 1])
-    y = torch.stack(ys, 2).view(b, nc * T, g, d)[:, :L]               # (B, L, G, D)
+        hs.append(h if n == 1 else (h * Cs[t]).sum(-1))               # (B, nc, G, D[, 1])
+    y = torch.stack(hs, 2)                                            # (B, nc, T, G, D[, 1])
+    y = (y * C.view(b, nc, T, g, 1, 1) if n == 1 else y).view(b, nc * T, g, d)[:, :L]   # (B, L, G, D)
     if D is not None:
         y = torch.addcmul(y, u, D.float())
     return y, H[:, -1]
