@@ -602,7 +602,7 @@ def _to_sequences(t: Tensor) -> Tensor:
 
 
 def _from_sequences(ys: Tensor, h: int, w: int) -> Tensor:
-    """(B, H*W, 4, X) -> (B, H, W, X): the adjoint of :func:`_to_sequences`, each sequence back on its pixels, summed."""
+    """(B, H*W, 4, X) -> (B, H, W, X): the adjoint of :func:`_to_sequences` (sequences back on pixels, summed)."""
     rows, cols = ys[:, :, 0] + ys[:, :, 2].flip(1), ys[:, :, 1] + ys[:, :, 3].flip(1)   # (B, L, X) each
     return rows.unflatten(1, (h, w)) + cols.unflatten(1, (w, h)).transpose(1, 2)
 
@@ -651,7 +651,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
                             Cs.permute(0, 2, 3, 1), delta_bias=dt_projs_bias.reshape(-1).float(),
                             delta_softplus=True, backend=backend).view(b, 4, d, -1).permute(0, 3, 1, 2)
     # The skip term D_k * u of every direction lands on the pixel it came from: sum_k D_k * x after the merge.
-    return torch.addcmul(_from_sequences(ys, h, w), x, Ds.float().view(4, d).sum(0))   # (B, H, W, D)
+    return torch.addcmul(_from_sequences(ys, h, w), x, Ds.float().view(4, d).sum(0)).to(x.dtype)   # (B, H, W, D)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
