@@ -127,12 +127,12 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
-    Bs, Cs = steps(B.unsqueeze(-2)), steps(C.unsqueeze(-2))          # (B, nc, G, 1, N) each
     du = (dt * uu).unsqueeze(-1)                                      # (B, nc*T, G, D, 1)
     if n == 1:  # decays and inputs are the input's size: form them at once
         a_s, x_s = steps(torch.exp(dt.unsqueeze(-1) * A)), steps(du * B.unsqueeze(-2))
     else:       # N times the input: form each step's in the step
         dts, dus = steps(dt.unsqueeze(-1)), steps(du)                 # (B, nc, G, D, 1) each
+        Bs, Cs = steps(B.unsqueeze(-2)), steps(C.unsqueeze(-2))      # (B, nc, G, 1, N) each
 
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, D, N)
         if n == 1:
@@ -639,11 +639,11 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     b, h, w, d = x.shape
     n, r = A_logs.shape[1], dt_projs_weight.shape[2]
     backend = _resolve_backend(backend, x.device)
-    proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight)          # (B, H, W, 4, R+2N), per pixel
-    dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, H, W, 4, R|N|N)
-    dts = torch.einsum("bhwkr,kdr->bhwkd", dts, dt_projs_weight)      # (B, H, W, 4, D)
-    xs, dts, Bs, Cs = (_to_sequences(t) for t in (x.unsqueeze(3).expand(b, h, w, 4, d), dts, Bs, Cs))
-    A = -torch.exp(A_logs.float())                                    # (B, L, 4, D|N) above; A (4*D, N)
+    proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight))   # per pixel, then (B, L, 4, R+2N)
+    dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
+    dts = torch.einsum("blkr,kdr->blkd", dts, dt_projs_weight)        # (B, L, 4, D)
+    xs = _to_sequences(x.unsqueeze(3).expand(b, h, w, 4, d))          # (B, L, 4, D)
+    A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
         ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, None, dt_projs_bias, True)[0]
     else:
