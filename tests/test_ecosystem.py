@@ -6,6 +6,7 @@ touches the network: pretrained weights come from a local HTTP server on 127.0.0
 """
 import functools
 import http.server
+import importlib.util
 import subprocess
 import sys
 import threading
@@ -120,6 +121,18 @@ def test_import_registers_only_when_timm_is_already_imported(order, registered):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(registered)
+
+
+def test_import_loads_no_optional_package():
+    """import vmamba imports none of timm, torchvision or triton (each takes a noticeable time); triton
+    is imported when a Triton kernel first runs. (An installed mamba_ssm is probed at import, and
+    imports triton itself.)"""
+    heavy = ("timm", "torchvision") + (() if importlib.util.find_spec("mamba_ssm") else ("triton",))
+    code = f"import sys, vmamba; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=vmamba.__file__.rsplit("/", 1)[0],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_timm_pretrained_with_new_head(timm_mod, served_checkpoint):
