@@ -2,7 +2,7 @@
 
 A vision backbone that replaces attention with SS2D: each feature map is read as four 1-D sequences
 (row-major, column-major, both reversed), each goes through a Mamba-1 selective scan, and the results
-are summed back onto the pixels (cost linear in the pixel count). Needs only ``torch`` and ``einops``;
+are summed back onto the pixels (cost linear in the pixel count). Needs only ``torch``;
 runs the released checkpoints exactly, anywhere with a chunked pure-PyTorch scan (``torch.compile``,
 ``torch.export``, ONNX friendly), on CUDA with Triton or compiled ``mamba_ssm`` kernels. Usage::
 
@@ -25,7 +25,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 __all__ = [  # kernels, model, checkpoints, zoo and ecosystem
