@@ -89,12 +89,13 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return (y, h) if return_last_state else y
 
 
-# The torch scan works channels-last, (B, L, G, D): every step is a (B, chunks, G, D) view with D contiguous, so
-# each op (and each loop torch.compile generates) runs along channels. The sequence is cut into chunks of T steps
-# (T up to _CHUNK, a divisor of L when one is near, else the end is zero-padded); one multiply-add advances every
-# chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay exp(A * sum of
-# dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear in L).
-_CHUNK = 16
+# The torch scan works channels-last, (B, L, G, D), states (B, G, N, D): every step is a (B, chunks, G, [N,] D) view
+# with D contiguous, so each op (and each loop torch.compile generates) runs along channels. The sequence is cut into
+# chunks of T steps (T up to _CHUNK, a divisor of L when one is near, else the end is zero-padded); one multiply-add
+# advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay
+# exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
+# in L). Channels go in blocks so that one step touches at most ~_STEP_STATES states (kept in cache).
+_CHUNK, _STEP_STATES = 16, 1 << 20
 
 
 def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
@@ -108,49 +109,53 @@ def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
     return S
 
 
-def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tuple[Tensor, Tensor]:
-    """Backend "torch", channels-last: u, delta (B, L, G, D); A (G, D, N); B, C (B, L, G, N); D, delta_bias (G, D).
-    Returns y (B, L, G, D) and the last state (B, G, D, N), float32."""
-    b, L, g, d = u.shape
-    n = A.shape[-1]
-    u, A = u.float(), A.float()
-    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
-    dt = F.softplus(dt) if delta_softplus else dt                     # (B, L, G, D)
+def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+    """The chunked scan on float32 channels-last inputs, dt final: u, dt (B, L, G, D); A (G, N, D); B, C
+    (B, L, G, N). Returns y = <C, h> (B, L, G, D) and the last state (B, G, N, D)."""
+    (b, L, g, d), n = u.shape, A.shape[1]
     T = min(L, next((t for t in range(_CHUNK, _CHUNK // 3, -1) if L % t == 0), _CHUNK))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
-    uu, B, C = u, B.float(), C.float()
     if nc * T != L:  # padded steps have dt = 0: no decay, no input
-        uu, dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, nc * T - L)) for t in (u, dt, B, C))
+        u, dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, nc * T - L)) for t in (u, dt, B, C))
 
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
-    du = (dt * uu).unsqueeze(-1)                                      # (B, nc*T, G, D, 1)
+    du = (dt * u).unsqueeze(-2)                                       # (B, nc*T, G, 1, D); states (..., N, D)
     if n == 1:  # decays and inputs are the input's size: form them at once
-        a_s, x_s = steps(torch.exp(dt.unsqueeze(-1) * A)), steps(du * B.unsqueeze(-2))
+        a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps(du * B.unsqueeze(-1))
     else:       # N times the input: form each step's in the step
-        dts, dus = steps(dt.unsqueeze(-1)), steps(du)                 # (B, nc, G, D, 1) each
-        Bs, Cs = steps(B.unsqueeze(-2)), steps(C.unsqueeze(-2))      # (B, nc, G, 1, N) each
+        dts, dus = steps(dt.unsqueeze(-2)), steps(du)                 # (B, nc, G, 1, D) each
+        Bs, Cs = steps(B.unsqueeze(-1)), steps(C.unsqueeze(-1))      # (B, nc, G, N, 1) each
 
-    def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, D, N)
-        if n == 1:
-            return torch.addcmul(x_s[t], a_s[t], h)
-        return torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
+    def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
+        return torch.addcmul(x_s[t], a_s[t], h) if n == 1 else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
 
     h = x_s[0] if n == 1 else dus[0] * Bs[0]                          # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
-    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-1) * A), h)
+    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)
     h, hs = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
-        hs.append(h if n == 1 else (h * Cs[t]).sum(-1))               # (B, nc, G, D[, 1])
-    y = torch.stack(hs, 2)                                            # (B, nc, T, G, D[, 1])
+        hs.append(h if n == 1 else (h * Cs[t]).sum(-2))               # (B, nc, G[, 1], D)
+    y = torch.stack(hs, 2)                                            # (B, nc, T, G[, 1], D)
     y = (y * C.view(b, nc, T, g, 1, 1) if n == 1 else y).view(b, nc * T, g, d)[:, :L]   # (B, L, G, D)
-    if D is not None:
-        y = torch.addcmul(y, u, D.float())
     return y, H[:, -1]
+
+
+def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tuple[Tensor, Tensor]:
+    """Backend "torch", channels-last: u, delta (B, L, G, D); A (G, D, N); B, C (B, L, G, N); D, delta_bias (G, D).
+    Returns y (B, L, G, D) and the last state (B, G, D, N), float32."""
+    (b, L, g, d), n = u.shape, A.shape[-1]
+    u, A, B, C = u.float(), A.float().transpose(1, 2), B.float(), C.float()   # A (G, N, D)
+    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
+    dt = F.softplus(dt) if delta_softplus else dt                     # (B, L, G, D)
+    width = min(d, max(1, _STEP_STATES * _CHUNK // (b * L * g * n)))  # one step touches B*L/T*G*width*N states
+    ys, lasts = zip(*[_scan_chunks(*t, B, C) for t in zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))])
+    y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
+    return (y if D is None else torch.addcmul(y, u, D.float())), last.transpose(2, 3)
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
@@ -1725,8 +1730,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _smoke(args: argparse.Namespace) -> int:
     """Build each model, run forward and backward, compare every backend with torch."""
-    device = torch.device(args.device)
-    names = args.model.split(",") if args.model else list_models()
+    device, names = torch.device(args.device), (args.model.split(",") if args.model else list_models())
     rows, failures = [], 0
     for name in names:
         row = dict(model=name, params="-", output="-", backend="torch", time="-", status="ok")
