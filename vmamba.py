@@ -121,12 +121,11 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
-    du = (dt * u).unsqueeze(-2)                                       # (B, nc*T, G, 1, D); states (..., N, D)
+    Bs, Cs = steps(B.unsqueeze(-1)), steps(C.unsqueeze(-1))          # (B, nc, G, N, 1) each; states (..., N, D)
     if n == 1:  # decays and inputs are the input's size: form them at once
-        a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps(du * B.unsqueeze(-1))
+        a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u * B).unsqueeze(-2))
     else:       # N times the input: form each step's in the step
-        dts, dus = steps(dt.unsqueeze(-2)), steps(du)                 # (B, nc, G, 1, D) each
-        Bs, Cs = steps(B.unsqueeze(-1)), steps(C.unsqueeze(-1))      # (B, nc, G, N, 1) each
+        dts, dus = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2))   # (B, nc, G, 1, D) each
 
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
         return torch.addcmul(x_s[t], a_s[t], h) if n == 1 else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
@@ -138,9 +137,8 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
     h, hs = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
-        hs.append(h if n == 1 else (h * Cs[t]).sum(-2))               # (B, nc, G[, 1], D)
-    y = torch.stack(hs, 2)                                            # (B, nc, T, G[, 1], D)
-    y = (y * C.view(b, nc, T, g, 1, 1) if n == 1 else y).view(b, nc * T, g, d)[:, :L]   # (B, L, G, D)
+        hs.append(h * Cs[t] if n == 1 else (h * Cs[t]).sum(-2))       # (B, nc, G[, 1], D)
+    y = torch.stack(hs, 2).view(b, nc * T, g, d)[:, :L]               # (B, L, G, D)
     return y, H[:, -1]
 
 
@@ -640,20 +638,20 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
               A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
     """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
-    b, h, w, d = x.shape
-    n, r = A_logs.shape[1], dt_projs_weight.shape[2]
+    (b, h, w, d), n, r = x.shape, A_logs.shape[1], dt_projs_weight.shape[2]
     backend = _resolve_backend(backend, x.device)
     proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight))   # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
-    dts = torch.einsum("blkr,kdr->blkd", dts, dt_projs_weight)        # (B, L, 4, D)
+    dts = torch.baddbmm(dt_projs_bias.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
+                        dt_projs_weight.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
     xs = _to_sequences(x.unsqueeze(3).expand(b, h, w, 4, d))          # (B, L, 4, D)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
-        ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, None, dt_projs_bias, True)[0]
+        ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, None, None, True)[0]
     else:
         ys = selective_scan(xs.flatten(2).transpose(1, 2), dts.flatten(2).transpose(1, 2), A, Bs.permute(0, 2, 3, 1),
-                            Cs.permute(0, 2, 3, 1), delta_bias=dt_projs_bias.reshape(-1).float(),
-                            delta_softplus=True, backend=backend).view(b, 4, d, -1).permute(0, 3, 1, 2)
+                            Cs.permute(0, 2, 3, 1), delta_softplus=True, backend=backend)
+        ys = ys.view(b, 4, d, -1).permute(0, 3, 1, 2)                 # (B, L, 4, D)
     # The skip term D_k * u of every direction lands on the pixel it came from: sum_k D_k * x after the merge.
     return torch.addcmul(_from_sequences(ys, h, w), x, Ds.float().view(4, d).sum(0)).to(x.dtype)   # (B, H, W, D)
 
