@@ -98,20 +98,22 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 _CHUNK, _STEP_STATES = 16, 1 << 20
 
 
+def _shifted(t: Tensor, s: int, fill: float = 0.0) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
+    return F.pad(t[:, :t.shape[1] - s], (0, 0) * (t.dim() - 2) + (s, 0), value=fill)
+
+
 def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
     """Inclusive scan of h_c = P_c * h_{c-1} + S_c along dim 1 (h_{-1} = 0), in log2 steps."""
     n, s = S.shape[1], 1
     while s < n:  # after this step, h_c sums the terms of chunks c-2s+1..c
-        S = torch.cat([S[:, :s], torch.addcmul(S[:, s:], P[:, s:], S[:, :n - s])], 1)
-        if 2 * s < n:
-            P = torch.cat([P[:, :s], P[:, s:] * P[:, :n - s]], 1)
+        S = torch.addcmul(S, P, _shifted(S, s))
+        P = P * _shifted(P, s, 1.0) if 2 * s < n else P
         s *= 2
     return S
 
 
 def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
-    """The chunked scan on float32 channels-last inputs, dt final: u, dt (B, L, G, D); A (G, N, D); B, C
-    (B, L, G, N). Returns y = <C, h> (B, L, G, D) and the last state (B, G, N, D)."""
+    """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D)."""
     (b, L, g, d), n = u.shape, A.shape[1]
     T = min(L, next((t for t in range(_CHUNK, _CHUNK // 3, -1) if L % t == 0), _CHUNK))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
@@ -121,11 +123,11 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
-    Bs, Cs = steps(B.unsqueeze(-1)), steps(C.unsqueeze(-1))          # (B, nc, G, N, 1) each; states (..., N, D)
+    Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
     if n == 1:  # decays and inputs are the input's size: form them at once
         a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u * B).unsqueeze(-2))
     else:       # N times the input: form each step's in the step
-        dts, dus = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2))   # (B, nc, G, 1, D) each
+        dts, dus, Bs = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2)), steps(B.unsqueeze(-1))
 
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
         return torch.addcmul(x_s[t], a_s[t], h) if n == 1 else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
@@ -134,12 +136,11 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
     for t in range(1, T):
         h = step(t, h)
     H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)
-    h, hs = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], 1), []  # pass 2, from the entry states
+    h, hs = _shifted(H, 1), []                                        # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
         hs.append(h * Cs[t] if n == 1 else (h * Cs[t]).sum(-2))       # (B, nc, G[, 1], D)
-    y = torch.stack(hs, 2).view(b, nc * T, g, d)[:, :L]               # (B, L, G, D)
-    return y, H[:, -1]
+    return torch.stack(hs, 2).view(b, nc * T, g, d)[:, :L], H[:, -1]   # (B, L, G, D), (B, G, N, D)
 
 
 def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
