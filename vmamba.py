@@ -124,15 +124,15 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
-    if n == 1:  # decays and inputs are the input's size: form them at once
-        a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u * B).unsqueeze(-2))
-    else:       # N times the input: form each step's in the step
+    if at_once := 2 * b * L * g * d * n <= _STEP_STATES:  # all decays and inputs fit in cache: form them at once
+        a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1))
+    else:  # form each step's in the step (both passes), reading only dt, dt*u and B from memory
         dts, dus, Bs = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2)), steps(B.unsqueeze(-1))
 
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
-        return torch.addcmul(x_s[t], a_s[t], h) if n == 1 else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
+        return torch.addcmul(x_s[t], a_s[t], h) if at_once else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
 
-    h = x_s[0] if n == 1 else dus[0] * Bs[0]                          # pass 1: exit states from zero
+    h = x_s[0] if at_once else dus[0] * Bs[0]                         # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
     H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)

@@ -91,11 +91,13 @@ def test_last_state(N):
 
 
 @pytest.mark.parametrize("states", [40, 100, 200])
-def test_channel_blocks(states, monkeypatch):
-    """Large scans run in blocks of channels (one channel each, uneven blocks): same
-    values, gradients and last state as the float64 reference."""
+@pytest.mark.parametrize("N", [1, 4])
+def test_channel_blocks(states, N, monkeypatch):
+    """Large scans run in blocks of channels (one channel each, uneven blocks) and form each
+    step's decays and inputs in the step: same values, gradients and last state as the
+    float64 reference."""
     monkeypatch.setattr(vmamba, "_STEP_STATES", states)
-    args = list(make_inputs(2, 2, 5, 4, 45, seed=5))
+    args = list(make_inputs(2, 2, 5, N, 45, seed=5))
     check_grads(args, softplus_scan(scan_torch), softplus_scan(selective_scan_ref), 2e-5)
     u, delta, A, B, C, Dv, bias = args
     y, last = scan_torch(u, delta, A, B, C, Dv, None, bias, True, True)
