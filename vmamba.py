@@ -124,7 +124,8 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
-    if at_once := 2 * b * L * g * d * n <= _STEP_STATES:  # all decays and inputs fit in cache: form them at once
+    # Decays and inputs formed at once when they fit in cache, or at N=1 to keep the autograd graph small.
+    if at_once := 2 * b * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
         a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1))
     else:  # form each step's in the step (both passes), reading only dt, dt*u and B from memory
         dts, dus, Bs = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2)), steps(B.unsqueeze(-1))
