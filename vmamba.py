@@ -144,18 +144,15 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
     return torch.stack(hs, 2).view(b, nc * T, g, d)[:, :L], H[:, -1]   # (B, L, G, D), (B, G, N, D)
 
 
-def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tuple[Tensor, Tensor]:
-    """Backend "torch", channels-last: u, delta (B, L, G, D); A (G, D, N); B, C (B, L, G, N); D, delta_bias (G, D).
-    Returns y (B, L, G, D) and the last state (B, G, D, N), float32."""
+def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+    """Backend "torch", channels-last: u, dt (B, L, G, D), dt final (bias and softplus applied); A (G, D, N);
+    B, C (B, L, G, N). Returns y (B, L, G, D) without the D term and the last state (B, G, D, N), float32."""
     (b, L, g, d), n = u.shape, A.shape[-1]
-    u, A, B, C = u.float(), A.float().transpose(1, 2), B.float(), C.float()   # A (G, N, D)
-    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
-    dt = F.softplus(dt) if delta_softplus else dt                     # (B, L, G, D)
+    u, dt, A, B, C = u.float(), dt.float(), A.float().transpose(1, 2), B.float(), C.float()   # A (G, N, D)
     width = min(d, max(1, _STEP_STATES * _CHUNK // (b * L * g * n)))  # one step touches B*L/T*G*width*N states
     ys, lasts = zip(*[_scan_chunks(*t, B, C) for t in zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))])
     y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
-    return (y if D is None else torch.addcmul(y, u, D.float())), last.transpose(2, 3)
+    return y, last.transpose(2, 3)
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
@@ -587,11 +584,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         y, last = _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
         (b, channels, L), g, n = u.shape, B.shape[1], A.shape[1]
-        D, delta_bias = (None if t is None else t.view(g, -1) for t in (D, delta_bias))
-        u, delta = (t.reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous() for t in (u, delta))
-        y, last = _selective_scan_torch(u, delta, A.view(g, -1, n), B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
-                                        D, delta_bias, delta_softplus)
-        y, last = y.permute(0, 2, 3, 1).reshape(b, channels, L), last.reshape(b, channels, n)
+        dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float().unsqueeze(-1)
+        dt = (F.softplus(dt) if delta_softplus else dt).reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous()
+        y, last = _selective_scan_torch(u.reshape(b, g, -1, L).permute(0, 3, 1, 2), dt, A.view(g, -1, n),
+                                        B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2))   # (B, L, G, D) in and out
+        y, last = y.permute(0, 2, 3, 1).flatten(1, 2), last.reshape(b, channels, n)     # (B, G*D, L) views
+        y = y if D is None else u.float() * D.float().unsqueeze(-1) + y
     if z is not None:
         y = y * F.silu(z.float())
     y = y.to(u.dtype)
@@ -649,7 +647,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     xs = _to_sequences(x.unsqueeze(3).expand(b, h, w, 4, d))          # (B, L, 4, D)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
-        ys = _selective_scan_torch(xs, dts, A.view(4, d, n), Bs, Cs, None, None, True)[0]
+        ys = _selective_scan_torch(xs, F.softplus(dts), A.view(4, d, n), Bs, Cs)[0]
     else:
         ys = selective_scan(xs.flatten(2).transpose(1, 2), dts.flatten(2).transpose(1, 2), A, Bs.permute(0, 2, 3, 1),
                             Cs.permute(0, 2, 3, 1), delta_softplus=True, backend=backend)
