@@ -647,7 +647,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     xs = _to_sequences(x.unsqueeze(3).expand(b, h, w, 4, d))          # (B, L, 4, D)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
-        ys = _selective_scan_torch(xs, F.softplus(dts), A.view(4, d, n), Bs, Cs)[0]
+        ys = _selective_scan_torch(xs, F.softplus(dts.float()), A.view(4, d, n), Bs, Cs)[0]
     else:
         ys = selective_scan(xs.flatten(2).transpose(1, 2), dts.flatten(2).transpose(1, 2), A, Bs.permute(0, 2, 3, 1),
                             Cs.permute(0, 2, 3, 1), delta_softplus=True, backend=backend)

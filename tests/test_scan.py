@@ -90,6 +90,20 @@ def test_last_state(N):
     assert rel(y, yr) < 1e-5 and rel(last, lr) < 1e-5
 
 
+@pytest.mark.parametrize("N", [1, 4])
+def test_strided_inputs(N):
+    """Inputs that are transposed views (channels-last u, delta, z; (L, N) B and C) give the float64
+    reference's values and gradients, and are left as they were."""
+    u, delta, A, B, C, Dv, bias = make_inputs(2, 2, 3, N, 37, seed=11)
+    u, delta, z = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta, torch.randn_like(u)))
+    B, C = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (B, C))
+    assert not any(t.is_contiguous() for t in (u, delta, z)) and (N == 1 or not B.is_contiguous())
+    before = [t.clone() for t in (u, delta, z, B, C)]
+    check_grads([u, delta, A, B, C, Dv, z, bias], lambda *a: scan_torch(*a, delta_softplus=True),
+                lambda *a: selective_scan_ref(*a, delta_softplus=True), 2e-5)
+    assert all(torch.equal(t, b) for t, b in zip((u, delta, z, B, C), before))
+
+
 @pytest.mark.parametrize("states", [40, 100, 200])
 @pytest.mark.parametrize("N", [1, 4])
 def test_channel_blocks(states, N, monkeypatch):
