@@ -583,13 +583,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if backend == "triton":
         y, last = _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
-        (b, channels, L), g, n = u.shape, B.shape[1], A.shape[1]
+        (b, channels, L), g, n, u32 = u.shape, B.shape[1], A.shape[1], u.float()   # u32: converted once
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float().unsqueeze(-1)
         dt = (F.softplus(dt) if delta_softplus else dt).reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous()
-        y, last = _selective_scan_torch(u.reshape(b, g, -1, L).permute(0, 3, 1, 2), dt, A.view(g, -1, n),
+        y, last = _selective_scan_torch(u32.reshape(b, g, -1, L).permute(0, 3, 1, 2), dt, A.view(g, -1, n),
                                         B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2))   # (B, L, G, D) in and out
         y, last = y.permute(0, 2, 3, 1).flatten(1, 2), last.reshape(b, channels, n)     # (B, G*D, L) views
-        y = y if D is None else u.float() * D.float().unsqueeze(-1) + y
+        y = y if D is None else u32 * D.float().unsqueeze(-1) + y
     if z is not None:
         y = y * F.silu(z.float())
     y = y.to(u.dtype)
