@@ -92,3 +92,36 @@ def test_bench_scan_reports_every_case(capsys):
     assert len(table) == 6  # three cases x (loop, selective_scan)
     assert sum("loop (unbind)" in line for line in table) == 3
     assert sum("selective_scan(backend='torch')" in line for line in table) == 3
+
+
+def test_no_scan_keeps_every_layer_but_the_scan():
+    """``_skip_term_only`` is ss2d_core with zero scan outputs (C = 0): under ``_without_scan``, an
+    SS2D layer (eager or compiled) gives the output of the same layer with C = 0; outside it,
+    the same compiled layer runs its scans again."""
+    torch.manual_seed(0)
+    layer = vmamba.SS2D(d_model=16, d_state=2, ssm_ratio=1.0).eval()
+    torch.nn.init.constant_(layer.dt_projs_bias, 2.0)  # dt ~ 2: scans that matter to the output
+    zero_c = vmamba.SS2D(d_model=16, d_state=2, ssm_ratio=1.0).eval()
+    zero_c.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 6, 5, 16)
+    with torch.no_grad():
+        zero_c.x_proj_weight[:, -zero_c.d_state:] = 0  # C = 0: every scan output is zero
+        with_scan, skip_only = layer(x), zero_c(x)
+        assert (with_scan - skip_only).abs().max() > 1e-3  # float32 rounding: ~1e-6
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        for run in (layer, compiled, layer, compiled):
+            with bench._without_scan(True):
+                torch.testing.assert_close(run(x), skip_only)
+            assert vmamba.ss2d_core is not bench._skip_term_only
+            torch.testing.assert_close(run(x), with_scan)
+
+
+def test_bench_no_scan_rows(tmp_path):
+    out_json = tmp_path / "bench.json"
+    assert bench.main(["--model", "vmamba_tiny_s1l8", "--sizes", "32", "--repeats", "1", "--warmup", "0",
+                       "--no-scan", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert [r["model"] for r in rows] == ["vmamba_tiny_s1l8", "vmamba_tiny_s1l8 (no scan)"]
+    assert all(r["median_ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["--scan", "--no-scan"])

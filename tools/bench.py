@@ -3,6 +3,7 @@
     python tools/bench.py --model vmamba_tiny_s1l8 --compare convnext_tiny --sizes 224,512 --repeats 9
     python tools/bench.py --model vmamba_tiny_s1l8 --compare convnext_tiny --batch 8 --mode train
     python tools/bench.py --compile                 # torch.compile'd models beside the eager ones
+    python tools/bench.py --no-scan                 # also each model without its selective scans
     python tools/bench.py --scan                    # selective_scan against a per-position loop
 
 All timings of one table are taken in the same run, interleaved round-robin (one call of
@@ -12,6 +13,7 @@ drifts slows every contender alike. Uses vmamba's public API only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -47,6 +49,28 @@ def timm_model(name: str, size: int) -> nn.Module:
         return timm.create_model(name, pretrained=False)
 
 
+def _skip_term_only(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+                    A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
+    """What :func:`vmamba.ss2d_core` returns when the scan outputs are zero: its skip term, sum_k D_k * x."""
+    return x * Ds.float().view(4, -1).sum(0).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _without_scan(active: bool):
+    """While active, SS2D layers call :func:`_skip_term_only` instead of :func:`vmamba.ss2d_core`:
+    the model keeps every other layer (projections, convolutions, norms, MLPs) and skips the
+    four-direction scan. torch.compile guards on the swapped global, so a compiled model is
+    traced once each way."""
+    if not active:
+        yield
+        return
+    core, vmamba.ss2d_core = vmamba.ss2d_core, _skip_term_only
+    try:
+        yield
+    finally:
+        vmamba.ss2d_core = core
+
+
 def _interleaved(calls: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, List[float]]:
     """Run every call once per round, ``warmup`` + ``repeats`` rounds; the milliseconds of
     each call in the last ``repeats`` rounds."""
@@ -66,12 +90,17 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     With ``args.compile``, each model also runs as ``torch.compile(model, fullgraph=True)``:
     compiled once per size, its first call (compilation included) reported as
     ``compile_s``, then timed in the same rounds as the eager models. A model that fails to
-    compile keeps its row, with the error in ``compile_s`` and no timings. ``ratio`` is each
-    median over the eager median of the first ``--compare`` model.
+    compile keeps its row, with the error in ``compile_s`` and no timings. With
+    ``args.no_scan``, each vmamba model also runs as "NAME (no scan)": the same model with
+    its SS2D scans replaced by their skip term (see :func:`_without_scan`), which measures
+    everything but the scan. ``ratio`` is each median over the eager median of the first
+    ``--compare`` model.
     """
     device = resolve_device(args.device)
-    names = [(n, "vmamba") for n in args.model.split(",")]
-    names += [(n, "timm") for n in args.compare.split(",")] if args.compare else []
+    models = args.model.split(",")
+    names = [(n, n, "vmamba") for n in models]                     # (label, model name, kind)
+    names += [(f"{n} (no scan)", n, "no scan") for n in models] if args.no_scan else []
+    names += [(n, n, "timm") for n in args.compare.split(",")] if args.compare else []
     train = args.mode == "train"
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
@@ -79,30 +108,32 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
         if args.compile:
             torch.compiler.reset()  # a fresh compilation per size, within the recompile limit
 
-        def step(model: nn.Module, module: nn.Module) -> None:
-            if train:
-                model(x).float().square().mean().backward()
-                module.zero_grad(set_to_none=True)
-            else:
-                with torch.inference_mode():
-                    model(x)
+        def step(model: nn.Module, module: nn.Module, scan: bool = True) -> None:
+            with _without_scan(not scan):
+                if train:
+                    model(x).float().square().mean().backward()
+                    module.zero_grad(set_to_none=True)
+                else:
+                    with torch.inference_mode():
+                        model(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
         calls: Dict[Tuple[str, bool], Callable[[], None]] = {}      # (name, compiled) -> one step
         compile_s: Dict[Tuple[str, bool], Any] = {}
-        for name, kind in names:
+        for name, model_name, kind in names:
             torch.manual_seed(0)
-            module = vmamba.create_model(name) if kind == "vmamba" else timm_model(name, size)
+            scan = kind != "no scan"
+            module = timm_model(model_name, size) if kind == "timm" else vmamba.create_model(model_name)
             module = module.to(device).train(train)
-            calls[name, False] = lambda m=module: step(m, m)
+            calls[name, False] = lambda m=module, s=scan: step(m, m, s)
             compile_s[name, False] = None
             if not args.compile:
                 continue
             fast = torch.compile(module, fullgraph=True, dynamic=False, backend=args.compile_backend)
             start = time.perf_counter()
             try:
-                step(fast, module)
+                step(fast, module, scan)
             except Exception as e:  # report it in the table and time the others
                 first_line = (str(e).strip().splitlines() or [""])[0][:300]
                 print(f"{name} at {size} px does not compile: {type(e).__name__}: {first_line}", file=sys.stderr)
@@ -110,12 +141,12 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 module.zero_grad(set_to_none=True)
                 continue
             compile_s[name, True] = round(time.perf_counter() - start, 2)
-            calls[name, True] = lambda f=fast, m=module: step(f, m)
+            calls[name, True] = lambda f=fast, m=module, s=scan: step(f, m, s)
 
         times = _interleaved(calls, args.warmup, args.repeats)
-        compare = next((name for name, kind in names if kind == "timm"), None)
+        compare = next((name for name, _, kind in names if kind == "timm"), None)
         base = statistics.median(times[compare, False]) if compare else None
-        for name, _ in names:
+        for name, _, _ in names:
             for compiled in (False, True) if args.compile else (False,):
                 t = sorted(times.get((name, compiled), []))
                 row = dict(model=name, compiled=compiled, size=size, batch=args.batch, mode=args.mode,
@@ -251,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "per size; the first call's seconds go in the compile_s column")
     parser.add_argument("--compile-backend", default="inductor", metavar="NAME",
                         help="torch.compile backend for --compile (default: inductor)")
+    parser.add_argument("--no-scan", action="store_true",
+                        help="also time each --model with its SS2D selective scans replaced by their skip "
+                             "term D*x, as 'NAME (no scan)': the cost of all its other layers")
     parser.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
     parser.add_argument("--scan", action="store_true",
@@ -264,8 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch's thread count is set to ``--threads`` for the run and restored afterwards."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.scan and args.compile:
-        parser.error("--compile times models; it does not apply to --scan")
+    if args.scan and (args.compile or args.no_scan):
+        parser.error("--compile and --no-scan time models; they do not apply to --scan")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
