@@ -136,7 +136,7 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
     h = x_s[0] if at_once else dus[0] * Bs[0]                         # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
-    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)
+    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)   # (B, nc, G, N, D)
     h, hs = _shifted(H, 1), []                                        # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
@@ -152,7 +152,7 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     width = min(d, max(1, _STEP_STATES * _CHUNK // (b * L * g * n)))  # one step touches B*L/T*G*width*N states
     ys, lasts = zip(*[_scan_chunks(*t, B, C) for t in zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))])
     y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
-    return y, last.transpose(2, 3)
+    return y, last.transpose(2, 3)                                    # (B, L, G, D), (B, G, D, N)
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
