@@ -598,14 +598,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
 def _to_sequences(t: Tensor) -> Tensor:
     """(B, H, W, 4, X) -> (B, H*W, 4, X): direction k of t read in scan order k (row-major, column-major, both
-    reversed). A copy with X contiguous, channels-last as the torch scan wants it."""
-    rows, cols = t[:, :, :, 0::2].flatten(1, 2), t[:, :, :, 1::2].transpose(1, 2).flatten(1, 2)   # (B, L, 2, X)
-    return torch.stack([rows[:, :, 0], cols[:, :, 0], rows[:, :, 1].flip(1), cols[:, :, 1].flip(1)], dim=2)
+    reversed); (B, H, W, X): the same map in all four. A copy with X contiguous, as the torch scan wants it."""
+    r0, c1, r2, c3 = t.unbind(3) if t.dim() == 5 else (t,) * 4        # (B, H, W, X) each (unbind: no zero fills)
+    return torch.stack([r0.flatten(1, 2), c1.transpose(1, 2).flatten(1, 2), r2.flatten(1, 2).flip(1),
+                        c3.transpose(1, 2).flatten(1, 2).flip(1)], dim=2)            # (B, L, 4, X)
 
 
 def _from_sequences(ys: Tensor, h: int, w: int) -> Tensor:
     """(B, H*W, 4, X) -> (B, H, W, X): the adjoint of :func:`_to_sequences` (sequences back on pixels, summed)."""
-    rows, cols = ys[:, :, 0] + ys[:, :, 2].flip(1), ys[:, :, 1] + ys[:, :, 3].flip(1)   # (B, L, X) each
+    y0, y1, y2, y3 = ys.unbind(2)                                     # (B, L, X) each
+    rows, cols = y0 + y2.flip(1), y1 + y3.flip(1)
     return rows.unflatten(1, (h, w)) + cols.unflatten(1, (w, h)).transpose(1, 2)
 
 
@@ -615,8 +617,7 @@ def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
         raise ValueError(f"cross_scan expects (B, C, H, W), got shape {tuple(x.shape)}")
     if _resolve_backend(backend, x.device) == "triton":
         return _cross_scan(x)
-    b, c, h, w = x.shape
-    return _to_sequences(x.permute(0, 2, 3, 1).unsqueeze(3).expand(b, h, w, 4, c)).permute(0, 2, 3, 1)
+    return _to_sequences(x.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
 
 
 def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
@@ -644,7 +645,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
     dts = torch.baddbmm(dt_projs_bias.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
                         dt_projs_weight.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
-    xs = _to_sequences(x.unsqueeze(3).expand(b, h, w, 4, d))          # (B, L, 4, D)
+    xs = _to_sequences(x)                                             # (B, L, 4, D)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
         ys = _selective_scan_torch(xs, F.softplus(dts.float()), A.view(4, d, n), Bs, Cs)[0]
