@@ -110,7 +110,7 @@ def test_no_scan_keeps_every_layer_but_the_scan():
         assert (with_scan - skip_only).abs().max() > 1e-3  # float32 rounding: ~1e-6
         compiled = torch.compile(layer, fullgraph=True, backend="eager")
         for run in (layer, compiled, layer, compiled):
-            with bench._without_scan(True):
+            with bench._without_scan():
                 torch.testing.assert_close(run(x), skip_only)
             assert vmamba.ss2d_core is not bench._skip_term_only
             torch.testing.assert_close(run(x), with_scan)

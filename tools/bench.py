@@ -56,14 +56,11 @@ def _skip_term_only(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, d
 
 
 @contextlib.contextmanager
-def _without_scan(active: bool):
-    """While active, SS2D layers call :func:`_skip_term_only` instead of :func:`vmamba.ss2d_core`:
+def _without_scan():
+    """Inside, SS2D layers call :func:`_skip_term_only` instead of :func:`vmamba.ss2d_core`:
     the model keeps every other layer (projections, convolutions, norms, MLPs) and skips the
     four-direction scan. torch.compile guards on the swapped global, so a compiled model is
     traced once each way."""
-    if not active:
-        yield
-        return
     core, vmamba.ss2d_core = vmamba.ss2d_core, _skip_term_only
     try:
         yield
@@ -109,7 +106,7 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
             torch.compiler.reset()  # a fresh compilation per size, within the recompile limit
 
         def step(model: nn.Module, module: nn.Module, scan: bool = True) -> None:
-            with _without_scan(not scan):
+            with contextlib.nullcontext() if scan else _without_scan():
                 if train:
                     model(x).float().square().mean().backward()
                     module.zero_grad(set_to_none=True)
