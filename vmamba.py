@@ -631,6 +631,7 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
 
 
 # torch.compile traces this once per input shape, reused by every block of that shape (eager, old torch: no-op).
+# ss2d_core casts its weights to x's dtype itself: torch 2.11 loses autocast inside such a region under compile.
 _compile_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
 
 
@@ -641,10 +642,11 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
     (b, h, w, d), n, r = x.shape, A_logs.shape[1], dt_projs_weight.shape[2]
     backend = _resolve_backend(backend, x.device)
-    proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight))   # per pixel, then (B, L, 4, R+2N)
+    w_proj, w_dt, bias_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight, dt_projs_bias))  # see above
+    proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, w_proj))  # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
-    dts = torch.baddbmm(dt_projs_bias.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
-                        dt_projs_weight.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
+    dts = torch.baddbmm(bias_dt.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
+                        w_dt.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
     xs = _to_sequences(x)                                             # (B, L, 4, D)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
@@ -1578,11 +1580,10 @@ def pretrained_url(name: str) -> str:
 def _build(name: str, pretrained: Union[bool, str, dict], **kwargs: Any) -> VSSM:
     """``VSSM(**config, **kwargs)`` (or ``Backbone_VSSM`` with ``features_only=True``)."""
     model_args = model_config(name)
-    if kwargs.pop("features_only", False):
+    features_only = kwargs.pop("features_only", False)
+    if features_only:
         model_args["norm_layer"] = "ln"  # a backbone's layout; weights are the same
-        model = Backbone_VSSM(**dict(model_args, **kwargs))
-    else:
-        model = VSSM(**dict(model_args, **kwargs))
+    model = (Backbone_VSSM if features_only else VSSM)(**dict(model_args, **kwargs))
     if pretrained is True:
         load_pretrained(model, pretrained_url(name))
     elif pretrained:

@@ -167,6 +167,25 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(family, monke
 
 @pytest.mark.compile
 @pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_under_bfloat16_autocast_matches_eager(family, monkeypatch):
+    """Mixed precision: inference and a training step's gradients, compiled against eager.
+    (torch 2.11 dropped autocast's casts inside the compiled SS2D region; the core casts its
+    weights itself.) aot_eager runs the same traced graphs as inductor, without code generation."""
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    model, x = _compile_case(family)
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            expected, got = model(x), compiled(x)
+        assert got.dtype == expected.dtype == torch.bfloat16 and _rel(got, expected) < 2e-2
+        grads = [torch.autograd.grad(m(x).float().square().sum(), model.parameters()) for m in (model, compiled)]
+    assert max(_rel(a, b) for a, b in zip(*grads)) < 5e-2
+    torch.compiler.reset()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("family", FAMILIES)
 def test_torch_export_matches_eager(family, monkeypatch):
     monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
     model, x = _compile_case(family)
