@@ -428,7 +428,7 @@ def _selective_scan_bwd(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, Bs: Ten
 
 @_selective_scan_bwd.register_fake
 def _(dy, u, delta, A, Bs, Cs, Ds, delta_bias, states, delta_softplus):
-    return (*(torch.empty_like(t) for t in (u, delta, A, Bs, Cs)),
+    return (*(t.new_empty(t.shape) for t in (u, delta, A, Bs, Cs)),   # contiguous, as the kernel writes them
             *(u.new_empty(u.shape[1:2], dtype=torch.float32 if t is None else t.dtype) for t in (Ds, delta_bias)))
 
 

@@ -188,6 +188,11 @@ def test_custom_op_registrations():
         (ops.selective_scan_fwd, (u, delta, A, Bs, Cs, None, None, False)),
         (ops.selective_scan_bwd,
          (torch.randn_like(y), *detached, states.detach(), True)),
+        # SS2D's layout: u, delta and B/C are transposed views of (B, L, ...) tensors; the outputs
+        # (and the fake implementations' strides, which inductor asserts) are contiguous.
+        (ops.selective_scan_bwd, (torch.randn_like(y), *[t.detach().mT.contiguous().mT for t in (u, delta)], A.detach(),
+                                  *[t.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) for t in (Bs, Cs)],
+                                  None, None, states.detach(), True)),
         (ops.cross_scan, (torch.randn(1, 2, 3, 5, requires_grad=True),)),
         (ops.cross_merge, (torch.randn(1, 4, 2, 3, 5, requires_grad=True),)),
     ]
@@ -215,3 +220,28 @@ def test_public_api_and_model_use_triton():
         layer.backend = "triton"
         got = layer(x)
     assert_close(got, ref.double(), 1e-5, "SS2D")
+
+
+@pytest.mark.compile
+def test_inductor_compiled_training_step_with_triton():
+    """A mixed-precision training step of a model compiled by inductor with the Triton ops, as
+    on a GPU: inductor asserts each custom op's output strides against its fake implementation."""
+    torch.manual_seed(0)
+    model = vmamba.vmamba_tiny_s1l8(depths=[1, 1], dims=[4, 4], num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    torch.compiler.reset()
+    losses, grads = [], []
+    vmamba.set_backend("triton")
+    try:
+        for m in (model, torch.compile(model, fullgraph=True)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(x).float().square().sum()
+            losses.append(loss)
+            grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    finally:
+        vmamba.set_backend(None)
+        torch.compiler.reset()
+    assert_close(losses[1], losses[0].double(), 2e-2, "loss")
+    # bf16 rounding differs where inductor fuses: compare all gradients against their largest.
+    got, ref = (torch.cat([g.flatten() for g in gs]) for gs in grads[::-1])
+    assert_close(got, ref.double(), 2e-2, "gradients")
