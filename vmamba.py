@@ -382,10 +382,10 @@ def _scan_launch(kernel, u, delta, A, Bs, Cs, Ds, delta_bias, softplus, *rest):
         SOFTPLUS=softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
 
 
-def _scan_fwd_outputs(u, A, Bs):
+def _scan_fwd_outputs(u, A, Bs, Cs):
     Bsz, K, D, N, L = _scan_dims(u, A, Bs)
-    if tuple(Bs.shape) != (Bsz, K, N, L):
-        raise ValueError(f"B and C must be (batch, K, N, L) = {(Bsz, K, N, L)}, got {tuple(Bs.shape)}")
+    if not tuple(Bs.shape) == tuple(Cs.shape) == (Bsz, K, N, L):
+        raise ValueError(f"B and C must be (batch, K, N, L) = {(Bsz, K, N, L)}, got {list(Bs.shape)}, {list(Cs.shape)}")
     n_chunks = -(-L // _scan_blocks(D, N, L)[2])
     return (u.new_empty((Bsz, K * D, L), dtype=torch.float32),
             u.new_empty((Bsz, K * D, n_chunks + 1, N), dtype=torch.float32))
@@ -396,16 +396,14 @@ def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Ten
                         delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
     """Returns y (B, K*D, L) and states (B, K*D, n_chunks + 1, N), float32: before each chunk, then after L."""
     _require_triton()
-    if Cs.shape != Bs.shape:
-        raise ValueError(f"B and C must have the same shape, got {tuple(Bs.shape)} and {tuple(Cs.shape)}")
-    y, states = _scan_fwd_outputs(u, A, Bs)
+    y, states = _scan_fwd_outputs(u, A, Bs, Cs)
     _scan_launch(_scan_fwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, y, states)
     return y, states
 
 
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus):
-    return _scan_fwd_outputs(u, A, Bs)
+    return _scan_fwd_outputs(u, A, Bs, Cs)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::selective_scan_bwd", mutates_args=())
@@ -645,18 +643,20 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     w_proj, w_dt, bias_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight, dt_projs_bias))  # see above
     proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, w_proj))  # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
-    dts = torch.baddbmm(bias_dt.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
-                        w_dt.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
-    xs = _to_sequences(x)                                             # (B, L, 4, D)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
-        ys = _selective_scan_torch(xs, F.softplus(dts.float()), A.view(4, d, n), Bs, Cs)[0]
-    else:
-        ys = selective_scan(xs.flatten(2).transpose(1, 2), dts.flatten(2).transpose(1, 2), A, Bs.permute(0, 2, 3, 1),
-                            Cs.permute(0, 2, 3, 1), delta_softplus=True, backend=backend)
-        ys = ys.view(b, 4, d, -1).permute(0, 3, 1, 2)                 # (B, L, 4, D)
+        dts = torch.baddbmm(bias_dt.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
+                            w_dt.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
+        ys = _selective_scan_torch(_to_sequences(x), F.softplus(dts.float()), A.view(4, d, n), Bs, Cs)[0]
+        merged = _from_sequences(ys, h, w)                            # (B, H, W, D)
+    else:  # the kernels' layout (B, 4*D, L), made directly; the scan adds the bias and takes the softplus
+        dts = torch.matmul(w_dt, dts.permute(0, 2, 3, 1)).flatten(1, 2)   # (4, D, R) @ (B, 4, R, L): (B, 4*D, L)
+        ys = selective_scan(cross_scan(x.permute(0, 3, 1, 2), backend).flatten(1, 2), dts, A, Bs.permute(0, 2, 3, 1),
+                            Cs.permute(0, 2, 3, 1), delta_bias=dt_projs_bias.float().flatten(), delta_softplus=True,
+                            backend=backend)                          # (B, 4*D, L)
+        merged = cross_merge(ys.view(b, 4, d, h, w), backend).permute(0, 2, 3, 1)   # (B, H, W, D)
     # The skip term D_k * u of every direction lands on the pixel it came from: sum_k D_k * x after the merge.
-    return torch.addcmul(_from_sequences(ys, h, w), x, Ds.float().view(4, d).sum(0)).to(x.dtype)   # (B, H, W, D)
+    return torch.addcmul(merged, x, Ds.float().view(4, d).sum(0)).to(x.dtype)   # (B, H, W, D)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as

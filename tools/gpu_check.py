@@ -3,6 +3,8 @@
 
     python tools/gpu_check.py [--out DIR] [--budget SECONDS]
     python tools/gpu_check.py --small     # the same code paths on CPU, tiny sizes
+    python tools/gpu_check.py --sections families,compile,throughput,profile --modes infer_bf16,train_bf16 \
+        --baseline old/vmamba.py          # also time another vmamba.py side by side (an A/B of two versions)
 
 --small (alias --dry-run) runs every section on CPU with the Triton kernels interpreted
 (TRITON_INTERPRET=1), at tiny sizes: state size at most 2 in the family models, one zoo
@@ -22,7 +24,11 @@ script; its numbers mean nothing.
    bfloat16 autocast, and a bfloat16 training step (forward, backward, SGD step). Medians
    of interleaved repeats after warm-up. Whatever would not fit in the time budget is
    skipped with a note; a watchdog ends the run at budget + 20 s whatever it is doing.
-4. Writes gpu_check.json and gpu_check.md to --out (default gpu_check_out/) and prints the
+   With --baseline PATH, the zoo models of that other vmamba.py are timed too (eager), in the
+   same interleaved rounds ("NAME (baseline)"), so that two versions compare within one run.
+4. --profile (section "profile"): the CUDA kernels of the first zoo model's eager bfloat16
+   inference and training step, by the torch profiler: the top kernels by GPU time.
+5. Writes gpu_check.json and gpu_check.md to --out (default gpu_check_out/) and prints the
    tables. Exit status: 0 when every correctness check passed, 1 when one failed, 2 when
    there is no CUDA device (and --small was not given). Tolerances are those of the CPU
    tests of the kernels: 1e-5 on outputs, 1e-4 on gradients, 1e-2 with bfloat16 inputs,
@@ -54,6 +60,7 @@ TOL = {"y32": 1e-5, "grad32": 1e-4, "low": 1e-2, "exact": 0.0}
 FAMILIES = ("vanilla_vmamba_tiny", "vmamba_tiny_s2l5", "vmamba_tiny_s1l8")
 ZOO = ("vmamba_tiny_s1l8", "vmamba_small_s1l20")
 MODES = ("infer_fp32_tf32", "infer_bf16", "train_bf16")
+SECTIONS = ("scan", "cross", "families", "compile", "throughput")
 
 FULL = dict(
     # (batch, K, D, N, L, with the gate z): stage 1 and stage 3 of VMamba-T
@@ -135,6 +142,10 @@ class Run:
             comp = r.get(True)
             secs = "-" if comp is None or comp.get("compile_s") is None else f"{comp['compile_s']:.0f}"
             lines.append(f"| {model} | {backend} | {mode} | {fmt(r.get(False))} | {fmt(comp)} | {secs} |")
+        for title, rows in self.info.get("profile", {}).items():
+            lines += ["", f"Kernels of {title} (GPU time per step, top {len(rows)}):", "",
+                      "| kernel | ms per step | share | calls per step |", "|---|---|---|---|"]
+            lines += [f"| {r['kernel'][:90]} | {r['ms']:.2f} | {r['share']:.1%} | {r['calls']:g} |" for r in rows]
         if self.notes:
             lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -332,8 +343,8 @@ def check_compile(run, torch, vmamba, cfg, device):
 # 3. Throughput
 
 class Entry:
-    def __init__(self, label, backend, build):
-        self.label, self.backend, self.build = label, backend, build
+    def __init__(self, label, backend, build, module=None):
+        self.label, self.backend, self.build, self.module = label, backend, build, module
         self.model = self.opt = None
         self.compiled = None  # torch.compile(model), made once and shared by the modes
 
@@ -343,7 +354,7 @@ def make_step(torch, F, vmamba, entry, model, mode, x, target):
 
     def use_backend():
         if entry.backend != "timm":
-            vmamba.set_backend(entry.backend)
+            (entry.module or vmamba).set_backend(entry.backend)
 
     if mode == "train_bf16":
         def step():
@@ -405,11 +416,15 @@ def bench(run, torch, F, vmamba, cfg, device):
     backends = ["triton"] + (["mamba_ssm"] if "mamba_ssm" in vmamba.available_backends(device) else [])
     entries = [Entry(name, backend, lambda name=name: getattr(vmamba, name)(**cfg["zoo_arch"]))
                for backend in backends for name in cfg["zoo"]]
+    if cfg.get("baseline") is not None:  # the other version's models, same weights (same seed, same layout)
+        base = cfg["baseline"]
+        entries += [Entry(f"{name} (baseline)", "triton", lambda name=name: getattr(base, name)(**cfg["zoo_arch"]),
+                          module=base) for name in cfg["zoo"]]
     entries += [Entry(name, "timm", lambda name=name, kw=kw: timm.create_model(name, **kw))
                 for name, kw in cfg["timm"].items()]
     # What the targets compare comes first (VMamba-T against Swin-T), so that a short budget
     # still measures it: the larger zoo models go last.
-    entries.sort(key=lambda e: e.label in cfg["zoo"][1:])
+    entries.sort(key=lambda e: e.label.split(" (")[0] in cfg["zoo"][1:])
     x = torch.randn(cfg["batch"], 3, cfg["img"], cfg["img"], device=device)
     target = torch.randint(0, 1000, (cfg["batch"],), device=device)
     models = {}
@@ -424,11 +439,13 @@ def bench(run, torch, F, vmamba, cfg, device):
     first = run.info.get("compile_s") or (90.0 if cuda else 10.0)
     guess = {ZOO[0]: first, ZOO[1]: 2 * first}
     for compiled, modes in ((False, MODES), (True, ("infer_bf16", "train_bf16", "infer_fp32_tf32"))):
-        for mode in modes:
+        for mode in (m for m in modes if m in cfg["modes"]):
             run.section = f"throughput {mode} {'compiled' if compiled else 'eager'}"
             ready = []
             for e in entries:
                 factor = 2.5 if mode == "train_bf16" else 1.0
+                if compiled and e.module is not None:
+                    continue  # a baseline is timed eager only: its compilations would take the budget
                 need = 1.3 * factor * guess.get(e.label, 60.0 if cuda else 10.0) if compiled else cfg["eager_s"]
                 if run.left() < need:
                     run.note(f"skipped {e.label} ({e.backend}) {mode} {'compiled' if compiled else 'eager'}: "
@@ -477,6 +494,51 @@ def bench(run, torch, F, vmamba, cfg, device):
 
 
 # ----------------------------------------------------------------------------------------
+# 4. Where the time goes: CUDA kernels by the torch profiler
+
+def profile(run, torch, F, vmamba, cfg, device, top=15):
+    from torch.profiler import ProfilerActivity
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    name = cfg["zoo"][0]
+    torch.manual_seed(0)
+    entry = Entry(name, "triton", None)
+    entry.model = getattr(vmamba, name)(**cfg["zoo_arch"]).to(device)
+    entry.opt = torch.optim.SGD(entry.model.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.randn(cfg["batch"], 3, cfg["img"], cfg["img"], device=device)
+    target = torch.randint(0, 1000, (cfg["batch"],), device=device)
+    steps = 3
+    for mode in ("infer_bf16", "train_bf16"):
+        entry.model.train(mode == "train_bf16")
+        step = make_step(torch, F, vmamba, entry, entry.model, mode, x, target)
+        try:
+            for _ in range(2):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[activity]) as prof:
+                for _ in range(steps):
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        except Exception as exc:
+            run.failed(f"profile {name} {mode}", exc)
+            continue
+        cuda, rows = device.type == "cuda", []
+        for e in prof.key_averages():  # on CUDA the kernels (device events), on CPU (--small) the ops
+            if cuda and not str(getattr(e, "device_type", "")).endswith("CUDA"):
+                continue
+            us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if cuda \
+                else e.self_cpu_time_total
+            rows.append((e.key, us, e.count))
+        whole = sum(r[1] for r in rows) or 1.0
+        rows = sorted(rows, key=lambda r: -r[1])[:top]
+        run.info.setdefault("profile", {})[f"{name} eager {mode}, batch {cfg['batch']}"] = [
+            dict(kernel=k, ms=us / 1e3 / steps, share=us / whole, calls=n / steps) for k, us, n in rows]
+        run.info.setdefault("profile_total_ms", {})[mode] = whole / 1e3 / steps
+    vmamba.set_backend(None)
+
+
+# ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -487,10 +549,31 @@ def main(argv=None) -> int:
                         help="seconds for the whole run (default 450; 60 with --small); a watchdog "
                              "ends it 20 s later")
     parser.add_argument("--skip-bench", action="store_true", help="correctness and compile checks only")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {','.join(SECTIONS)} and profile (default: all but profile)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"throughput modes, of {','.join(MODES)}")
+    parser.add_argument("--zoo", default=None, help="zoo models to time (default: vmamba_tiny_s1l8,vmamba_small_s1l20)")
+    parser.add_argument("--timm", default=None, help="timm models to time beside them (default: swin_tiny, convnext_tiny)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another vmamba.py whose zoo models are timed side by side with these")
+    parser.add_argument("--profile", action="store_true", help="add the profile section")
     args = parser.parse_args(argv)
     cfg = dict(SMALL if args.small else FULL)
     if args.budget is not None:
         cfg["budget"] = args.budget
+    sections = [x for x in args.sections.split(",") if x] + (["profile"] if args.profile else [])
+    unknown = set(sections) - set(SECTIONS) - {"profile"} or set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown section or mode: {sorted(unknown)}")
+    if args.skip_bench:
+        sections = [x for x in sections if x != "throughput"]
+    cfg["modes"] = args.modes.split(",")
+    if args.zoo:
+        cfg["zoo"] = tuple(args.zoo.split(","))
+    if args.timm is not None:
+        cfg["timm"] = {name: cfg["timm"].get(name, {}) for name in args.timm.split(",") if name}
+    if args.baseline is not None and not args.baseline.is_file():
+        parser.error(f"--baseline: no such file: {args.baseline}")
     # The interpreter replaces the kernels when they are defined, i.e. at import of vmamba.
     if args.small:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -509,6 +592,11 @@ def main(argv=None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    if args.baseline is not None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("vmamba_baseline", args.baseline)
+        cfg["baseline"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cfg["baseline"])
     device = torch.device("cpu" if args.small else "cuda")
     info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--small)",
                 torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
@@ -531,8 +619,10 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     if vmamba.available_backends(device).count("triton") == 0:
         run.failed("triton backend available", RuntimeError(f"available: {vmamba.available_backends(device)}"))
-    for section, fn in (("selective_scan", check_scans), ("cross_scan/merge", check_cross),
-                        ("model families", check_families), ("torch.compile", check_compile)):
+    for key, section, fn in (("scan", "selective_scan", check_scans), ("cross", "cross_scan/merge", check_cross),
+                             ("families", "model families", check_families), ("compile", "torch.compile", check_compile)):
+        if key not in sections:
+            continue
         run.section = section
         begin = time.perf_counter()
         fn(run, torch, vmamba, cfg, device)
@@ -540,8 +630,13 @@ def main(argv=None) -> int:
         run.write()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.skip_bench:
-        run.note("throughput skipped (--skip-bench)")
+    if "profile" in sections:  # before the throughput section, which uses up what is left of the budget
+        run.section = "profile"
+        begin = time.perf_counter()
+        profile(run, torch, F, vmamba, cfg, device)
+        run.info.setdefault("section_s", {})["profile"] = round(time.perf_counter() - begin, 1)
+    if "throughput" not in sections:
+        run.note("throughput skipped")
     else:
         begin = time.perf_counter()
         bench(run, torch, F, vmamba, cfg, device)
