@@ -346,7 +346,6 @@ class Entry:
     def __init__(self, label, backend, build, module=None):
         self.label, self.backend, self.build, self.module = label, backend, build, module
         self.model = self.opt = None
-        self.compiled = None  # torch.compile(model), made afresh for each mode
 
 
 def make_step(torch, F, vmamba, entry, model, mode, x, target):
@@ -453,9 +452,10 @@ def bench(run, torch, F, vmamba, cfg, device):
                     run.note(f"skipped {e.label} ({e.backend}) {mode} {'compiled' if compiled else 'eager'}: "
                              f"{run.left():.0f} s left, it may take ~{need:.0f} s")
                     continue
-                if compiled:  # static shapes: a benchmark's graph, not one made dynamic by earlier calls
-                    e.compiled = compile_model(torch, e.model, backend=cfg["compile_backend"], dynamic=False)
-                model = e.compiled if compiled else e.model
+                # Compiled afresh for each mode, with static shapes: a benchmark's graph, not one made
+                # dynamic by earlier calls.
+                model = compile_model(torch, e.model, backend=cfg["compile_backend"], dynamic=False) \
+                    if compiled else e.model
                 model.train(mode == "train_bf16")
                 step = make_step(torch, F, vmamba, e, model, mode, x, target)
                 got = prepare(run, torch, e, mode, step, compiled, cuda, cfg)
