@@ -115,6 +115,7 @@ def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
 def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
     """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D)."""
     (b, L, g, d), n = u.shape, A.shape[1]
+    b_plan = b if isinstance(b, int) else 1   # a symbolic batch (export, dynamic compile): plan for one sample
     T = min(L, next((t for t in range(_CHUNK, _CHUNK // 3, -1) if L % t == 0), _CHUNK))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
     if nc * T != L:  # padded steps have dt = 0: no decay, no input
@@ -125,7 +126,7 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
 
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
     # Decays and inputs formed at once when they fit in cache, or at N=1 to keep the autograd graph small.
-    if at_once := 2 * b * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
+    if at_once := 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
         a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1))
     else:  # form each step's in the step (both passes), reading only dt, dt*u and B from memory
         dts, dus, Bs = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2)), steps(B.unsqueeze(-1))
@@ -148,6 +149,7 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     """Backend "torch", channels-last: u, dt (B, L, G, D), dt final (bias and softplus applied); A (G, D, N);
     B, C (B, L, G, N). Returns y (B, L, G, D) without the D term and the last state (B, G, D, N), float32."""
     (b, L, g, d), n = u.shape, A.shape[-1]
+    b = b if isinstance(b, int) else 1   # as in _scan_chunks: the blocking plans for a concrete batch only
     u, dt, A, B, C = u.float(), dt.float(), A.float().transpose(1, 2), B.float(), C.float()   # A (G, N, D)
     width = min(d, max(1, _STEP_STATES * _CHUNK // (b * L * g * n)))  # one step touches B*L/T*G*width*N states
     ys, lasts = zip(*[_scan_chunks(*t, B, C) for t in zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))])
@@ -628,19 +630,11 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
     return _from_sequences(ys.flatten(3).permute(0, 3, 1, 2), *ys.shape[3:]).permute(0, 3, 1, 2)
 
 
-# torch.compile traces this once per input shape, reused by every block of that shape (eager, old torch: no-op).
-# ss2d_core casts its weights to x's dtype itself: torch 2.11 loses autocast inside such a region under compile.
-_compile_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
-
-
-@_compile_region
-def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
-              A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
-    """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
-    (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
+def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+               A_logs: Tensor, Ds: Tensor, backend: str) -> Tensor:   # see ss2d_core
     (b, h, w, d), n, r = x.shape, A_logs.shape[1], dt_projs_weight.shape[2]
     backend = _resolve_backend(backend, x.device)
-    w_proj, w_dt, bias_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight, dt_projs_bias))  # see above
+    w_proj, w_dt, bias_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight, dt_projs_bias))  # see below
     proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, w_proj))  # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
@@ -657,6 +651,20 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
         merged = cross_merge(ys.view(b, 4, d, h, w), backend).permute(0, 2, 3, 1)   # (B, H, W, D)
     # The skip term D_k * u of every direction lands on the pixel it came from: sum_k D_k * x after the merge.
     return torch.addcmul(merged, x, Ds.float().view(4, d).sum(0)).to(x.dtype)   # (B, H, W, D)
+
+
+# torch.compile traces the region once per input shape and reuses it in every block of that shape (old torch: no
+# region); ss2d_core enters it only under dynamo, as non-strict torch.export (its default) would compile it anew at
+# every call. _ss2d_core casts its weights to x's dtype itself: torch 2.11 loses autocast inside such a region.
+_ss2d_core_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(_ss2d_core)
+
+
+def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+              A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
+    """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
+    (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
+    core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() else _ss2d_core
+    return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
@@ -717,10 +725,8 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU()
+        self.fc2, self.drop = nn.Linear(hidden, dim), nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -946,8 +952,7 @@ class VSSM(nn.Module):
             dims = [dims * 2 ** i for i in range(len(depths))]
         dims = list(dims)
         if len(dims) != len(depths) or not depths:
-            raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, "
-                             f"depths={list(depths)}")
+            raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, depths={list(depths)}")
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             _check_range(f"dims[{i}]", dim, 2 if patchembed_version == "v2" and i == 0 else 1, integer=True)
             _check_range(f"depths[{i}]", depth, 1, integer=True)
@@ -1154,8 +1159,7 @@ class Backbone_VSSM(VSSM):
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
                  norm_layer: str = "ln", **kwargs: Any):
-        kwargs["num_classes"] = 0
-        super().__init__(norm_layer=norm_layer, **kwargs)
+        super().__init__(norm_layer=norm_layer, **dict(kwargs, num_classes=0))
         n = len(self.layers)
         if any(not 0 <= i < n for i in out_indices) or not out_indices:
             raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {list(out_indices)}")
@@ -1496,9 +1500,7 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
         state = checkpoint_filter_fn(checkpoint, model)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    own = model.state_dict()
-    tolerated = set()
-    head = "classifier.head.weight"
+    own, tolerated, head = model.state_dict(), set(), "classifier.head.weight"
     if (head in own and head in state and state[head].ndim == 2
             and state[head].shape[0] != own[head].shape[0] and state[head].shape[1] == own[head].shape[1]):
         warnings.warn(f"vmamba: the checkpoint's head has {state[head].shape[0]} classes and the model "
@@ -1685,8 +1687,7 @@ if "timm" in sys.modules and __name__ != "__main__":
 
 def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in rows:
+    for r in [{c: c for c in columns}, *rows]:   # the header, then the rows
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
 
 
@@ -1746,9 +1747,8 @@ def _smoke(args: argparse.Namespace) -> int:
             no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
             if not out.isfinite().all() or no_grad:
                 raise RuntimeError(f"non-finite output or gradient missing for {no_grad[:3]}")
-            model.eval()
             with torch.no_grad():
-                ref = model(x).float()
+                ref = model.eval()(x).float()
                 for backend in available_backends(device)[:-1]:
                     set_backend(backend)
                     err = ((model(x).float() - ref).abs().max() / ref.abs().max()).item()

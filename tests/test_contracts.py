@@ -196,6 +196,46 @@ def test_torch_export_matches_eager(family, monkeypatch):
             assert _rel(exported(inputs), model(inputs)) < 1e-4
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_export_with_a_dynamic_batch_matches_eager(family, monkeypatch):
+    """One exported program serves every batch size: with a symbolic batch the scan's blocking
+    plans for one sample, so export puts no bound on the batch."""
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    model, x = _compile_case(family)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+    with torch.no_grad():
+        for n in (1, 3, 40):
+            inputs = torch.randn(n, *x.shape[1:])
+            assert _rel(exported(inputs), model(inputs)) < 1e-4
+
+
+@pytest.mark.compile
+def test_ss2d_core_enters_the_compile_region_under_dynamo_only(monkeypatch):
+    """torch.compile traces SS2D's core once per shape, as a nested compile region; non-strict
+    torch.export (its default) would compile such a region anew at every call (minutes for a
+    small model), so the core is a plain function there and in eager."""
+    region, calls = vmamba._ss2d_core_region, []
+
+    def spy(*args):
+        calls.append(torch.compiler.is_dynamo_compiling())
+        return region(*args)
+
+    monkeypatch.setattr(vmamba, "_ss2d_core_region", spy)
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    model, x = _compile_case("v2")
+    with torch.no_grad():
+        model(x)
+    torch.export.export(model, (x,))
+    assert calls == []
+    torch.compiler.reset()
+    with torch.no_grad():
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    assert calls and all(calls)
+    torch.compiler.reset()
+
+
 # ---------------------------------------------------------------------------------------
 # timm's FX feature extraction
 
