@@ -112,10 +112,9 @@ def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
     return S
 
 
-def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan: int) -> Tuple[Tensor, Tensor]:
     """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D)."""
     (b, L, g, d), n = u.shape, A.shape[1]
-    b_plan = b if isinstance(b, int) else 1   # a symbolic batch (export, dynamic compile): plan for one sample
     T = min(L, next((t for t in range(_CHUNK, _CHUNK // 3, -1) if L % t == 0), _CHUNK))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
     if nc * T != L:  # padded steps have dt = 0: no decay, no input
@@ -125,7 +124,7 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tupl
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
 
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
-    # Decays and inputs formed at once when they fit in cache, or at N=1 to keep the autograd graph small.
+    # Decays and inputs formed at once when they fit in cache (for b_plan samples), or at N=1 (small autograd graph).
     if at_once := 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
         a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1))
     else:  # form each step's in the step (both passes), reading only dt, dt*u and B from memory
@@ -149,10 +148,11 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     """Backend "torch", channels-last: u, dt (B, L, G, D), dt final (bias and softplus applied); A (G, D, N);
     B, C (B, L, G, N). Returns y (B, L, G, D) without the D term and the last state (B, G, D, N), float32."""
     (b, L, g, d), n = u.shape, A.shape[-1]
-    b = b if isinstance(b, int) else 1   # as in _scan_chunks: the blocking plans for a concrete batch only
+    b_plan = b if isinstance(b, int) else 1   # a symbolic batch (export, dynamic compile): plan for one sample
     u, dt, A, B, C = u.float(), dt.float(), A.float().transpose(1, 2), B.float(), C.float()   # A (G, N, D)
-    width = min(d, max(1, _STEP_STATES * _CHUNK // (b * L * g * n)))  # one step touches B*L/T*G*width*N states
-    ys, lasts = zip(*[_scan_chunks(*t, B, C) for t in zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))])
+    width = min(d, max(1, _STEP_STATES * _CHUNK // (b_plan * L * g * n)))  # one step: B*L/T*G*width*N states
+    blocks = zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))   # channel blocks of u, dt, A
+    ys, lasts = zip(*[_scan_chunks(*t, B, C, b_plan) for t in blocks])
     y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
     return y, last.transpose(2, 3)                                    # (B, L, G, D), (B, G, D, N)
 
