@@ -634,12 +634,12 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
                A_logs: Tensor, Ds: Tensor, backend: str) -> Tensor:   # see ss2d_core
     (b, h, w, d), n, r = x.shape, A_logs.shape[1], dt_projs_weight.shape[2]
     backend = _resolve_backend(backend, x.device)
-    w_proj, w_dt, bias_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight, dt_projs_bias))  # see below
+    w_proj, w_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight))   # see below; the dt bias too
     proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, w_proj))  # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
-        dts = torch.baddbmm(bias_dt.unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),   # delta + bias: (4, B*L, D)
+        dts = torch.baddbmm(dt_projs_bias.to(x.dtype).unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2), # (4, B*L, D)
                             w_dt.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
         ys = _selective_scan_torch(_to_sequences(x), F.softplus(dts.float()), A.view(4, d, n), Bs, Cs)[0]
         merged = _from_sequences(ys, h, w)                            # (B, H, W, D)
