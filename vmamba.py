@@ -17,7 +17,7 @@ Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` 
 
 from __future__ import annotations
 
-import argparse, contextlib, hashlib, io, math, os, pickle, pickletools, re, sys, time, warnings, zipfile
+import argparse, contextlib, hashlib, io, math, operator, os, pickle, pickletools, re, sys, time, warnings, zipfile
 import importlib.util, urllib.parse
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -33,8 +33,7 @@ __all__ = [  # kernels, model, checkpoints, zoo and ecosystem
     "load_checkpoint_file", "download_cached", "save_weights", "PickledGlobal", "PickledObject", "list_models",
     "create_model", "model_config", "pretrained_url", "EVAL_CONFIG", "vanilla_vmamba_tiny",
     "vanilla_vmamba_small", "vanilla_vmamba_base", "vmamba_tiny_s2l5", "vmamba_small_s2l15", "vmamba_base_s2l15",
-    "vmamba_tiny_s1l8", "vmamba_small_s1l20", "vmamba_base_s1l20", "register_timm", "register_mm",
-]
+    "vmamba_tiny_s1l8", "vmamba_small_s1l20", "vmamba_base_s1l20", "register_timm", "register_mm"]
 
 # --- Optional accelerated kernels: a missing one is an error only once asked for by name.
 try:
@@ -1035,7 +1034,8 @@ class VSSM(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected {expected}, got dtype {x.dtype}; convert with x.float() "
                             "(and normalise as in training)")
-        if x.shape[0] == 0 or min(x.shape[2:]) < self.patch_size:
+        # operator.index keeps H, W static under torch.compile (a graph per size; symbolic ones compile ~7x slower)
+        if x.shape[0] == 0 or min(operator.index(x.shape[2]), operator.index(x.shape[3])) < self.patch_size:
             raise ValueError(f"expected {expected} with batch >= 1 and H, W >= {self.patch_size}, "
                              f"got shape {tuple(x.shape)}")
         if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
