@@ -916,280 +916,6 @@ class ClassifierHead(nn.Module):
         return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)   # (B, C, H, W)
 
 
-class VSSM(nn.Module):
-    """VMamba classifier; keyword names are the authors', so their configs work. Defaults build VMamba-T (s1l8).
-
-    ``forward_type`` "v0" | "v05" | "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" |
-    "v2" | "v3"; ``norm_layer`` "ln" | "ln2d" (same weights and outputs); ``global_pool`` "avg" | "" (output: the
-    normalised map). ``dims``: the first stage's width (doubled per stage) or one per stage. ``device``, ``dtype``:
-    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W); output: (B, num_classes)."""
-
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, ssm_d_state: int = 1,
-                 ssm_ratio: float = 1.0, ssm_dt_rank: Union[int, str] = "auto", ssm_act_layer: str = "silu",
-                 ssm_conv: int = 3, ssm_conv_bias: bool = False, ssm_drop_rate: float = 0.0, ssm_init: str = "v0",
-                 forward_type: str = "v05_noz", mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu",
-                 mlp_drop_rate: float = 0.0, gmlp: bool = False, drop_path_rate: float = 0.2, patch_norm: bool = True,
-                 norm_layer: str = "ln2d", downsample_version: str = "v3", patchembed_version: str = "v2",
-                 use_checkpoint: bool = False, posembed: bool = False, imgsize: int = 224, check_finite: bool = False,
-                 global_pool: str = "avg", device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        self.norm_layer = _one_of("norm_layer", norm_layer, ("ln", "ln2d"))
-        patchembed_version = _one_of("patchembed_version", patchembed_version, ("v1", "v2"))
-        downsample_version = _one_of("downsample_version", downsample_version, ("v1", "v2", "v3"))
-        _one_of("forward_type", forward_type, FORWARD_TYPES)
-        _one_of("patch_norm", patch_norm, (True,))
-        _one_of("posembed", posembed, (False,))
-        _check_range("patch_size", patch_size, 1, integer=True)
-        if patchembed_version == "v2" and patch_size % 2:
-            raise ValueError(f"patch_size must be even for patchembed_version 'v2', got {patch_size}")
-        _check_range("in_chans", in_chans, 1, integer=True)
-        _check_range("num_classes", num_classes, 0, integer=True)
-        _check_range("drop_path_rate", drop_path_rate, 0, 1)
-        if isinstance(dims, int):
-            dims = [dims * 2 ** i for i in range(len(depths))]
-        dims = list(dims)
-        if len(dims) != len(depths) or not depths:
-            raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, depths={list(depths)}")
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
-            _check_range(f"dims[{i}]", dim, 2 if patchembed_version == "v2" and i == 0 else 1, integer=True)
-            _check_range(f"depths[{i}]", depth, 1, integer=True)
-        self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
-        self.depths, self.dims, self.num_features, self.head_hidden_size = list(depths), dims, dims[-1], dims[-1]
-        self.check_finite, self.grad_checkpointing = check_finite, use_checkpoint
-        # A stage's map before its downsample: the output of its last block, (B, C, H, W).
-        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks")
-                             for i, d in enumerate(dims)]
-        total = sum(depths)
-        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]   # rises linearly
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.patch_embed = _make_patch_embed(patchembed_version, in_chans, dims[0], patch_size)
-            self.layers = nn.ModuleList()
-            for i, depth in enumerate(depths):
-                blocks = nn.Sequential(*[VSSBlock(
-                    dims[i], drop_path=rates[sum(depths[:i]) + j], channel_first=True, ssm_d_state=ssm_d_state,
-                    ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act_layer, ssm_conv=ssm_conv,
-                    ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init,
-                    forward_type=forward_type, mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act_layer,
-                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp) for j in range(depth)])
-                downsample = (_make_downsample(downsample_version, dims[i], dims[i + 1]) if i + 1 < len(depths)
-                              else nn.Identity())
-                self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
-            self.classifier = ClassifierHead(dims[-1], num_classes, global_pool)
-        self.apply(self._init_weights)
-        if dtype is not None:
-            self.to(dtype=dtype)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # Generic layers only: SS2D's own parameters are set in SS2D.reset_ssm_parameters.
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass: same results, much less memory."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Parameter names to exclude from weight decay: the SSM's A, D and dt biases."""
-        return {name for name, _ in self.named_parameters()
-                if name.rsplit(".", 1)[-1] in ("A_logs", "Ds", "dt_projs_bias")}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.classifier.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: none).
-        ``global_pool``: "avg", or "" to return the normalised (B, C, H, W) map; None keeps it."""
-        _check_range("num_classes", num_classes, 0, integer=True)
-        if global_pool is not None:
-            self.classifier.global_pool = _one_of("global_pool", global_pool, ("avg", ""))
-        self.num_classes = num_classes
-        like = next(self.parameters())   # the new head joins the model's device, dtype and mode
-        head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
-                if num_classes > 0 else nn.Identity())
-        head.apply(self._init_weights)
-        self.classifier.head = head.train(self.training)
-
-    def _check_input(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
-            return x
-        expected = f"a float tensor of shape (B, {self.in_chans}, H, W)"
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected {expected}, got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            hint = " (channels-last input? use x.permute(0, 3, 1, 2))" if x.shape[3] == self.in_chans else ""
-            raise ValueError(f"expected {expected}, got {x.shape[1]} channels in shape {tuple(x.shape)}{hint}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected {expected}, got dtype {x.dtype}; convert with x.float() "
-                            "(and normalise as in training)")
-        # operator.index keeps H, W static under torch.compile (a graph per size; symbolic ones compile ~7x slower)
-        if x.shape[0] == 0 or min(operator.index(x.shape[2]), operator.index(x.shape[3])) < self.patch_size:
-            raise ValueError(f"expected {expected} with batch >= 1 and H, W >= {self.patch_size}, "
-                             f"got shape {tuple(x.shape)}")
-        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or Inf values")  # opt-in, eager only
-        return x
-
-    def _stage(self, i: int, x: Tensor) -> Tensor:
-        """Blocks of stage i on a (B, C, H, W) map (before its downsample)."""
-        blocks = self.layers[i].blocks
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return blocks(x)   # one call: hooks on layers.{i}.blocks (feature_info) see the stage map
-        for block in blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return x
-
-    def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
-        """Stage numbers from timm-style ``indices``: None (all stages), an int n (the last n)
-        or stage numbers (negative ones count from the end)."""
-        n = len(self.layers)
-        if indices is None:
-            indices = list(range(n))
-        elif isinstance(indices, int):
-            indices = list(range(n - indices, n))
-        indices = [i % n if -n <= i < n else i for i in indices]
-        if any(not 0 <= i < n for i in indices):
-            raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
-        return indices
-
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """Stage outputs (before downsampling) as a list, plus the final features. ``indices``: stage indices, or
-        an int n for the last n (default: all); ``norm`` applies the classifier's LayerNorm to the last stage's map;
-        ``output_fmt`` "NCHW" | "NHWC". Returns ``intermediates`` if ``intermediates_only`` else
-        ``(final_features, intermediates)``."""
-        fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
-        n = len(self.layers)
-        indices = self._stage_indices(indices)
-        last = max(indices) if (stop_early or intermediates_only) else n - 1
-        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
-        intermediates = []
-        for i in range(last + 1):
-            x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
-            if i in indices:
-                o = x.permute(0, 2, 3, 1)                             # (B, H_i, W_i, C_i)
-                o = self.classifier.norm(o) if (norm and i == n - 1) else o
-                intermediates.append(o.permute(0, 3, 1, 2) if fmt == "nchw" else o)
-            x = self.layers[i].downsample(x)
-        if intermediates_only:
-            return intermediates
-        return (x if fmt == "nchw" else x.permute(0, 2, 3, 1)), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Drop what feature extraction at stages ``indices`` never uses (timm's API): later stages and the last
-        one's downsample; the classifier's Linear with ``prune_head``, its LayerNorm with ``prune_norm``. Afterwards
-        the model is only for :meth:`forward_intermediates`. Returns the indices as stage numbers."""
-        indices = self._stage_indices(indices)
-        last = max(indices)
-        self.layers = self.layers[:last + 1]
-        self.layers[last].downsample = nn.Identity()
-        if hasattr(self, "classifier"):  # Backbone_VSSM has none
-            if prune_head:
-                self.reset_classifier(0)
-            if prune_norm or last < len(self.dims) - 1:
-                self.classifier.norm = nn.Identity()
-        return indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Final stage's map, (B, num_features, H/32, W/32), before the classifier's norm."""
-        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
-        for i, layer in enumerate(self.layers):
-            x = layer.downsample(self._stage(i, x))
-        return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, C, H, W) features -> logits, or pooled features with ``pre_logits``."""
-        return self.classifier(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.no_grad()
-    def flops(self, shape: Sequence[int] = (3, 224, 224)) -> float:
-        """FLOPs of one input of ``shape`` (C, H, W) as the authors' ``VSSM.flops`` counts them: multiply-adds (about
-        4.9e9 for VMamba-T at 224 px). Dense operations via ``torch.utils.flop_counter`` (its count / 2); each
-        selective scan (length L, D channels over all four directions, state N) adds 9*L*D*N, the Mamba authors'
-        estimate; norms and element-wise ops are not counted. Runs on meta-device stand-ins; the model is unchanged."""
-        from torch.utils.flop_counter import FlopCounterMode
-        scans = []
-
-        def count_scan(module: SS2D, args: Tuple[Tensor]) -> None:
-            x = args[0]                                               # (B, H, W, C) or (B, C, H, W)
-            h, w = x.shape[2:] if module.channel_first else x.shape[1:3]
-            scans.append(9 * x.shape[0] * h * w * 4 * module.d_inner * module.d_state)
-
-        hooks = [m.register_forward_pre_hook(count_scan) for m in self.modules() if isinstance(m, SS2D)]
-        tensors = {name: torch.empty_like(t, device="meta")
-                   for name, t in list(self.named_parameters()) + list(self.named_buffers())}
-        counter = FlopCounterMode(display=False)
-        try:
-            with counter:
-                torch.func.functional_call(self, tensors, (torch.empty(1, *shape, device="meta"),))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return counter.get_total_flops() / 2 + sum(scans)
-
-    def load_pretrained(self, checkpoint_path: str) -> None:
-        """Load a downloaded checkpoint file (timm's hook for ``pretrained=True``): the module's
-        :func:`load_pretrained`, but a head of another class count is replaced silently, as timm does."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="vmamba: the checkpoint's head")
-            load_pretrained(self, checkpoint_path)  # the module function
-
-
-class Backbone_VSSM(VSSM):
-    """VMamba backbone for detection and segmentation (the authors' ``Backbone_VSSM``): a list of NCHW maps, one
-    per stage in ``out_indices`` (strides 4..32), each through its LayerNorm ``outnorm{i}``. ``pretrained``: a path,
-    URL or state dict to load (a classification checkpoint works: its head is ignored)."""
-
-    def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
-                 norm_layer: str = "ln", **kwargs: Any):
-        super().__init__(norm_layer=norm_layer, **dict(kwargs, num_classes=0))
-        n = len(self.layers)
-        if any(not 0 <= i < n for i in out_indices) or not out_indices:
-            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {list(out_indices)}")
-        self.out_indices = sorted(set(out_indices))
-        del self.classifier
-        like = self.patch_embed[0].weight
-        for i in self.out_indices:
-            self.add_module(f"outnorm{i}", nn.LayerNorm(self.dims[i], device=like.device, dtype=like.dtype))
-        self.feature_info = [self.feature_info[i] for i in self.out_indices]
-        if pretrained:
-            load_pretrained(self, pretrained)
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
-        outs = []
-        for i in range(self.out_indices[-1] + 1):
-            x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
-            if i in self.out_indices:
-                out = getattr(self, f"outnorm{i}")(x.permute(0, 2, 3, 1))
-                outs.append(out.permute(0, 3, 1, 2).contiguous())    # (B, C_i, H_i, W_i)
-            x = self.layers[i].downsample(x)
-        return outs
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        raise TypeError("Backbone_VSSM has no classifier: call the backbone itself for its feature maps")
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        raise TypeError("Backbone_VSSM has no classifier head")
-
-
 # --- Checkpoints: reading files safely, downloading once, converting any released layout.
 class PickledObject:
     """Record of an object a checkpoint would have built by calling a global; nothing was called. ``factory``:
@@ -1526,6 +1252,279 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     return model
+
+
+# --- The model: VSSM (classification) and Backbone_VSSM (detection, segmentation), built of the layers.
+class VSSM(nn.Module):
+    """VMamba classifier; keyword names are the authors', so their configs work. Defaults build VMamba-T (s1l8).
+
+    ``forward_type`` "v0" | "v05" | "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" |
+    "v2" | "v3"; ``norm_layer`` "ln" | "ln2d" (same weights and outputs); ``global_pool`` "avg" | "" (output: the
+    normalised map). ``dims``: the first stage's width (doubled per stage) or one per stage. ``device``, ``dtype``:
+    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W); output: (B, num_classes)."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, ssm_d_state: int = 1,
+                 ssm_ratio: float = 1.0, ssm_dt_rank: Union[int, str] = "auto", ssm_act_layer: str = "silu",
+                 ssm_conv: int = 3, ssm_conv_bias: bool = False, ssm_drop_rate: float = 0.0, ssm_init: str = "v0",
+                 forward_type: str = "v05_noz", mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu",
+                 mlp_drop_rate: float = 0.0, gmlp: bool = False, drop_path_rate: float = 0.2, patch_norm: bool = True,
+                 norm_layer: str = "ln2d", downsample_version: str = "v3", patchembed_version: str = "v2",
+                 use_checkpoint: bool = False, posembed: bool = False, imgsize: int = 224, check_finite: bool = False,
+                 global_pool: str = "avg", device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.norm_layer = _one_of("norm_layer", norm_layer, ("ln", "ln2d"))
+        patchembed_version = _one_of("patchembed_version", patchembed_version, ("v1", "v2"))
+        downsample_version = _one_of("downsample_version", downsample_version, ("v1", "v2", "v3"))
+        _one_of("forward_type", forward_type, FORWARD_TYPES)
+        _one_of("patch_norm", patch_norm, (True,))
+        _one_of("posembed", posembed, (False,))
+        _check_range("patch_size", patch_size, 1, integer=True)
+        if patchembed_version == "v2" and patch_size % 2:
+            raise ValueError(f"patch_size must be even for patchembed_version 'v2', got {patch_size}")
+        _check_range("in_chans", in_chans, 1, integer=True)
+        _check_range("num_classes", num_classes, 0, integer=True)
+        _check_range("drop_path_rate", drop_path_rate, 0, 1)
+        dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
+        if len(dims) != len(depths) or not depths:
+            raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, depths={list(depths)}")
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            _check_range(f"dims[{i}]", dim, 2 if patchembed_version == "v2" and i == 0 else 1, integer=True)
+            _check_range(f"depths[{i}]", depth, 1, integer=True)
+        self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
+        self.depths, self.dims, self.num_features, self.head_hidden_size = list(depths), dims, dims[-1], dims[-1]
+        self.check_finite, self.grad_checkpointing = check_finite, use_checkpoint
+        # A stage's map before its downsample: the output of its last block, (B, C, H, W).
+        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks")
+                             for i, d in enumerate(dims)]
+        total = sum(depths)
+        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]   # rises linearly
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.patch_embed = _make_patch_embed(patchembed_version, in_chans, dims[0], patch_size)
+            self.layers = nn.ModuleList()
+            for i, depth in enumerate(depths):
+                blocks = nn.Sequential(*[VSSBlock(
+                    dims[i], drop_path=rates[sum(depths[:i]) + j], channel_first=True, ssm_d_state=ssm_d_state,
+                    ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act_layer, ssm_conv=ssm_conv,
+                    ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init,
+                    forward_type=forward_type, mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act_layer,
+                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp) for j in range(depth)])
+                downsample = (_make_downsample(downsample_version, dims[i], dims[i + 1]) if i + 1 < len(depths)
+                              else nn.Identity())
+                self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
+            self.classifier = ClassifierHead(dims[-1], num_classes, global_pool)
+        self.apply(self._init_weights)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Generic layers only: SS2D's own parameters are set in SS2D.reset_ssm_parameters.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass: same results, much less memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Parameter names to exclude from weight decay: the SSM's A, D and dt biases."""
+        return {name for name, _ in self.named_parameters()
+                if name.rsplit(".", 1)[-1] in ("A_logs", "Ds", "dt_projs_bias")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: none).
+        ``global_pool``: "avg", or "" to return the normalised (B, C, H, W) map; None keeps it."""
+        _check_range("num_classes", num_classes, 0, integer=True)
+        if global_pool is not None:
+            self.classifier.global_pool = _one_of("global_pool", global_pool, ("avg", ""))
+        self.num_classes = num_classes
+        like = next(self.parameters())   # the new head joins the model's device, dtype and mode
+        head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                if num_classes > 0 else nn.Identity())
+        head.apply(self._init_weights)
+        self.classifier.head = head.train(self.training)
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
+            return x
+        expected = f"a float tensor of shape (B, {self.in_chans}, H, W)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected {expected}, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            hint = " (channels-last input? use x.permute(0, 3, 1, 2))" if x.shape[3] == self.in_chans else ""
+            raise ValueError(f"expected {expected}, got {x.shape[1]} channels in shape {tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected {expected}, got dtype {x.dtype}; convert with x.float() "
+                            "(and normalise as in training)")
+        # operator.index keeps H, W static under torch.compile (a graph per size; symbolic ones compile ~7x slower)
+        if x.shape[0] == 0 or min(operator.index(x.shape[2]), operator.index(x.shape[3])) < self.patch_size:
+            raise ValueError(f"expected {expected} with batch >= 1 and H, W >= {self.patch_size}, "
+                             f"got shape {tuple(x.shape)}")
+        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or Inf values")  # opt-in, eager only
+        return x
+
+    def _stage(self, i: int, x: Tensor) -> Tensor:
+        """Blocks of stage i on a (B, C, H, W) map (before its downsample)."""
+        blocks = self.layers[i].blocks
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return blocks(x)   # one call: hooks on layers.{i}.blocks (feature_info) see the stage map
+        for block in blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return x
+
+    def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+        """Stage numbers from timm-style ``indices``: None (all stages), an int n (the last n)
+        or stage numbers (negative ones count from the end)."""
+        n = len(self.layers)
+        if indices is None:
+            indices = list(range(n))
+        elif isinstance(indices, int):
+            indices = list(range(n - indices, n))
+        indices = [i % n if -n <= i < n else i for i in indices]
+        if any(not 0 <= i < n for i in indices):
+            raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
+        return indices
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Stage outputs (before downsampling) as a list, plus the final features. ``indices``: stage indices, or
+        an int n for the last n (default: all); ``norm`` applies the classifier's LayerNorm to the last stage's map;
+        ``output_fmt`` "NCHW" | "NHWC". Returns ``intermediates`` if ``intermediates_only`` else
+        ``(final_features, intermediates)``."""
+        fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
+        n = len(self.layers)
+        indices = self._stage_indices(indices)
+        last = max(indices) if (stop_early or intermediates_only) else n - 1
+        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
+        intermediates = []
+        for i in range(last + 1):
+            x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
+            if i in indices:
+                o = x.permute(0, 2, 3, 1)                             # (B, H_i, W_i, C_i)
+                o = self.classifier.norm(o) if (norm and i == n - 1) else o
+                intermediates.append(o.permute(0, 3, 1, 2) if fmt == "nchw" else o)
+            x = self.layers[i].downsample(x)
+        if intermediates_only:
+            return intermediates
+        return (x if fmt == "nchw" else x.permute(0, 2, 3, 1)), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what feature extraction at stages ``indices`` never uses (timm's API): later stages and the last
+        one's downsample; the classifier's Linear with ``prune_head``, its LayerNorm with ``prune_norm``. Afterwards
+        the model is only for :meth:`forward_intermediates`. Returns the indices as stage numbers."""
+        indices = self._stage_indices(indices)
+        last = max(indices)
+        self.layers = self.layers[:last + 1]
+        self.layers[last].downsample = nn.Identity()
+        if hasattr(self, "classifier"):  # Backbone_VSSM has none
+            if prune_head:
+                self.reset_classifier(0)
+            if prune_norm or last < len(self.dims) - 1:
+                self.classifier.norm = nn.Identity()
+        return indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final stage's map, (B, num_features, H/32, W/32), before the classifier's norm."""
+        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
+        for i, layer in enumerate(self.layers):
+            x = layer.downsample(self._stage(i, x))
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, C, H, W) features -> logits, or pooled features with ``pre_logits``."""
+        return self.classifier(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def flops(self, shape: Sequence[int] = (3, 224, 224)) -> float:
+        """FLOPs of one input of ``shape`` (C, H, W) as the authors' ``VSSM.flops`` counts them: multiply-adds (about
+        4.9e9 for VMamba-T at 224 px). Dense operations via ``torch.utils.flop_counter`` (its count / 2); each
+        selective scan (length L, D channels over all four directions, state N) adds 9*L*D*N, the Mamba authors'
+        estimate; norms and element-wise ops are not counted. Runs on meta-device stand-ins; the model is unchanged."""
+        from torch.utils.flop_counter import FlopCounterMode
+        scans = []
+
+        def count_scan(module: SS2D, args: Tuple[Tensor]) -> None:
+            x = args[0]                                               # (B, H, W, C) or (B, C, H, W)
+            h, w = x.shape[2:] if module.channel_first else x.shape[1:3]
+            scans.append(9 * x.shape[0] * h * w * 4 * module.d_inner * module.d_state)
+
+        hooks = [m.register_forward_pre_hook(count_scan) for m in self.modules() if isinstance(m, SS2D)]
+        tensors = {name: torch.empty_like(t, device="meta")
+                   for name, t in list(self.named_parameters()) + list(self.named_buffers())}
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter:
+                torch.func.functional_call(self, tensors, (torch.empty(1, *shape, device="meta"),))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return counter.get_total_flops() / 2 + sum(scans)
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load a downloaded checkpoint file (timm's hook for ``pretrained=True``): the module's
+        :func:`load_pretrained`, but a head of another class count is replaced silently, as timm does."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="vmamba: the checkpoint's head")
+            load_pretrained(self, checkpoint_path)  # the module function
+
+
+class Backbone_VSSM(VSSM):
+    """VMamba backbone for detection and segmentation (the authors' ``Backbone_VSSM``): a list of NCHW maps, one
+    per stage in ``out_indices`` (strides 4..32), each through its LayerNorm ``outnorm{i}``. ``pretrained``: a path,
+    URL or state dict to load (a classification checkpoint works: its head is ignored)."""
+
+    def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
+                 norm_layer: str = "ln", **kwargs: Any):
+        super().__init__(norm_layer=norm_layer, **dict(kwargs, num_classes=0))
+        n = len(self.layers)
+        if any(not 0 <= i < n for i in out_indices) or not out_indices:
+            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {list(out_indices)}")
+        self.out_indices = sorted(set(out_indices))
+        del self.classifier
+        like = self.patch_embed[0].weight
+        for i in self.out_indices:
+            self.add_module(f"outnorm{i}", nn.LayerNorm(self.dims[i], device=like.device, dtype=like.dtype))
+        self.feature_info = [self.feature_info[i] for i in self.out_indices]
+        if pretrained:
+            load_pretrained(self, pretrained)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
+        outs = []
+        for i in range(self.out_indices[-1] + 1):
+            x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
+            if i in self.out_indices:
+                out = getattr(self, f"outnorm{i}")(x.permute(0, 2, 3, 1))
+                outs.append(out.permute(0, 3, 1, 2).contiguous())    # (B, C_i, H_i, W_i)
+            x = self.layers[i].downsample(x)
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise TypeError("Backbone_VSSM has no classifier: call the backbone itself for its feature maps")
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        raise TypeError("Backbone_VSSM has no classifier head")
 
 
 # --- The model zoo: the nine ImageNet-1K models released by the authors.

@@ -173,3 +173,33 @@ def test_python_vmamba_py_runs_alone_in_an_empty_folder(tmp_path):
                                capture_output=True, text=True, timeout=120).stdout
     for option in ("--model", "--img-size", "--batch", "--device", "--pretrained"):
         assert option in help_text
+
+
+def _module_level_names(tree):
+    """{name: line of the top-level statement that first binds it} (functions, classes, assignments, globals)."""
+    import ast
+    defs = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defs.setdefault(node.name, node.lineno)
+        for target in getattr(node, "targets", []) + ([node.target] if isinstance(node, ast.AnnAssign) else []):
+            for sub in ast.walk(target):
+                if isinstance(sub, ast.Name):
+                    defs.setdefault(sub.id, node.lineno)
+    return defs
+
+
+def test_the_file_reads_top_to_bottom():
+    """No top-level statement uses a module-level name bound further down (not even inside a function body),
+    the file stays within 1,800 lines, and no private torch module or attribute is used."""
+    import ast
+    import re
+    source = open(vmamba.__file__, encoding="utf-8").read()
+    tree = ast.parse(source)
+    defs = _module_level_names(tree)
+    early = [f"line {sub.lineno}: {sub.id} (bound at line {defs[sub.id]})"
+             for node in tree.body for sub in ast.walk(node)
+             if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and defs.get(sub.id, 0) > node.lineno]
+    assert not early, early
+    assert defs["VSSM"] < 1300 and len(source.splitlines()) <= 1800
+    assert not re.findall(r"torch\._(?!_)\w+|nn\.modules\.module\.|_weights_only_unpickler", source)
