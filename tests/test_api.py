@@ -1,5 +1,7 @@
 """The public API: builders pass everything through, bad input fails clearly."""
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,8 +178,7 @@ def test_python_vmamba_py_runs_alone_in_an_empty_folder(tmp_path):
 
 
 def _module_level_names(tree):
-    """{name: line of the top-level statement that first binds it} (functions, classes, assignments, globals)."""
-    import ast
+    """{name: line of the top-level statement that first binds it}: functions, classes, assignments."""
     defs = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -192,9 +193,8 @@ def _module_level_names(tree):
 def test_the_file_reads_top_to_bottom():
     """No top-level statement uses a module-level name bound further down (not even inside a function body),
     the file stays within 1,800 lines, and no private torch module or attribute is used."""
-    import ast
-    import re
-    source = open(vmamba.__file__, encoding="utf-8").read()
+    with open(vmamba.__file__, encoding="utf-8") as file:
+        source = file.read()
     tree = ast.parse(source)
     defs = _module_level_names(tree)
     early = [f"line {sub.lineno}: {sub.id} (bound at line {defs[sub.id]})"
