@@ -653,9 +653,13 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
 
 
 # torch.compile traces the region once per input shape and reuses it in every block of that shape (old torch: no
-# region); ss2d_core enters it only under dynamo, as non-strict torch.export (its default) would compile it anew at
-# every call. _ss2d_core casts its weights to x's dtype itself: torch 2.11 loses autocast inside such a region.
-_ss2d_core_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(_ss2d_core)
+# region). Inductor's freezing makes weights constants, so each block gets its own entry: no limit on entries.
+# ss2d_core enters it only under dynamo, as non-strict torch.export (its default) would compile it anew at every
+# call. _ss2d_core casts its weights to x's dtype itself: torch 2.11 loses autocast inside such a region.
+try:
+    _ss2d_core_region = torch.compiler.nested_compile_region(_ss2d_core, max_reuse_entries=1 << 16)
+except (AttributeError, TypeError):  # torch without the region, or without its limit on entries
+    _ss2d_core_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(_ss2d_core)
 
 
 def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
@@ -669,8 +673,6 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
 # (B, H, W, C), so LayerNorm and Linear act on contiguous channels and permutes are free views (as in timm's
 # ConvNeXt). "ln" and "ln2d" models have the same weights and function, so both run this one way.
-
-
 def _one_of(name: str, value: Any, accepted: Sequence[Any]) -> Any:
     """Normalise a string option, or raise ValueError listing the accepted values."""
     key = value.lower() if isinstance(value, str) else value
@@ -1682,8 +1684,6 @@ if "timm" in sys.modules and __name__ != "__main__":
 
 
 # --- Command line: ``python vmamba.py`` runs an offline smoke test of this file.
-
-
 def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     for r in [{c: c for c in columns}, *rows]:   # the header, then the rows
