@@ -97,7 +97,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 _CHUNK, _STEP_STATES = 16, 1 << 20
 
 
-def _shifted(t: Tensor, s: int, fill: float = 0.0) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
+def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
     return F.pad(t[:, :t.shape[1] - s], (0, 0) * (t.dim() - 2) + (s, 0), value=fill)
 
 
@@ -105,7 +105,7 @@ def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
     """Inclusive scan of h_c = P_c * h_{c-1} + S_c along dim 1 (h_{-1} = 0), in log2 steps."""
     n, s = S.shape[1], 1
     while s < n:  # after this step, h_c sums the terms of chunks c-2s+1..c
-        S = torch.addcmul(S, P, _shifted(S, s))
+        S = torch.addcmul(S, P, _shifted(S, s, 0.0))
         P = P * _shifted(P, s, 1.0) if 2 * s < n else P
         s *= 2
     return S
@@ -136,7 +136,7 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     for t in range(1, T):
         h = step(t, h)
     H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)   # (B, nc, G, N, D)
-    h, hs = _shifted(H, 1), []                                        # pass 2, from the entry states
+    h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
         hs.append(h * Cs[t] if n == 1 else (h * Cs[t]).sum(-2))       # (B, nc, G[, 1], D)
@@ -653,9 +653,10 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
 
 
 # torch.compile traces the region once per input shape and reuses it in every block of that shape (old torch: no
-# region). Inductor's freezing makes weights constants, so each block gets its own entry: no limit on entries.
-# ss2d_core enters it only under dynamo, as non-strict torch.export (its default) would compile it anew at every
-# call. _ss2d_core casts its weights to x's dtype itself: torch 2.11 loses autocast inside such a region.
+# region; under inductor's freezing, weights are constants and each block has its own entry: no limit on entries).
+# ss2d_core enters it only under dynamo without autograd: non-strict torch.export (its default) would compile it anew
+# at every call, and torch 2.14 mislays strides when one backward region serves two blocks. Inside, weights are cast
+# to x's dtype (torch 2.11 loses autocast there) and no float comes from a default (dynamic=True makes it symbolic).
 try:
     _ss2d_core_region = torch.compiler.nested_compile_region(_ss2d_core, max_reuse_entries=1 << 16)
 except (AttributeError, TypeError):  # torch without the region, or without its limit on entries
@@ -666,7 +667,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
               A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
     """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
-    core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() else _ss2d_core
+    core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() and not torch.is_grad_enabled() else _ss2d_core
     return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
 
 

@@ -212,6 +212,41 @@ def test_torch_export_with_a_dynamic_batch_matches_eager(family, monkeypatch):
 
 
 @pytest.mark.compile
+def test_torch_compile_trains_like_eager_with_two_blocks_of_one_shape(monkeypatch):
+    """Training through torch.compile, where two SS2D layers share a shape (every zoo model): the
+    output and every gradient match eager. (One family: the compile takes most of a minute.)"""
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    torch.manual_seed(0)
+    model = vmamba.create_model(FAMILIES["v2"], depths=[2, 1], dims=8, num_classes=10, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 20, 12)
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for m in (model, compiled):
+        out = m(x)
+        results.append((out.detach(), torch.autograd.grad(out.square().sum(), list(model.parameters()))))
+    torch.compiler.reset()
+    (expected, grads), (got, compiled_grads) = results
+    assert _rel(got, expected) < 1e-4
+    assert max(_rel(a, b) for a, b in zip(compiled_grads, grads) if b.abs().max() > 0) < 1e-3
+
+
+@pytest.mark.compile
+def test_torch_compile_with_dynamic_shapes_matches_eager(monkeypatch):
+    """torch.compile(dynamic=True) makes the batch symbolic from the first call (the image size
+    stays static) and also Python floats that reach the scan: one graph serves both batches."""
+    monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
+    model, x = _compile_case("v2")
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for n in (2, 5):
+            inputs = torch.randn(n, *x.shape[1:])
+            assert _rel(compiled(inputs), model(inputs)) < 1e-4
+    torch.compiler.reset()
+
+
+@pytest.mark.compile
 def test_torch_compile_with_inductor_freezing_matches_eager(monkeypatch):
     """Freezing, switched on the way torch's CPU inference guides say (a global inductor setting),
     makes weights constants guarded by identity, so no two SS2D layers share the compiled region:
@@ -233,7 +268,8 @@ def test_torch_compile_with_inductor_freezing_matches_eager(monkeypatch):
 def test_ss2d_core_enters_the_compile_region_under_dynamo_only(monkeypatch):
     """torch.compile traces SS2D's core once per shape, as a nested compile region; non-strict
     torch.export (its default) would compile such a region anew at every call (minutes for a
-    small model), so the core is a plain function there and in eager."""
+    small model), so the core is a plain function there and in eager; and under autograd, where
+    torch mislays strides when one backward region serves two layers."""
     region, calls = vmamba._ss2d_core_region, []
 
     def spy(*args):
@@ -250,6 +286,8 @@ def test_ss2d_core_enters_the_compile_region_under_dynamo_only(monkeypatch):
         torch.compile(model, fullgraph=True, backend="eager")(x)
     assert calls and all(calls)
     calls.clear()
+    torch.compiler.reset()
+    torch.compile(model, fullgraph=True, backend="eager")(x)   # with autograd
     torch.compiler.reset()
     torch.export.export(model, (x,))
     assert calls == []
