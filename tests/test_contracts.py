@@ -234,7 +234,7 @@ def test_torch_compile_trains_like_eager_with_two_blocks_of_one_shape(monkeypatc
 @pytest.mark.compile
 def test_torch_compile_with_dynamic_shapes_matches_eager(monkeypatch):
     """torch.compile(dynamic=True) makes the batch symbolic from the first call (the image size
-    stays static) and also Python floats that reach the scan: one graph serves both batches."""
+    stays static), and the Python floats that reach the scan too: both batch sizes match eager."""
     monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
     model, x = _compile_case("v2")
     torch.compiler.reset()
