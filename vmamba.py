@@ -638,10 +638,10 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":
-        dts = torch.baddbmm(dt_projs_bias.to(x.dtype).unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2), # (4, B*L, D)
-                            w_dt.transpose(1, 2)).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
-        ys = _selective_scan_torch(_to_sequences(x), F.softplus(dts.float()), A.view(4, d, n), Bs, Cs)[0]
-        merged = _from_sequences(ys, h, w)                            # (B, H, W, D)
+        dts = torch.baddbmm(dt_projs_bias.to(x.dtype).unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),
+                            w_dt.transpose(1, 2))                     # (4, B*L, D), freed once through softplus
+        dts = F.softplus(dts.float()).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
+        merged = _from_sequences(_selective_scan_torch(_to_sequences(x), dts, A.view(4, d, n), Bs, Cs)[0], h, w)
     else:  # the kernels' layout (B, 4*D, L), made directly; the scan adds the bias and takes the softplus
         dts = torch.matmul(w_dt, dts.permute(0, 2, 3, 1)).flatten(1, 2)   # (4, D, R) @ (B, 4, R, L): (B, 4*D, L)
         ys = selective_scan(cross_scan(x.permute(0, 3, 1, 2), backend).flatten(1, 2), dts, A, Bs.permute(0, 2, 3, 1),

@@ -8,13 +8,16 @@
 - timm's FX feature extraction (``feature_cls="fx"``) returns what the getter and
   ``forward_intermediates`` return.
 - Nothing outlives a forward: no tensors are kept between calls.
+- An SS2D forward holds few full-size tensors at once (peak of live tensors, exactly).
 """
 import functools
 import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vmamba
 
@@ -388,3 +391,47 @@ def test_nothing_is_kept_between_calls(family):
     kept = [f"{name}.{attr}" for name, m in model.named_modules() for attr, value in vars(m).items()
             if isinstance(value, torch.Tensor)]
     assert not kept, f"modules hold tensors besides parameters and buffers: {kept}"
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Counts the storages that ops create while active, each until it is freed: ``peak`` is the most bytes
+    alive at once (exact, unlike the process's resident set)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def _freed(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                storage = t.untyped_storage()
+                self.seen.add(storage.data_ptr())
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("d_state, step_states, most", [(1, None, 7.25), (1, 64, 5.25), (4, 64, 5.6)])
+def test_ss2d_holds_few_full_size_tensors_at_once(d_state, step_states, most, monkeypatch):
+    """An eval forward of SS2D (torch backend) holds at most ``most`` tensors the size of its four sequences
+    (4 * H * W * D floats) at once, counting every tensor that its ops create. Small scans form all decays and
+    inputs at once; with ``step_states`` small the decays (and at N > 1 the inputs) are formed in each step.
+    Keeping the dt from before its softplus alive through the whole scan would add one to each."""
+    if step_states:
+        monkeypatch.setattr(vmamba, "_STEP_STATES", step_states)
+    torch.manual_seed(0)
+    layer, x = vmamba.SS2D(d_model=32, d_state=d_state, ssm_ratio=1.0).eval(), torch.randn(1, 40, 48, 32)
+    with torch.no_grad():
+        ref = layer(x)
+        with _PeakBytes() as counter:
+            out = layer(x)
+    assert torch.equal(out, ref)
+    full = 4 * x.numel() * 4
+    assert counter.peak > 2 * full, "the counter missed the scan's tensors"
+    assert counter.peak <= most * full, f"peak {counter.peak / full:.2f} full-size tensors"
