@@ -109,7 +109,7 @@ def test_strided_inputs(N):
 def test_channel_blocks(states, N, monkeypatch):
     """Large scans run in blocks of channels (one channel each, uneven blocks) and form each
     step's decays and inputs in the step: same values, gradients and last state as the
-    float64 reference, with autograd and without (where, at N=1, the inputs are formed at once)."""
+    float64 reference, with autograd and without."""
     monkeypatch.setattr(vmamba, "_STEP_STATES", states)
     args = list(make_inputs(2, 2, 5, N, 45, seed=5))
     check_grads(args, softplus_scan(scan_torch), softplus_scan(selective_scan_ref), 2e-5)
