@@ -408,8 +408,8 @@ class _PeakBytes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
-                storage = t.untyped_storage()
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage.data_ptr() not in self.seen:
                 self.seen.add(storage.data_ptr())
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
@@ -420,9 +420,9 @@ class _PeakBytes(TorchFunctionMode):
 @pytest.mark.parametrize("d_state, step_states, most", [(1, None, 7.0), (1, 64, 5.0), (4, 64, 5.4)])
 def test_ss2d_holds_few_full_size_tensors_at_once(d_state, step_states, most, monkeypatch):
     """An eval forward of SS2D (torch backend) holds at most ``most`` tensors the size of its four sequences
-    (4 * H * W * D floats) at once, counting every tensor its torch functions return. Small scans form all decays and
-    inputs at once; with ``step_states`` small the decays (and at N > 1 the inputs) are formed in each step.
-    Keeping the dt from before its softplus alive through the whole scan would add one to each."""
+    (4 * H * W * D floats) at once, counting every tensor its torch functions return. Small scans form all
+    decays and inputs at once; with ``step_states`` small the decays (and at N > 1 the inputs) are formed in
+    each step. Keeping the dt from before its softplus alive through the whole scan would add one to each."""
     if step_states:
         monkeypatch.setattr(vmamba, "_STEP_STATES", step_states)
     torch.manual_seed(0)
