@@ -121,17 +121,14 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
 
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
-
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
     # Decays and inputs formed at once when they fit in cache (for b_plan samples), or at N=1 (small autograd graph).
     if at_once := 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
         a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1))
     else:  # form each step's in the step (both passes), reading only dt, dt*u and B from memory
         dts, dus, Bs = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2)), steps(B.unsqueeze(-1))
-
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
         return torch.addcmul(x_s[t], a_s[t], h) if at_once else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
-
     h = x_s[0] if at_once else dus[0] * Bs[0]                         # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
@@ -143,13 +140,17 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     return torch.stack(hs, 2).view(b, nc * T, g, d)[:, :L], H[:, -1]   # (B, L, G, D), (B, G, N, D)
 
 
+def _plan(b: Any, L: int, g: int, n: int, d: int) -> Tuple[int, int]:   # samples to plan for, channels per block
+    b_plan = b if isinstance(b, int) else 1   # a symbolic batch (export, dynamic compile): plan for one sample
+    return b_plan, min(d, max(1, _STEP_STATES * _CHUNK // (b_plan * L * g * n)))   # a step: B*L/T*G*width*N states
+
+
 def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
     """Backend "torch", channels-last: u, dt (B, L, G, D), dt final (bias and softplus applied); A (G, D, N);
     B, C (B, L, G, N). Returns y (B, L, G, D) without the D term and the last state (B, G, D, N), float32."""
     (b, L, g, d), n = u.shape, A.shape[-1]
-    b_plan = b if isinstance(b, int) else 1   # a symbolic batch (export, dynamic compile): plan for one sample
-    u, dt, A, B, C = u.float(), dt.float(), A.float().transpose(1, 2), B.float(), C.float()   # A (G, N, D)
-    width = min(d, max(1, _STEP_STATES * _CHUNK // (b_plan * L * g * n)))  # one step: B*L/T*G*width*N states
+    (b_plan, width), u, dt, B, C = _plan(b, L, g, n, d), u.float(), dt.float(), B.float(), C.float()
+    A = A.float().transpose(1, 2)                                     # (G, N, D)
     blocks = zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))   # channel blocks of u, dt, A
     ys, lasts = zip(*[_scan_chunks(*t, B, C, b_plan) for t in blocks])
     y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
@@ -637,11 +638,14 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
     proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, w_proj))  # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
-    if backend == "torch":
-        dts = torch.baddbmm(dt_projs_bias.to(x.dtype).unsqueeze(1), dts.permute(2, 0, 1, 3).flatten(1, 2),
-                            w_dt.transpose(1, 2))                     # (4, B*L, D), freed once through softplus
-        dts = F.softplus(dts.float()).view(4, b, -1, d).permute(1, 2, 0, 3)   # (B, L, 4, D)
-        merged = _from_sequences(_selective_scan_torch(_to_sequences(x), dts, A.view(4, d, n), Bs, Cs)[0], h, w)
+    if backend == "torch":  # in the scan's blocks of channels, so that a large map's temporaries stay small
+        low, width, parts = dts.permute(2, 0, 1, 3).flatten(1, 2), _plan(b, h * w, 4, n, d)[1], []   # (4, B*L, R)
+        for xc, wc, bc, Ac in zip(x.split(width, 3), w_dt.split(width, 1), dt_projs_bias.to(x.dtype).split(width, 1),
+                                  A.view(4, d, n).split(width, 1)):   # (B, H, W, Dc), (4, Dc, R), (4, Dc), (4, Dc, N)
+            dt = torch.baddbmm(bc.unsqueeze(1), low, wc.transpose(1, 2))   # (4, B*L, Dc), freed once through softplus
+            dt = F.softplus(dt.float()).view(4, b, -1, xc.shape[3]).permute(1, 2, 0, 3)   # (B, L, 4, Dc)
+            parts.append(_from_sequences(_selective_scan_torch(_to_sequences(xc), dt, Ac, Bs, Cs)[0], h, w))
+        merged = parts[0] if len(parts) == 1 else torch.cat(parts, 3)   # (B, H, W, D)
     else:  # the kernels' layout (B, 4*D, L), made directly; the scan adds the bias and takes the softplus
         dts = torch.matmul(w_dt, dts.permute(0, 2, 3, 1)).flatten(1, 2)   # (4, D, R) @ (B, 4, R, L): (B, 4*D, L)
         ys = selective_scan(cross_scan(x.permute(0, 3, 1, 2), backend).flatten(1, 2), dts, A, Bs.permute(0, 2, 3, 1),
@@ -1301,8 +1305,7 @@ class VSSM(nn.Module):
         # A stage's map before its downsample: the output of its last block, (B, C, H, W).
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks")
                              for i, d in enumerate(dims)]
-        total = sum(depths)
-        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]   # rises linearly
+        rates = [drop_path_rate * j / max(sum(depths) - 1, 1) for j in range(sum(depths))]   # rises linearly
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.patch_embed = _make_patch_embed(patchembed_version, in_chans, dims[0], patch_size)
             self.layers = nn.ModuleList()
@@ -1471,7 +1474,6 @@ class VSSM(nn.Module):
             x = args[0]                                               # (B, H, W, C) or (B, C, H, W)
             h, w = x.shape[2:] if module.channel_first else x.shape[1:3]
             scans.append(9 * x.shape[0] * h * w * 4 * module.d_inner * module.d_state)
-
         hooks = [m.register_forward_pre_hook(count_scan) for m in self.modules() if isinstance(m, SS2D)]
         tensors = {name: torch.empty_like(t, device="meta")
                    for name, t in list(self.named_parameters()) + list(self.named_buffers())}
@@ -1599,7 +1601,6 @@ def _zoo_function(name: str, label: str) -> Callable[..., VSSM]:
     """The public builder of a released model, e.g. ``vmamba_tiny_s1l8(pretrained=False, **kwargs)``."""
     def builder(pretrained: Union[bool, str] = False, **kwargs: Any) -> VSSM:
         return _build(name, pretrained, **kwargs)
-
     params, gflops, top1 = _ZOO[name][2:]
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"{label}: {params / 1e6:.1f}M params, {gflops} GFLOPs, {top1}% top-1."
@@ -1639,7 +1640,6 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
         return build_model_with_cfg(VSSM, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                     feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
                                     **dict(model_config(name), **kwargs))
-
     entrypoint.__name__ = entrypoint.__qualname__ = name   # timm registers it under this name
     entrypoint.__doc__ = f"timm entry point of {name}; its configuration is default_cfgs[{name!r}]."
     return entrypoint
