@@ -22,9 +22,7 @@ import importlib.util, urllib.parse
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [  # kernels, model, checkpoints, zoo and ecosystem
@@ -95,6 +93,16 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
 # in L). Channels go in blocks so that one step touches at most ~_STEP_STATES states (kept in cache).
 _CHUNK, _STEP_STATES = 16, 1 << 20
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """F.softplus; without autograd max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z, exact to float32
+    rounding: exp and log only (float32 log1p runs 5-10x slower on some AVX-512 CPUs; autograd: one-pass backward)."""
+    if x.requires_grad:
+        return F.softplus(x)
+    z = torch.exp(-x.abs())
+    w = 1 + z
+    return x.clamp_min(0) + torch.log(w) + (z - (w - 1)) / w
 
 
 def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
@@ -249,9 +257,8 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
         """Selective-scan backward; grid, inputs as _scan_fwd_kernel, plus dy (B, K*D, L). Outputs (float32): du,
         ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed by the caller, atomically summed over a group's channel
-        blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states; q_s =
-        dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s (a reverse affine scan); dL/db_s = q_s, dL/d(dt_s A) = q_s a_s
-        h_{s-1}, dL/dC_s = dy_s h_s."""
+        blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states:
+        q_s = dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s; dL/db_s = q_s, d(dt_s A): q_s a_s h_{s-1}, dC_s: dy_s h_s."""
         pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
         b, k = pid_bk // K, pid_bk % K
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -585,7 +592,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
         (b, channels, L), g, n, u32 = u.shape, B.shape[1], A.shape[1], u.float()   # u32: converted once
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float().unsqueeze(-1)
-        dt = (F.softplus(dt) if delta_softplus else dt).reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous()
+        dt = (_softplus(dt) if delta_softplus else dt).reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous()
         y, last = _selective_scan_torch(u32.reshape(b, g, -1, L).permute(0, 3, 1, 2), dt, A.view(g, -1, n),
                                         B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2))   # (B, L, G, D) in and out
         y, last = y.permute(0, 2, 3, 1).flatten(1, 2), last.reshape(b, channels, n)     # (B, G*D, L) views
@@ -643,7 +650,7 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
         for xc, wc, bc, Ac in zip(x.split(width, 3), w_dt.split(width, 1), dt_projs_bias.to(x.dtype).split(width, 1),
                                   A.view(4, d, n).split(width, 1)):   # (B, H, W, Dc), (4, Dc, R), (4, Dc), (4, Dc, N)
             dt = torch.baddbmm(bc.unsqueeze(1), low, wc.transpose(1, 2))   # (4, B*L, Dc), freed once through softplus
-            dt = F.softplus(dt.float()).view(4, b, -1, xc.shape[3]).permute(1, 2, 0, 3)   # (B, L, 4, Dc)
+            dt = _softplus(dt.float()).view(4, b, -1, xc.shape[3]).permute(1, 2, 0, 3)   # (B, L, 4, Dc)
             parts.append(_from_sequences(_selective_scan_torch(_to_sequences(xc), dt, Ac, Bs, Cs)[0], h, w))
         merged = parts[0] if len(parts) == 1 else torch.cat(parts, 3)   # (B, H, W, D)
     else:  # the kernels' layout (B, 4*D, L), made directly; the scan adds the bias and takes the softplus
@@ -769,8 +776,7 @@ class SS2D(nn.Module):
             raise ValueError(f"ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
         rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.channel_first = d_inner, d_state, rank, channel_first
-        self.gated = self.forward_type in ("v0", "v05")
-        self.backend = "auto"
+        self.gated, self.backend = self.forward_type in ("v0", "v05"), "auto"
 
         # Per-direction projections, stacked over the K=4 scan directions.
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -863,8 +869,7 @@ class VSSBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Downsample "v1": 2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C); (B, H, W, C) in and out,
-    (B, C, H, W) with ``channel_first``."""
+    """Downsample "v1": 2x2 neighbours concatenated, LayerNorm(4C), Linear(4C, 2C); NHWC (NCHW if channel_first)."""
 
     def __init__(self, dim: int, out_dim: int, channel_first: bool = False):
         super().__init__()
@@ -906,8 +911,7 @@ def _make_downsample(version: str, dim: int, out_dim: int) -> nn.Module:
 
 
 class ClassifierHead(nn.Module):
-    """LayerNorm -> global average pool -> Linear, on a (B, H, W, C) map; ``global_pool=""`` keeps the map and
-    returns (B, C, H, W), as in timm."""
+    """LayerNorm, global average pool, Linear on a (B, H, W, C) map; ``global_pool=""``: the (B, C, H, W) map (timm)."""
 
     def __init__(self, dim: int, num_classes: int, global_pool: str = "avg"):
         super().__init__()
@@ -987,8 +991,7 @@ _BLOCKED_ALIAS = "(blocked)."
 
 
 def _unblocked(source: str) -> Union[str, io.BytesIO]:
-    """``source``, or an in-memory copy whose globals of modules torch refuses even when allowlisted get the
-    prefix _BLOCKED_ALIAS (so that they can be allowlisted)."""
+    """``source``, or an in-memory copy in which globals torch refuses even if allowlisted get prefix _BLOCKED_ALIAS."""
     with zipfile.ZipFile(source) as archive:
         pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
         data = archive.read(pkl)
@@ -1395,8 +1398,7 @@ class VSSM(nn.Module):
         return x
 
     def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
-        """Stage numbers from timm-style ``indices``: None (all stages), an int n (the last n)
-        or stage numbers (negative ones count from the end)."""
+        """Stage numbers from timm's ``indices``: None (all), n (the last n) or stage numbers (< 0: from the end)."""
         n = len(self.layers)
         if indices is None:
             indices = list(range(n))
@@ -1410,10 +1412,9 @@ class VSSM(nn.Module):
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """Stage outputs (before downsampling) as a list, plus the final features. ``indices``: stage indices, or
-        an int n for the last n (default: all); ``norm`` applies the classifier's LayerNorm to the last stage's map;
-        ``output_fmt`` "NCHW" | "NHWC". Returns ``intermediates`` if ``intermediates_only`` else
-        ``(final_features, intermediates)``."""
+        """Stage outputs (before downsampling) as a list, and the final features. ``indices``: stage indices, or an
+        int n for the last n (default: all); ``norm``: the classifier's LayerNorm on the last stage's map;
+        ``output_fmt`` "NCHW" | "NHWC". Returns ``intermediates`` if ``intermediates_only``, else (final, them)."""
         fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
         n = len(self.layers)
         indices = self._stage_indices(indices)
@@ -1477,9 +1478,8 @@ class VSSM(nn.Module):
         hooks = [m.register_forward_pre_hook(count_scan) for m in self.modules() if isinstance(m, SS2D)]
         tensors = {name: torch.empty_like(t, device="meta")
                    for name, t in list(self.named_parameters()) + list(self.named_buffers())}
-        counter = FlopCounterMode(display=False)
         try:
-            with counter:
+            with (counter := FlopCounterMode(display=False)):
                 torch.func.functional_call(self, tensors, (torch.empty(1, *shape, device="meta"),))
         finally:
             for hook in hooks:

@@ -161,6 +161,20 @@ def test_extreme_grads_finite():
     check_grads(list(args), softplus_scan(scan_torch), softplus_scan(selective_scan_ref), 5e-5)
 
 
+def test_softplus_exact():
+    """The scan's softplus without autograd (exp and log only) against float64, elementwise: every float32 sign and
+    scale from underflow to past F.softplus's threshold; with autograd, values and gradients of F.softplus."""
+    mags = torch.logspace(-30, 4, 20001)   # results stay normal floats down to -87
+    x = torch.cat([-mags[mags <= 87].flip(0), torch.zeros(1), mags, torch.randn(10000) * 5])
+    ref = torch.nn.functional.softplus(x.double())
+    y = vmamba._softplus(x)
+    assert y.dtype == torch.float32 and ((y.double() - ref).abs() / ref).max() < 3e-7   # F.softplus: 2.1e-7 here
+    xg = x.clone().requires_grad_()
+    yg = vmamba._softplus(xg)
+    yg.sum().backward()
+    assert torch.equal(yg, torch.nn.functional.softplus(x)) and torch.allclose(xg.grad, torch.sigmoid(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(dtype):
     u, delta, A, B, C, Dv, bias = make_inputs(1, 4, 3, 16, 200, seed=11)
