@@ -860,12 +860,13 @@ class VSSBlock(nn.Module):
             self.norm2 = self.mlp = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channel_first:
-            x = x.permute(0, 2, 3, 1)                                 # (B, H, W, C)
+        # channel_first: branches on (B, H, W, C) views, sums on the maps (inductor lays out 4-D sums as NCHW ones)
         for norm, op in ((self.norm, self.op), (self.norm2, self.mlp)):
             if op is not None:
-                x = x + self.drop_path(norm(op(x)) if self.post_norm else op(norm(x)))
-        return x.permute(0, 3, 1, 2) if self.channel_first else x
+                h = x.permute(0, 2, 3, 1) if self.channel_first else x   # (B, H, W, C)
+                h = norm(op(h)) if self.post_norm else op(norm(h))
+                x = x + self.drop_path(h.permute(0, 3, 1, 2) if self.channel_first else h)
+        return x
 
 
 class PatchMerging(nn.Module):
@@ -1335,8 +1336,7 @@ class VSSM(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            m.reset_parameters()   # weight 1, bias 0
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
