@@ -162,12 +162,14 @@ def test_extreme_grads_finite():
 
 
 def test_softplus_exact():
-    """The scan's softplus without autograd (exp and log only) against float64, elementwise: every float32 sign and
-    scale from underflow to past F.softplus's threshold; with autograd, values and gradients of F.softplus."""
+    """The scan's softplus compiled without autograd (exp and log only) against float64, elementwise: every float32
+    sign and scale from underflow to past F.softplus's threshold; eager and with autograd, F.softplus's values and
+    gradients."""
     mags = torch.logspace(-30, 4, 20001)   # results stay normal floats down to -87
     x = torch.cat([-mags[mags <= 87].flip(0), torch.zeros(1), mags, torch.randn(10000) * 5])
     ref = torch.nn.functional.softplus(x.double())
-    y = vmamba._softplus(x)
+    assert torch.equal(vmamba._softplus(x), torch.nn.functional.softplus(x))
+    y = torch.compile(vmamba._softplus, fullgraph=True)(x)
     assert y.dtype == torch.float32 and ((y.double() - ref).abs() / ref).max() < 3e-7   # F.softplus: 2.1e-7 here
     xg = x.clone().requires_grad_()
     yg = vmamba._softplus(xg)
