@@ -160,7 +160,10 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     (b_plan, width), u, dt, B, C = _plan(b, L, g, n, d), u.float(), dt.float(), B.float(), C.float()
     A = A.float().transpose(1, 2)                                     # (G, N, D)
     blocks = zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))   # channel blocks of u, dt, A
-    ys, lasts = zip(*[_scan_chunks(*t, B, C, b_plan) for t in blocks])
+    # N > 1 under autograd: each block's steps are recomputed in backward (kept, they would hold ~4 floats a state)
+    recompute = n > 1 and torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    ys, lasts = zip(*[torch.utils.checkpoint.checkpoint(_scan_chunks, *t, B, C, b_plan, use_reentrant=False)
+                      if recompute else _scan_chunks(*t, B, C, b_plan) for t in blocks])
     y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
     return y, last.transpose(2, 3)                                    # (B, L, G, D), (B, G, D, N)
 
@@ -817,16 +820,12 @@ class SS2D(nn.Module):
         if self.channel_first:
             x = x.permute(0, 2, 3, 1)                                 # (B, H, W, C)
         x = self.in_proj(x)                                           # (B, H, W, D or 2D)
-        z = None
-        if self.gated:
-            x, z = x.chunk(2, dim=-1)                                 # (B, H, W, D) each
+        x, z = x.chunk(2, dim=-1) if self.gated else (x, None)        # (B, H, W, D) each
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
         y = ss2d_core(F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                       self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D)
-        y = self.out_norm(y)
-        if z is not None:
-            y = y * F.silu(z)
+        y = self.out_norm(y) if z is None else self.out_norm(y) * F.silu(z)
         out = self.dropout(self.out_proj(y))                          # (B, H, W, C)
         return out.permute(0, 3, 1, 2) if self.channel_first else out
 
