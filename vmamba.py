@@ -825,7 +825,8 @@ class SS2D(nn.Module):
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
         y = ss2d_core(F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                       self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D)
-        y = self.out_norm(y) if z is None else self.out_norm(y) * F.silu(z)
+        y = self.out_norm(y)
+        y = y if z is None else y * F.silu(z)
         out = self.dropout(self.out_proj(y))                          # (B, H, W, C)
         return out.permute(0, 3, 1, 2) if self.channel_first else out
 
