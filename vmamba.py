@@ -69,20 +69,16 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
     channels, groups = u.shape[1], B.shape[1]
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
+    delta = delta if delta_bias is None else delta + delta_bias.double()[:, None]
     dt = F.softplus(delta) if delta_softplus else delta
     B, C = (t.repeat_interleave(channels // groups, dim=1) for t in (B, C))  # (B, G*D, N, L)
-    h = u.new_zeros(u.shape[0], channels, A.shape[1])                  # (B, G*D, N)
-    ys = []
+    h, ys = u.new_zeros(u.shape[0], channels, A.shape[1]), []          # (B, G*D, N)
     for dt_t, u_t, b_t, c_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
         h = torch.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t
         ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1)                                        # (B, G*D, L)
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.double())
+    y = y if D is None else y + D.double()[:, None] * u
+    y = y if z is None else y * F.silu(z.double())
     return (y, h) if return_last_state else y
 
 
@@ -130,20 +126,27 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
-    # Decays and inputs formed at once when they fit in cache (for b_plan samples), or at N=1 (small autograd graph).
-    if at_once := 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
-        a_s, x_s = steps(torch.exp(dt.unsqueeze(-2) * A)), steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1))
-    else:  # form each step's in the step (both passes), reading only dt, dt*u and B from memory
-        dts, dus, Bs = steps(dt.unsqueeze(-2)), steps((dt * u).unsqueeze(-2)), steps(B.unsqueeze(-1))
+    # Decays a_t and inputs x_t: at once when they fit in cache (for b_plan samples) or at N=1 under autograd (a
+    # small graph); else at N=1 once per step, kept for pass 2, which drops them as it goes; else, and compiled (the
+    # passes fuse them), in each pass's step, reading only dt, dt*u and B.
+    if 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
+        a_s, x_s = list(steps(torch.exp(dt.unsqueeze(-2) * A))), list(steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1)))
+    elif n == 1 and not torch.compiler.is_compiling():
+        dts, us, Bs = steps(dt.unsqueeze(-2)), steps(u.unsqueeze(-2)), steps(B.unsqueeze(-1))
+        a_s, x_s = [torch.exp(t * A) for t in dts], [t * v * w for t, v, w in zip(dts, us, Bs)]
+    else:
+        (dts, dus, Bs), a_s = (steps(t) for t in (dt.unsqueeze(-2), (dt * u).unsqueeze(-2), B.unsqueeze(-1))), None
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
-        return torch.addcmul(x_s[t], a_s[t], h) if at_once else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
-    h = x_s[0] if at_once else dus[0] * Bs[0]                         # pass 1: exit states from zero
+        return torch.addcmul(x_s[t], a_s[t], h) if a_s else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
+    h = x_s[0] if a_s else dus[0] * Bs[0]                             # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
     H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)   # (B, nc, G, N, D)
     h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
+        if a_s:
+            a_s[t] = x_s[t] = None
         hs.append(h * Cs[t] if n == 1 else (h * Cs[t]).sum(-2))       # (B, nc, G[, 1], D)
     return torch.stack(hs, 2).view(b, nc * T, g, d)[:, :L], H[:, -1]   # (B, L, G, D), (B, G, N, D)
 
@@ -600,9 +603,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                                         B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2))   # (B, L, G, D) in and out
         y, last = y.permute(0, 2, 3, 1).flatten(1, 2), last.reshape(b, channels, n)     # (B, G*D, L) views
         y = y if D is None else torch.addcmul(y, u32, D.float().unsqueeze(-1))
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(u.dtype)
+    y = (y if z is None else y * F.silu(z.float())).to(u.dtype)
     return (y, last) if return_last_state else y
 
 
@@ -1192,8 +1193,7 @@ def checkpoint_filter_fn(checkpoint: Any, model: nn.Module) -> Dict[str, Tensor]
         for pattern, repl in _RENAMES:
             key = pattern.sub(repl, key)
         for old, new in _UNSTACKED.items():
-            if key.endswith(old):
-                key = key[: -len(old)] + new
+            key = key[: -len(old)] + new if key.endswith(old) else key
         merging = _MERGING.match(key)
         if merging and merging.group(1) + ".norm.weight" in own:
             part = "norm" if merging.group(2) == "1" else "reduction"

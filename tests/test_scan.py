@@ -108,7 +108,7 @@ def test_strided_inputs(N):
 @pytest.mark.parametrize("N", [1, 4])
 def test_channel_blocks(states, N, monkeypatch):
     """Large scans run in blocks of channels (one channel each, uneven blocks) and form each
-    step's decays and inputs in the step: same values, gradients and last state as the
+    step's decays and inputs step by step: same values, gradients and last state as the
     float64 reference, with autograd and without."""
     monkeypatch.setattr(vmamba, "_STEP_STATES", states)
     args = list(make_inputs(2, 2, 5, N, 45, seed=5))
@@ -118,6 +118,24 @@ def test_channel_blocks(states, N, monkeypatch):
         y, last = scan_torch(u, delta, A, B, C, Dv, None, bias, True, True)
     yr, lr = selective_scan_ref(u, delta, A, B, C, Dv, None, bias, True, True)
     assert rel(y, yr) < 1e-5 and rel(last, lr) < 1e-5
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("N", [1, 4])
+def test_compiled_scan_forms_each_step_in_the_step(N, monkeypatch):
+    """Compiled without autograd, a scan too large to form its decays and inputs at once forms them in each
+    pass's step (at N=1 too, where eager code forms them once for both passes): the float64 reference's values
+    and last state, in blocks of channels."""
+    monkeypatch.setattr(vmamba, "_STEP_STATES", 100)
+    monkeypatch.setattr(vmamba, "_CHUNK", 4)
+    u, delta, A, B, C, Dv, bias = make_inputs(2, 2, 5, N, 45, seed=5)
+    torch.compiler.reset()
+    scan = torch.compile(lambda *a: scan_torch(*a, Dv, None, bias, True, True), fullgraph=True)
+    with torch.no_grad():
+        y, last = scan(u, delta, A, B, C)
+    yr, lr = selective_scan_ref(u, delta, A, B, C, Dv, None, bias, True, True)
+    assert rel(y, yr) < 1e-5 and rel(last, lr) < 1e-5
+    torch.compiler.reset()
 
 
 def test_mamba_conventions():
