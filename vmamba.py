@@ -127,8 +127,8 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
     # Decays a_t and inputs x_t: at once when they fit in cache (for b_plan samples) or at N=1 under autograd (a
-    # small graph); else at N=1 once per step, kept for pass 2, which drops them as it goes; else, and compiled (the
-    # passes fuse them), in each pass's step, reading only dt, dt*u and B.
+    # small graph); else at N=1 once per step, kept for pass 2, which drops them as it goes; else (N > 1, or compiled,
+    # where the passes fuse them) in each pass's step, reading only dt, dt*u and B.
     if 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
         a_s, x_s = list(steps(torch.exp(dt.unsqueeze(-2) * A))), list(steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1)))
     elif n == 1 and not torch.compiler.is_compiling():
