@@ -89,16 +89,17 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
 # in L). Channels go in blocks so that one step touches at most ~_STEP_STATES states (kept in cache).
 _CHUNK, _STEP_STATES = 16, 1 << 20
+_SLOW_LOG1P = torch.backends.cpu.get_cpu_capability() == "AVX512"   # decided once, see _softplus
 
 
 def _softplus(x: Tensor) -> Tensor:
-    """F.softplus; compiled without autograd max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z, exact
-    to float32 rounding, fused exp and log (compiled float32 log1p runs 5-10x slower on some AVX-512 CPUs)."""
-    if x.requires_grad or not torch.compiler.is_compiling():  # eager: one pass; the formula's seven cost more
+    """F.softplus; where ATen's float32 log1p is slow (compiled: 5-10x a fused exp and log on some CPUs; eager on
+    AVX-512: 3-5x its AVX2 time), except under autograd or legacy ONNX tracing (one Softplus node), the formula
+    max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z: exact to float32 rounding."""
+    if x.requires_grad or torch.jit.is_tracing() or not (torch.compiler.is_compiling() or _SLOW_LOG1P and x.is_cpu):
         return F.softplus(x)
-    z = torch.exp(-x.abs())
-    w = 1 + z
-    return x.clamp_min(0) + torch.log(w) + (z - (w - 1)) / w
+    w = (z := x.abs().neg_().exp_()) + 1                              # in place on new tensors: fewer eager passes
+    return z.sub_(w - 1).div_(w).add_(w.log_()).add_(x.clamp_min(0))  # log(w) is taken after w's rounding is used
 
 
 def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
@@ -122,7 +123,6 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
     if nc * T != L:  # padded steps have dt = 0: no decay, no input
         u, dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, nc * T - L)) for t in (u, dt, B, C))
-
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)

@@ -1,5 +1,7 @@
 """The pure-PyTorch scan: values and gradients against a float64 per-step reference, and
 mamba_ssm's calling convention."""
+import math
+
 import pytest
 import torch
 
@@ -179,16 +181,24 @@ def test_extreme_grads_finite():
     check_grads(list(args), softplus_scan(scan_torch), softplus_scan(selective_scan_ref), 5e-5)
 
 
-def test_softplus_exact():
-    """The scan's softplus compiled without autograd (exp and log only) against float64, elementwise: every float32
-    sign and scale from underflow to past F.softplus's threshold; eager and with autograd, F.softplus's values and
-    gradients."""
+@pytest.mark.parametrize("slow_log1p", [False, True])
+def test_softplus_exact(slow_log1p, monkeypatch):
+    """The scan's softplus without autograd, compiled (exp and log only) and eager where log1p is slow (the same
+    formula, in place on its own tensors), against float64, elementwise: every float32 sign and scale from underflow
+    to past F.softplus's threshold, inf, -inf and nan kept, the input untouched; eager elsewhere, and with autograd,
+    F.softplus's values and gradients."""
+    monkeypatch.setattr(vmamba, "_SLOW_LOG1P", slow_log1p)
     mags = torch.logspace(-30, 4, 20001)   # results stay normal floats down to -87
     x = torch.cat([-mags[mags <= 87].flip(0), torch.zeros(1), mags, torch.randn(10000) * 5])
-    ref = torch.nn.functional.softplus(x.double())
-    assert torch.equal(vmamba._softplus(x), torch.nn.functional.softplus(x))
-    y = torch.compile(vmamba._softplus, fullgraph=True)(x)
-    assert y.dtype == torch.float32 and ((y.double() - ref).abs() / ref).max() < 3e-7   # F.softplus: 2.1e-7 here
+    ref, before = torch.nn.functional.softplus(x.double()), x.clone()
+    special = torch.tensor([math.inf, -math.inf, math.nan])
+    torch.compiler.reset()
+    for softplus in (torch.compile(vmamba._softplus, fullgraph=True), vmamba._softplus):
+        y, s = softplus(x), softplus(special)
+        assert y.dtype == torch.float32 and ((y.double() - ref).abs() / ref).max() < 3e-7   # F.softplus: 2.1e-7 here
+        assert s[0] == math.inf and s[1] == 0 and s[2].isnan() and torch.equal(x, before)
+    torch.compiler.reset()
+    assert torch.equal(vmamba._softplus(x), torch.nn.functional.softplus(x)) != slow_log1p   # which path ran
     xg = x.clone().requires_grad_()
     yg = vmamba._softplus(xg)
     yg.sum().backward()
@@ -298,3 +308,4 @@ def test_autograd_keeps_inputs_not_states():
     softplus_scan(selective_scan_ref)(*refs).square().sum().backward()
     for g, r in zip(grads, refs):
         assert rel(g, r.grad) < 2e-5
+
