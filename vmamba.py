@@ -88,18 +88,20 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay
 # exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
 # in L). Channels go in blocks so that one step touches at most ~_STEP_STATES states (kept in cache).
-_CHUNK, _STEP_STATES = 16, 1 << 20
-_SLOW_LOG1P = torch.backends.cpu.get_cpu_capability() == "AVX512"   # decided once, see _softplus
+_CHUNK, _STEP_STATES, _SLOW_LOG1P = 16, 1 << 20, torch.backends.cpu.get_cpu_capability() == "AVX512"   # _softplus
 
 
 def _softplus(x: Tensor) -> Tensor:
-    """F.softplus; where ATen's float32 log1p is slow (compiled: 5-10x a fused exp and log on some CPUs; eager on
-    AVX-512: 3-5x its AVX2 time), except under autograd or legacy ONNX tracing (one Softplus node), the formula
-    max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z: exact to float32 rounding."""
+    """F.softplus; without autograd where ATen's float32 log1p is slow (compiled: 5-10x a fused exp and log on some
+    CPUs; eager on AVX-512: 3-5x AVX2's), max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z (to 3e-7)."""
     if x.requires_grad or torch.jit.is_tracing() or not (torch.compiler.is_compiling() or _SLOW_LOG1P and x.is_cpu):
-        return F.softplus(x)
-    w = (z := x.abs().neg_().exp_()) + 1                              # in place on new tensors: fewer eager passes
-    return z.sub_(w - 1).div_(w).add_(w.log_()).add_(x.clamp_min(0))  # log(w) is taken after w's rounding is used
+        return F.softplus(x)                                          # one pass; legacy ONNX: one Softplus node
+    if torch.compiler.is_compiling():  # plain ops fuse into one loop (in-place ones cost a buffer); 1 + z - 1 is exact
+        return x.clamp_min(0) + torch.log(1 + (z := torch.exp(-x.abs()))) + (z - (1 + z - 1)) / (1 + z)
+    z = x.abs().neg_().exp_()                                         # in place on two new tensors: few allocations
+    w = z + 1                                                         # rounded; w - 1 is exact, so w comes back
+    z.sub_(w.sub_(1)).div_(w.add_(1))                                 # (z - (w - 1)) / w
+    return w.log_().add_(z).add_(z.copy_(x).clamp_min_(0))           # z is read before it takes max(x, 0)
 
 
 def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
@@ -1590,10 +1592,8 @@ def _build(name: str, pretrained: Union[bool, str, dict], **kwargs: Any) -> VSSM
     if features_only:
         model_args["norm_layer"] = "ln"  # a backbone's layout; weights are the same
     model = (Backbone_VSSM if features_only else VSSM)(**dict(model_args, **kwargs))
-    if pretrained is True:
-        load_pretrained(model, pretrained_url(name))
-    elif pretrained:
-        load_pretrained(model, pretrained)
+    if pretrained:
+        load_pretrained(model, pretrained_url(name) if pretrained is True else pretrained)
     return model
 
 
