@@ -88,20 +88,17 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay
 # exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
 # in L). Channels go in blocks so that one step touches at most ~_STEP_STATES states (kept in cache).
-_CHUNK, _STEP_STATES, _SLOW_LOG1P = 16, 1 << 20, torch.backends.cpu.get_cpu_capability() == "AVX512"   # _softplus
+_CHUNK, _STEP_STATES = 16, 1 << 20
 
 
 def _softplus(x: Tensor) -> Tensor:
-    """F.softplus; without autograd where ATen's float32 log1p is slow (compiled: 5-10x a fused exp and log on some
-    CPUs; eager on AVX-512: 3-5x AVX2's), max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z (to 3e-7)."""
-    if x.requires_grad or torch.jit.is_tracing() or not (torch.compiler.is_compiling() or _SLOW_LOG1P and x.is_cpu):
-        return F.softplus(x)                                          # one pass; legacy ONNX: one Softplus node
-    if torch.compiler.is_compiling():  # plain ops fuse into one loop (in-place ones cost a buffer); 1 + z - 1 is exact
-        return x.clamp_min(0) + torch.log(1 + (z := torch.exp(-x.abs()))) + (z - (1 + z - 1)) / (1 + z)
-    z = x.abs().neg_().exp_()                                         # in place on two new tensors: few allocations
-    w = z + 1                                                         # rounded; w - 1 is exact, so w comes back
-    z.sub_(w.sub_(1)).div_(w.add_(1))                                 # (z - (w - 1)) / w
-    return w.log_().add_(z).add_(z.copy_(x).clamp_min_(0))           # z is read before it takes max(x, 0)
+    """F.softplus; compiled without autograd max(x, 0) + log(w) + (z - (w - 1)) / w, z = exp(-|x|), w = 1 + z, exact
+    to float32 rounding, fused exp and log (compiled float32 log1p runs 5-10x slower on some AVX-512 CPUs)."""
+    if x.requires_grad or not torch.compiler.is_compiling():  # eager: one pass; the formula's seven cost more
+        return F.softplus(x)
+    z = torch.exp(-x.abs())
+    w = 1 + z
+    return x.clamp_min(0) + torch.log(w) + (z - (w - 1)) / w
 
 
 def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c along dim 1; fill where c < s
@@ -125,6 +122,7 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
     if nc * T != L:  # padded steps have dt = 0: no decay, no input
         u, dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, nc * T - L)) for t in (u, dt, B, C))
+
     def steps(t: Tensor) -> Sequence[Tensor]:  # (B, nc*T, G, ...) -> T views (B, nc, G, ...)
         return t.view(b, nc, T, *t.shape[2:]).unbind(2)
     Cs = steps(C.unsqueeze(-1))                                       # (B, nc, G, N, 1) each; states (..., N, D)
