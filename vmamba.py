@@ -1122,26 +1122,6 @@ def download_cached(url: str, sha256: Optional[str] = None, progress: bool = Tru
     return dest
 
 
-def save_weights(state_dict_or_model: Union[nn.Module, Dict[str, Any]], path: Union[str, os.PathLike]) -> None:
-    """Save a state dict, or a module's, to ``path``: with torch.save, or as safetensors when the name ends in
-    .safetensors (tensors only; written contiguous, on the CPU, tensors sharing storage as separate copies)."""
-    state = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        torch.save(state, path)
-        return
-    save_file = _safetensors("writing a .safetensors file").save_file
-    tensors, storages = {}, set()
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{key!r} is a {type(value).__name__}; a .safetensors file holds only tensors")
-        value = value.detach().cpu().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        tensors[key] = value.clone() if storage in storages else value
-        storages.add(storage)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema")   # the first one present is used
 _PREFIXES = ("module.", "backbone.")
 # The February 2024 layout of the vanilla models -> ours.
@@ -1530,6 +1510,27 @@ class Backbone_VSSM(VSSM):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         raise TypeError("Backbone_VSSM has no classifier head")
+
+
+# --- Saving: what load_checkpoint_file reads back.
+def save_weights(state_dict_or_model: Union[nn.Module, Dict[str, Any]], path: Union[str, os.PathLike]) -> None:
+    """Save a state dict, or a module's, to ``path``: with torch.save, or as safetensors when the name ends in
+    .safetensors (tensors only; written contiguous, on the CPU, tensors sharing storage as separate copies)."""
+    state = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        torch.save(state, path)
+        return
+    save_file = _safetensors("writing a .safetensors file").save_file
+    tensors, storages = {}, set()
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{key!r} is a {type(value).__name__}; a .safetensors file holds only tensors")
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if storage in storages else value
+        storages.add(storage)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 # --- The model zoo: the nine ImageNet-1K models released by the authors.

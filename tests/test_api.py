@@ -201,5 +201,5 @@ def test_the_file_reads_top_to_bottom():
              for node in tree.body for sub in ast.walk(node)
              if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and defs.get(sub.id, 0) > node.lineno]
     assert not early, early
-    assert defs["VSSM"] < 1300 and len(source.splitlines()) <= 1800
+    assert defs["VSSM"] <= 1250 and len(source.splitlines()) <= 1800
     assert not re.findall(r"torch\._(?!_)\w+|nn\.modules\.module\.|_weights_only_unpickler", source)
