@@ -305,4 +305,3 @@ def test_autograd_keeps_inputs_not_states():
     softplus_scan(selective_scan_ref)(*refs).square().sum().backward()
     for g, r in zip(grads, refs):
         assert rel(g, r.grad) < 2e-5
-
