@@ -87,8 +87,9 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # chunks of T steps (T up to _CHUNK, a divisor of L when one is near, else the end is zero-padded); one multiply-add
 # advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay
 # exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
-# in L). Channels go in blocks so that one step touches at most ~_STEP_STATES states (kept in cache).
-_CHUNK, _STEP_STATES = 16, 1 << 20
+# in L). Channels go in even blocks: a step touches at most ~_STEP_STATES states (kept in cache), a (B, L, G, width)
+# tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew, page by page, at each call).
+_CHUNK, _STEP_STATES, _BLOCK_FLOATS = 16, 1 << 20, 1 << 22
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -153,7 +154,9 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
 
 def _plan(b: Any, L: int, g: int, n: int, d: int) -> Tuple[int, int]:   # samples to plan for, channels per block
     b_plan = b if isinstance(b, int) else 1   # a symbolic batch (export, dynamic compile): plan for one sample
-    return b_plan, min(d, max(1, _STEP_STATES * _CHUNK // (b_plan * L * g * n)))   # a step: B*L/T*G*width*N states
+    size, states = b_plan * L * g * d, _STEP_STATES * _CHUNK   # floats in a (B, L, G, D) tensor; states per block
+    blocks = max((size + _BLOCK_FLOATS - 1) // _BLOCK_FLOATS, (size * n + states - 1) // states)
+    return b_plan, (d + blocks - 1) // blocks
 
 
 def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
@@ -1165,8 +1168,7 @@ def checkpoint_filter_fn(checkpoint: Any, model: nn.Module) -> Dict[str, Tensor]
     state = _unwrap_checkpoint(checkpoint)
     if any(k.startswith("backbone.") for k in state):   # detection/segmentation: keep the backbone
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    own = model.state_dict()
-    out = {}
+    own, out = model.state_dict(), {}
     for key, value in state.items():
         while key.startswith(_PREFIXES):
             key = key.split(".", 1)[1]
@@ -1495,8 +1497,7 @@ class Backbone_VSSM(VSSM):
             load_pretrained(self, pretrained)
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
-        outs = []
+        x, outs = self.patch_embed(self._check_input(x)), []           # (B, C0, H/4, W/4)
         for i in range(self.out_indices[-1] + 1):
             x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
             if i in self.out_indices:

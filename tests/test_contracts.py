@@ -429,7 +429,7 @@ def test_ss2d_holds_few_full_size_tensors_at_once(d_state, blocks, monkeypatch):
     layer, x = vmamba.SS2D(d_model=32, d_state=d_state, ssm_ratio=1.0).eval(), torch.randn(1, 40, 48, 32)
     with torch.no_grad():
         ref = layer(x)
-        if blocks > 1:  # channels per block: _STEP_STATES * _CHUNK // (B * L * 4 * N)
+        if blocks > 1:  # blocks of channels: ceil(B * L * 4 * N * D / (_STEP_STATES * _CHUNK))
             steps = 32 // blocks * x.shape[1] * x.shape[2] * 4 * d_state // vmamba._CHUNK
             monkeypatch.setattr(vmamba, "_STEP_STATES", steps)
         with _PeakBytes(x, *layer.parameters()) as counter:

@@ -106,6 +106,23 @@ def test_strided_inputs(N):
     assert all(torch.equal(t, b) for t, b in zip((u, delta, z, B, C), before))
 
 
+@pytest.mark.parametrize("b, L, N, D, width", [
+    (1, 3136, 1, 96, 96),     # VMamba-T's first stage at 224 px: one block (1.2M floats per tensor)
+    (8, 3136, 1, 96, 32),     # ... at batch 8: three even blocks (tensors of 12 MiB), not 83 + 13 channels
+    (1, 16384, 1, 96, 48),    # ... at 512 px
+    (1, 3136, 16, 192, 64),   # N=16: three blocks, so that a step touches at most _STEP_STATES states
+    (2, 1 << 22, 1, 8, 1),    # a single channel larger than the budget: one channel per block
+])
+def test_channel_block_plan(b, L, N, D, width):
+    """The torch scan splits channels into the fewest even blocks whose (B, L, 4, width)
+    tensors hold at most _BLOCK_FLOATS floats and whose steps touch at most _STEP_STATES
+    states (glibc maps larger tensors anew, page-faulting, at every call)."""
+    assert vmamba._plan(b, L, 4, N, D) == (b, width)
+    assert width == 1 or b * L * 4 * width <= vmamba._BLOCK_FLOATS
+    assert width == 1 or b * L // vmamba._CHUNK * 4 * N * width <= vmamba._STEP_STATES
+    assert vmamba._plan(torch.tensor(b).sum(), L, 4, N, D)[0] == 1   # a batch that is not an int: plan for one
+
+
 @pytest.mark.parametrize("states", [40, 100, 200])
 @pytest.mark.parametrize("N", [1, 4])
 def test_channel_blocks(states, N, monkeypatch):
@@ -113,6 +130,7 @@ def test_channel_blocks(states, N, monkeypatch):
     step's decays and inputs step by step: same values, gradients and last state as the
     float64 reference, with autograd and without."""
     monkeypatch.setattr(vmamba, "_STEP_STATES", states)
+    monkeypatch.setattr(vmamba, "_BLOCK_FLOATS", 4 * states)
     args = list(make_inputs(2, 2, 5, N, 45, seed=5))
     check_grads(args, softplus_scan(scan_torch), softplus_scan(selective_scan_ref), 2e-5)
     u, delta, A, B, C, Dv, bias = args
