@@ -974,8 +974,7 @@ class PickledGlobal(type):
     def __init__(cls, module: str, name: str) -> None:
         super().__init__("PickledGlobal", (PickledObject,), {})
 
-    module = property(lambda cls: cls.__module__)
-    name = property(lambda cls: cls.__qualname__)
+    module, name = property(lambda cls: cls.__module__), property(lambda cls: cls.__qualname__)
 
     def __str__(cls) -> str:
         return f"{cls.module}.{cls.name}"
