@@ -656,7 +656,7 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
         low, width, parts = dts.permute(2, 0, 1, 3).flatten(1, 2), _plan(b, h * w, 4, n, d)[1], []   # (4, B*L, R)
         for xc, wc, bc, Ac in zip(x.split(width, 3), w_dt.split(width, 1), dt_projs_bias.to(x.dtype).split(width, 1),
                                   A.view(4, d, n).split(width, 1)):   # (B, H, W, Dc), (4, Dc, R), (4, Dc), (4, Dc, N)
-            dt = torch.baddbmm(bc.unsqueeze(1), low, wc.transpose(1, 2))   # (4, B*L, Dc), freed once through softplus
+            dt = torch.bmm(low, wc.transpose(1, 2)) + bc.unsqueeze(1)   # (4, B*L, Dc); compiled, the bias fuses
             dt = _softplus(dt.float()).view(4, b, -1, xc.shape[3]).permute(1, 2, 0, 3)   # (B, L, 4, Dc)
             parts.append(_from_sequences(_selective_scan_torch(_to_sequences(xc), dt, Ac, Bs, Cs)[0], h, w))
         merged = parts[0] if len(parts) == 1 else torch.cat(parts, 3)   # (B, H, W, D)
