@@ -25,6 +25,7 @@ def test_bench_writes_csv_and_json(tmp_path, capsys):
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["min_ms"] > 0
         assert r["ratio"] == "-"  # nothing compared
         assert r["threads"] == 1 and r["compiled"] is False and r["compile_s"] is None
+        assert r["faults"] == "-" if sys.platform == "win32" else isinstance(r["faults"], int) and r["faults"] >= 0
     with open(out_csv, newline="") as f:
         assert [r["size"] for r in csv.DictReader(f)] == ["32", "48"]
     assert "vmamba_tiny_s1l8" in capsys.readouterr().out
@@ -83,6 +84,20 @@ def test_scan_loop_matches_the_reference():
     expected = vmamba.selective_scan_ref(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True)
     for scan in bench.SCAN_CONTENDERS.values():
         assert torch.allclose(scan(u, delta, A, B, C, D, bias).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_interleaved_counts_the_page_faults_of_each_call():
+    """A call that touches 64 fresh pages counts at least 64 minor faults; one that touches none, few."""
+    pytest.importorskip("resource", reason="no resource module (Windows): faults are not counted")
+    import mmap
+
+    def touch_fresh_pages() -> None:
+        with mmap.mmap(-1, 64 * mmap.PAGESIZE) as m:  # a new anonymous mapping: every page faults on first write
+            for page in range(64):
+                m[page * mmap.PAGESIZE] = 1
+    times, faults = bench._interleaved({"fresh": touch_fresh_pages, "none": lambda: None}, 1, 3)
+    assert [len(times[k]) for k in ("fresh", "none")] == [3, 3]
+    assert min(faults["fresh"]) >= 64 and max(faults["none"]) < 16
 
 
 def test_bench_scan_reports_every_case(capsys):

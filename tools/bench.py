@@ -8,7 +8,9 @@
 
 All timings of one table are taken in the same run, interleaved round-robin (one call of
 each contender per round), and summarised by their median, so that a machine whose speed
-drifts slows every contender alike. Uses vmamba's public API only.
+drifts slows every contender alike. Each row also gives the median minor page faults of a
+call, memory touched afresh (often memory the allocator had handed back to the system).
+Uses vmamba's public API only.
 """
 from __future__ import annotations
 
@@ -68,17 +70,30 @@ def _without_scan():
         vmamba.ss2d_core = core
 
 
-def _interleaved(calls: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, List[float]]:
-    """Run every call once per round, ``warmup`` + ``repeats`` rounds; the milliseconds of
-    each call in the last ``repeats`` rounds."""
+def _minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (pages the kernel mapped in on first touch), or None where
+    the ``resource`` module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _interleaved(calls: Dict[str, Callable[[], Any]], warmup: int,
+                 repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[int]]]:
+    """Run every call once per round, ``warmup`` + ``repeats`` rounds; the milliseconds and the minor page
+    faults (empty lists where they cannot be counted) of each call in the last ``repeats`` rounds."""
     times: Dict[str, List[float]] = {name: [] for name in calls}
+    faults: Dict[str, List[int]] = {name: [] for name in calls}
     for i in range(warmup + repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            first, start = _minor_faults(), time.perf_counter()
             call()
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+                faults[name] += [] if first is None else [_minor_faults() - first]
+    return times, faults
 
 
 def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -91,7 +106,9 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     ``args.no_scan``, each vmamba model also runs as "NAME (no scan)": the same model with
     its SS2D scans replaced by their skip term (see :func:`_without_scan`), which measures
     everything but the scan. ``ratio`` is each median over the eager median of the first
-    ``--compare`` model.
+    ``--compare`` model; ``faults`` the median minor page faults of a call (memory the process
+    touched afresh, often memory the allocator had handed back to the system; "-" where the
+    ``resource`` module is missing).
     """
     device = resolve_device(args.device)
     models = args.model.split(",")
@@ -140,7 +157,7 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
             compile_s[name, True] = round(time.perf_counter() - start, 2)
             calls[name, True] = lambda f=fast, m=module, s=scan: step(f, m, s)
 
-        times = _interleaved(calls, args.warmup, args.repeats)
+        times, faults = _interleaved(calls, args.warmup, args.repeats)
         compare = next((name for name, _, kind in names if kind == "timm"), None)
         base = statistics.median(times[compare, False]) if compare else None
         for name, _, _ in names:
@@ -148,11 +165,14 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 t = sorted(times.get((name, compiled), []))
                 row = dict(model=name, compiled=compiled, size=size, batch=args.batch, mode=args.mode,
                            device=str(device), threads=torch.get_num_threads(),
-                           compile_s=compile_s[name, compiled], median_ms="-", min_ms="-", max_ms="-", ratio="-")
+                           compile_s=compile_s[name, compiled], median_ms="-", min_ms="-", max_ms="-", ratio="-",
+                           faults="-")
                 if t:
                     median = statistics.median(t)
                     row.update(median_ms=round(median, 2), min_ms=round(t[0], 2), max_ms=round(t[-1], 2),
                                ratio=round(median / base, 3) if base else "-")
+                if faults.get((name, compiled)):  # median minor page faults per call
+                    row.update(faults=round(statistics.median(faults[name, compiled])))
                 rows.append(row)
     return rows
 
@@ -167,7 +187,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     print(f"tools/bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.mode}{compiled}, median of {args.repeats} after {args.warmup} warm-up runs, interleaved"
           + (f"; ratio = median / {compared}'s eager median" if compared else ""))
-    columns = ["model", "size", "median_ms", "min_ms", "max_ms", "ratio"]
+    columns = ["model", "size", "median_ms", "min_ms", "max_ms", "ratio", "faults"]
     if args.compile:
         columns[1:1] = ["compiled", "compile_s"]
     print_table([{**r, "compile_s": "-" if r["compile_s"] is None else r["compile_s"]} for r in rows], columns)
@@ -227,13 +247,14 @@ def scan_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 return
             fn(*[t.clone().requires_grad_() for t in inputs]).sum().backward()
 
-        times = _interleaved({name: lambda fn=fn: run(fn) for name, fn in SCAN_CONTENDERS.items()},
-                             args.warmup, args.repeats)
+        times, faults = _interleaved({name: lambda fn=fn: run(fn) for name, fn in SCAN_CONTENDERS.items()},
+                                     args.warmup, args.repeats)
         base = statistics.median(times["loop (unbind)"])
         for name, t in times.items():
             rows.append(dict(case=f"K=4 D={D} N={N} L={L} {'fwd+bwd' if backward else 'fwd'}", scan=name,
                              threads=torch.get_num_threads(), median_ms=round(statistics.median(t), 2),
-                             min_ms=round(min(t), 2), speedup=round(base / statistics.median(t), 2)))
+                             min_ms=round(min(t), 2), speedup=round(base / statistics.median(t), 2),
+                             faults=round(statistics.median(faults[name])) if faults[name] else "-"))
     return rows
 
 
@@ -242,7 +263,7 @@ def _bench_scan(args: argparse.Namespace) -> int:
     rows = scan_rows(args)
     print(f"tools/bench.py --scan: torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
           f"median of {args.repeats} after {args.warmup} warm-up runs, interleaved; speedup = loop / scan")
-    print_table(rows, ["case", "scan", "median_ms", "min_ms", "speedup"])
+    print_table(rows, ["case", "scan", "median_ms", "min_ms", "speedup", "faults"])
     _save(rows, args)
     return 0
 
