@@ -35,6 +35,11 @@ from torch import Tensor  # noqa: E402
 import vmamba  # noqa: E402
 from _common import optional_import, print_table, resolve_device, write_csv, write_json  # noqa: E402
 
+try:
+    import resource  # POSIX only: page faults per call
+except ImportError:
+    resource = None
+
 __all__ = ["timm_model", "bench_rows", "scan_loop", "scan_rows", "main"]
 
 
@@ -73,11 +78,12 @@ def _without_scan():
 def _minor_faults() -> Optional[int]:
     """Minor page faults of this process so far (pages the kernel mapped in on first touch), or None where
     the ``resource`` module is missing (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _median_faults(faults: List[int]) -> Any:
+    """The median of a call's page-fault counts, or "-" where none were counted."""
+    return round(statistics.median(faults)) if faults else "-"
 
 
 def _interleaved(calls: Dict[str, Callable[[], Any]], warmup: int,
@@ -166,13 +172,11 @@ def bench_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 row = dict(model=name, compiled=compiled, size=size, batch=args.batch, mode=args.mode,
                            device=str(device), threads=torch.get_num_threads(),
                            compile_s=compile_s[name, compiled], median_ms="-", min_ms="-", max_ms="-", ratio="-",
-                           faults="-")
+                           faults=_median_faults(faults.get((name, compiled), [])))
                 if t:
                     median = statistics.median(t)
                     row.update(median_ms=round(median, 2), min_ms=round(t[0], 2), max_ms=round(t[-1], 2),
                                ratio=round(median / base, 3) if base else "-")
-                if faults.get((name, compiled)):  # median minor page faults per call
-                    row.update(faults=round(statistics.median(faults[name, compiled])))
                 rows.append(row)
     return rows
 
@@ -254,7 +258,7 @@ def scan_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
             rows.append(dict(case=f"K=4 D={D} N={N} L={L} {'fwd+bwd' if backward else 'fwd'}", scan=name,
                              threads=torch.get_num_threads(), median_ms=round(statistics.median(t), 2),
                              min_ms=round(min(t), 2), speedup=round(base / statistics.median(t), 2),
-                             faults=round(statistics.median(faults[name])) if faults[name] else "-"))
+                             faults=_median_faults(faults[name])))
     return rows
 
 
