@@ -84,11 +84,11 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 # The torch scan works channels-last, (B, L, G, D), states (B, G, N, D): every step is a (B, chunks, G, [N,] D) view
 # with D contiguous, so each op (and each loop torch.compile generates) runs along channels. The sequence is cut into
-# chunks of T steps (T up to _CHUNK, a divisor of L when one is near, else the end is zero-padded); one multiply-add
-# advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a log-depth scan over chunks (decay
-# exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Plain autograd gives the backward (linear
-# in L). Channels go in even blocks: a step touches at most ~_STEP_STATES states (kept in cache), a (B, L, G, width)
-# tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew, page by page, at each call).
+# chunks of T steps (T up to _CHUNK, half that compiled, where steps unroll; a divisor of L when one is near, else the
+# end is zero-padded); one multiply-add advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a
+# log-depth scan over chunks (decay exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Autograd
+# gives the backward (linear in L). Channels go in even blocks: a step touches at most ~_STEP_STATES states (in cache),
+# a (B, L, G, width) tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew each call).
 _CHUNK, _STEP_STATES, _BLOCK_FLOATS = 16, 1 << 20, 1 << 22
 
 
@@ -118,8 +118,8 @@ def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
 
 def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan: int) -> Tuple[Tensor, Tensor]:
     """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D)."""
-    (b, L, g, d), n = u.shape, A.shape[1]
-    T = min(L, next((t for t in range(_CHUNK, _CHUNK // 3, -1) if L % t == 0), _CHUNK))
+    (b, L, g, d), n, top = u.shape, A.shape[1], _CHUNK // 2 if torch.compiler.is_compiling() else _CHUNK
+    T = min(L, next((t for t in range(top, top // 3, -1) if L % t == 0), top))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
     if nc * T != L:  # padded steps have dt = 0: no decay, no input
         u, dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, nc * T - L)) for t in (u, dt, B, C))

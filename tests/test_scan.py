@@ -141,6 +141,30 @@ def test_channel_blocks(states, N, monkeypatch):
 
 
 @pytest.mark.compile
+def test_compiled_scan_unrolls_half_length_chunks():
+    """torch.compile unrolls every step of a chunk into the graph, so compiled code cuts the sequence into chunks of
+    at most _CHUNK // 2 steps (a shorter compile at the same speed): at L = 64 and N=1 one multiply-add per step of
+    each pass, T - 1 + T, one per level of the scan over the chunks and one for the D term: T = 8 gives 19 (T = 16
+    would give 34)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    u, delta, A, B, C, Dv, bias = make_inputs(1, 2, 3, 1, 64, seed=3)
+    torch.compiler.reset()
+    scan = torch.compile(lambda *a: scan_torch(*a, Dv, None, bias, True), backend=capture, fullgraph=True)
+    with torch.no_grad():
+        y = scan(u, delta, A, B, C)
+    torch.compiler.reset()
+    steps = sum(node.target in (torch.addcmul, torch.Tensor.addcmul) for gm in graphs for node in gm.graph.nodes)
+    T = vmamba._CHUNK // 2
+    assert steps == (T - 1) + T + math.ceil(math.log2(64 // T)) + 1, steps
+    assert rel(y, selective_scan_ref(u, delta, A, B, C, Dv, None, bias, True)) < 1e-5
+
+
+@pytest.mark.compile
 @pytest.mark.parametrize("N", [1, 4])
 def test_compiled_scan_forms_each_step_in_the_step(N, monkeypatch):
     """Compiled without autograd, a scan too large to form its decays and inputs at once forms them in each
