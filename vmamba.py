@@ -84,11 +84,11 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 # The torch scan works channels-last, (B, L, G, D), states (B, G, N, D): every step is a (B, chunks, G, [N,] D) view
 # with D contiguous, so each op (and each loop torch.compile generates) runs along channels. The sequence is cut into
-# chunks of T steps (T up to _CHUNK, half that compiled, where steps unroll; a divisor of L when one is near, else the
-# end is zero-padded); one multiply-add advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a
-# log-depth scan over chunks (decay exp(A * sum of dt), no division) the entry states, pass 2 the outputs. Autograd
-# gives the backward (linear in L). Channels go in even blocks: a step touches at most ~_STEP_STATES states (in cache),
-# a (B, L, G, width) tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew each call).
+# chunks of T steps (T up to _CHUNK, half that compiled, where steps unroll; a divisor of L if one is near, else the end
+# is zero-padded); a multiply-add advances every chunk a step. Pass 1 gives each chunk's exit state from zero, a log-
+# depth scan over chunks (decay exp(A * sum of dt)) the entry states, pass 2 the outputs; autograd, the backward (linear
+# in L). Channels go in even blocks: a step touches ~_STEP_STATES states (in cache; twice that compiled), a
+# (B, L, G, width) tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew each call).
 _CHUNK, _STEP_STATES, _BLOCK_FLOATS = 16, 1 << 20, 1 << 22
 
 
