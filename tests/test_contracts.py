@@ -254,13 +254,13 @@ def test_torch_compile_with_inductor_freezing_matches_eager(monkeypatch):
     """Freezing, switched on the way torch's CPU inference guides say (a global inductor setting),
     makes weights constants guarded by identity, so no two SS2D layers share the compiled region:
     more layers than the region's default limit of 8 entries must still compile, each on its own."""
-    monkeypatch.setattr("torch._inductor.config.freezing", True)
+    from torch._inductor import config as inductor_config
     monkeypatch.setattr(vmamba, "_CHUNK", 4, raising=False)
     torch.manual_seed(0)
     model = vmamba.create_model(FAMILIES["v2"], depths=[9], dims=8, num_classes=10).eval()
     x = torch.randn(1, 3, 12, 12)   # one stage of nine blocks on a 3x3 map
     torch.compiler.reset()
-    with torch.no_grad():
+    with torch.no_grad(), inductor_config.patch(freezing=True):   # torch's own undo; monkeypatch's deletes it
         expected = model(x)
         got = torch.compile(model, fullgraph=True)(x)
     torch.compiler.reset()
