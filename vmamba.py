@@ -17,8 +17,8 @@ Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` 
 
 from __future__ import annotations
 
-import argparse, contextlib, hashlib, io, math, operator, os, pickle, pickletools, re, sys, time, warnings, zipfile
-import importlib.util, urllib.parse
+import argparse, contextlib, difflib, hashlib, io, math, operator, os, pickle, pickletools, re, sys, time, warnings, zipfile
+import importlib.util, inspect, urllib.parse
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -1247,6 +1247,18 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
 
 
 # --- The model: VSSM (classification) and Backbone_VSSM (detection, segmentation), built of the layers.
+def _reject_unknown(cls: type, unknown: Dict[str, Any]) -> None:
+    """TypeError for keywords that ``cls`` does not take, naming the closest accepted one (``drop_path`` ->
+    ``drop_path_rate``)."""
+    if not unknown:
+        return
+    accepted = [p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters]
+    key = next(iter(unknown))
+    close = difflib.get_close_matches(key, [p for p in accepted if p not in ("self", "kwargs", "unknown")], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"see help(vmamba.{cls.__name__}) for the accepted ones"
+    raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {key!r}: {hint}")
+
+
 class VSSM(nn.Module):
     """VMamba classifier; keyword names are the authors', so their configs work. Defaults build VMamba-T (s1l8).
 
@@ -1264,8 +1276,9 @@ class VSSM(nn.Module):
                  norm_layer: str = "ln2d", downsample_version: str = "v3", patchembed_version: str = "v2",
                  use_checkpoint: bool = False, posembed: bool = False, imgsize: int = 224, check_finite: bool = False,
                  global_pool: str = "avg", device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, **unknown: Any):
         super().__init__()
+        _reject_unknown(type(self), unknown)
         self.norm_layer = _one_of("norm_layer", norm_layer, ("ln", "ln2d"))
         patchembed_version = _one_of("patchembed_version", patchembed_version, ("v1", "v2"))
         downsample_version = _one_of("downsample_version", downsample_version, ("v1", "v2", "v3"))
@@ -1329,6 +1342,13 @@ class VSSM(nn.Module):
         """Parameter names to exclude from weight decay: the SSM's A, D and dt biases."""
         return {name for name, _ in self.named_parameters()
                 if name.rsplit(".", 1)[-1] in ("A_logs", "Ds", "dt_projs_bias")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups by depth, in timm's format (its ``layer_decay`` uses them): the stem, then each stage
+        (``coarse``) or each block, a stage's downsample after its blocks; the classifier last."""
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (1 << 16,))])
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -1478,22 +1498,56 @@ class VSSM(nn.Module):
 class Backbone_VSSM(VSSM):
     """VMamba backbone for detection and segmentation (the authors' ``Backbone_VSSM``): a list of NCHW maps, one
     per stage in ``out_indices`` (strides 4..32), each through its LayerNorm ``outnorm{i}``. ``pretrained``: a path,
-    URL or state dict to load (a classification checkpoint works: its head is ignored)."""
+    URL or state dict to load (a classification checkpoint works: its head is ignored).
+
+    OpenMMLab's backbone keywords: ``frozen_stages`` (-1: none; 0: the stem; k: the stem and stages 0..k-1, with
+    their downsampling and output norms) takes those parameters out of training and keeps them in eval mode;
+    ``norm_eval`` is accepted for configs written for BatchNorm backbones (LayerNorm has no running statistics, so
+    it changes nothing); ``init_cfg=dict(type="Pretrained", checkpoint=...)`` is loaded by :meth:`init_weights`,
+    which OpenMMLab's runners call after building the model."""
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
-                 norm_layer: str = "ln", **kwargs: Any):
+                 norm_layer: str = "ln", frozen_stages: int = -1, norm_eval: bool = False,
+                 init_cfg: Optional[Dict[str, Any]] = None, **kwargs: Any):
         super().__init__(norm_layer=norm_layer, **dict(kwargs, num_classes=0))
         n = len(self.layers)
-        if any(not 0 <= i < n for i in out_indices) or not out_indices:
-            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {list(out_indices)}")
-        self.out_indices = sorted(set(out_indices))
+        if (not isinstance(out_indices, Sequence) or not out_indices
+                or any(type(i) is not int or not 0 <= i < n for i in out_indices)):
+            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {out_indices!r}")
+        _check_range("frozen_stages", frozen_stages, -1, n + 1, integer=True)
+        _one_of("norm_eval", norm_eval, (False, True))
+        if init_cfg is not None and (not isinstance(init_cfg, dict) or init_cfg.get("type") != "Pretrained"
+                                     or not init_cfg.get("checkpoint")):
+            raise ValueError(f"init_cfg must be dict(type='Pretrained', checkpoint=PATH_OR_URL), got {init_cfg!r}")
+        self.out_indices, self.frozen_stages, self.norm_eval = sorted(set(out_indices)), frozen_stages, norm_eval
+        self.init_cfg = init_cfg
         del self.classifier
         like = self.patch_embed[0].weight
         for i in self.out_indices:
             self.add_module(f"outnorm{i}", nn.LayerNorm(self.dims[i], device=like.device, dtype=like.dtype))
         self.feature_info = [self.feature_info[i] for i in self.out_indices]
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.train(self.training)
         if pretrained:
             load_pretrained(self, pretrained)
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        stages = range(self.frozen_stages)
+        return ([self.patch_embed] if self.frozen_stages >= 0 else []) + [self.layers[i] for i in stages] + [
+            getattr(self, f"outnorm{i}") for i in stages if i in self.out_indices]
+
+    def train(self, mode: bool = True) -> "Backbone_VSSM":
+        """nn.Module.train, except that frozen stages stay in eval mode (no drop path)."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s checkpoint, if one was given (OpenMMLab calls this once the model is built)."""
+        if self.init_cfg is not None:
+            load_pretrained(self, self.init_cfg["checkpoint"])
 
     def forward(self, x: Tensor) -> List[Tensor]:
         x, outs = self.patch_embed(self._check_input(x)), []           # (B, C0, H/4, W/4)

@@ -140,3 +140,23 @@ def test_bench_no_scan_rows(tmp_path):
     assert all(r["median_ms"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         bench.main(["--scan", "--no-scan"])
+
+
+def test_report_writes_the_page_and_the_readme_table(tmp_path):
+    """``report`` writes its page (machine, command, every table) and replaces only the marked README block."""
+    pytest.importorskip("timm", reason="timm is not installed")
+    out, readme = tmp_path / "docs" / "performance.md", tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.README_BEGIN}\nold figures\n{bench.README_END}\nafter\n")
+    assert bench.main(["report", "--quick", "--out", str(out), "--readme", str(readme)]) == 0
+    page = out.read_text()
+    assert f"python tools/bench.py report --quick --out {out}" in page
+    for heading in ("## Inference", "## Training step", "## The selective scan alone"):
+        assert heading in page
+    for name in ("vmamba_tiny_s1l8", *bench.REPORT_COMPARE, "torch threads", torch.__version__):
+        assert name in page
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{bench.README_END}\nafter\n")
+    assert "old figures" not in text and "/ convnext_tiny" in text and "32 px | eager" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        bench.main(["report", "--quick", "--out", str(out), "--readme", str(readme)])

@@ -5,6 +5,7 @@
     python tools/bench.py --compile                 # torch.compile'd models beside the eager ones
     python tools/bench.py --no-scan                 # also each model without its selective scans
     python tools/bench.py --scan                    # selective_scan against a per-position loop
+    python tools/bench.py report --out docs/performance.md   # the whole set, written as a Markdown page
 
 All timings of one table are taken in the same run, interleaved round-robin (one call of
 each contender per round), and summarised by their median, so that a machine whose speed
@@ -16,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import os
+import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +46,7 @@ try:
 except ImportError:
     resource = None
 
-__all__ = ["timm_model", "bench_rows", "scan_loop", "scan_rows", "main"]
+__all__ = ["timm_model", "bench_rows", "scan_loop", "scan_rows", "report", "main"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,6 +242,7 @@ def scan_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     interleaved on the CPU: median and min milliseconds, speedup = loop / scan."""
     rows = []
     for D, N, side, backward in SCAN_CASES:
+        side = getattr(args, "scan_side", None) or side
         g = torch.Generator().manual_seed(0)
         L, KD = side * side, 4 * D
         u, delta = torch.randn(1, KD, L, generator=g), torch.randn(1, KD, L, generator=g) - 2
@@ -269,6 +276,122 @@ def _bench_scan(args: argparse.Namespace) -> int:
           f"median of {args.repeats} after {args.warmup} warm-up runs, interleaved; speedup = loop / scan")
     print_table(rows, ["case", "scan", "median_ms", "min_ms", "speedup", "faults"])
     _save(rows, args)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# The report: every benchmark above in one run, written as docs/performance.md.
+
+REPORT_COMPARE = ("convnext_tiny", "swin_tiny_patch4_window7_224")
+README_BEGIN, README_END = "<!-- speed table: written by tools/bench.py report -->", "<!-- end of speed table -->"
+
+
+def _machine() -> Dict[str, str]:
+    """What the figures were measured on: CPU, cores, memory, versions, date and commit."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    memory = "-"
+    with contextlib.suppress(OSError, ValueError):
+        memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB"
+    commit = "-"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=TOOLS, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "-"
+    timm = sys.modules.get("timm")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "CPU": cpu,
+            "logical cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": memory,
+            "OS": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "timm": getattr(timm, "__version__", "-"), "commit": commit}
+
+
+def _md_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> List[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+
+
+def _ratios(rows: List[Dict[str, Any]], model: str) -> List[Dict[str, Any]]:
+    """Rows of ``model`` with its median over each REPORT_COMPARE model's, same size and mode (compiled or not)."""
+    out = []
+    for r in rows:
+        if r["model"] != model or r["median_ms"] == "-":
+            continue
+        row = dict(size=f"{r['size']} px", mode="compiled" if r["compiled"] else "eager", ms=r["median_ms"])
+        for other in REPORT_COMPARE:
+            o = next((o for o in rows if (o["model"], o["size"], o["compiled"]) == (other, r["size"], r["compiled"])),
+                     None)
+            row[f"/ {other}"] = round(r["median_ms"] / o["median_ms"], 2) if o and o["median_ms"] != "-" else "-"
+        out.append(row)
+    return out
+
+
+def report(argv: Sequence[str]) -> int:
+    """``tools/bench.py report``: inference (eager and compiled) and training of VMamba-T beside ConvNeXt-T and
+    Swin-T, and the scan alone, in one run; writes a Markdown page (and README's speed table between its markers,
+    with ``--readme``). Every figure comes from this run."""
+    parser = argparse.ArgumentParser(prog="tools/bench.py report", description=report.__doc__)
+    parser.add_argument("--out", default="docs/performance.md", help="the Markdown page to write")
+    parser.add_argument("--readme", default=None, metavar="PATH",
+                        help="also rewrite the table between README's speed-table markers")
+    parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--sizes", default="224,512")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, one repeat, no compilation: checks that the report runs, measures nothing")
+    args = parser.parse_args(argv)
+    timm_model(REPORT_COMPARE[0], 32)   # fails early, naming the install command, without timm
+    readme = Path(args.readme).read_text() if args.readme else ""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if args.readme and not 0 <= begin < end:   # checked before the minutes of measuring
+        raise SystemExit(f"{args.readme} has no speed-table markers ({README_BEGIN} ... {README_END})")
+    torch.set_num_threads(args.threads)
+    quick = dict(sizes="32", repeats=1, warmup=0, train_batch=2, scan_side=8) if args.quick else {}
+    common = dict(model=args.model, compare=",".join(REPORT_COMPARE), device="cpu", compile_backend="inductor",
+                  no_scan=False, warmup=2, repeats=args.repeats, sizes=args.sizes)
+    common.update({k: v for k, v in quick.items() if k in common})
+    started = time.perf_counter()
+    infer = bench_rows(argparse.Namespace(**common, batch=1, mode="infer", compile=not args.quick))
+    train_size = "32" if args.quick else "224"
+    train = bench_rows(argparse.Namespace(**dict(common, sizes=train_size), batch=quick.get("train_batch",
+                                          args.train_batch), mode="train", compile=False))
+    scan = scan_rows(argparse.Namespace(warmup=common["warmup"], repeats=common["repeats"],
+                                        scan_side=quick.get("scan_side")))
+    minutes = (time.perf_counter() - started) / 60
+    command = "python tools/bench.py report " + " ".join(shlex.quote(a) for a in argv)
+    machine = _machine()
+    summary = _md_table(_ratios(infer, args.model), ["size", "mode", "ms", *(f"/ {m}" for m in REPORT_COMPARE)])
+    lines = [f"# Speed of {args.model} on CPU", "",
+             "Written by a command; rerun it rather than editing this page:", "", f"    {command}", "",
+             f"Measured {machine['date']} in {minutes:.0f} minutes" + (" (--quick: not a measurement)" if args.quick
+                                                                       else "") + ".", "",
+             *_md_table([{"what": k, "value": v} for k, v in machine.items()], ["what", "value"]), "",
+             "All timings of a table come from one process, the contenders interleaved round-robin (one call of each "
+             "per round), each figure the median of the rounds; ratios divide medians of the same round set, so a "
+             "machine whose speed drifts moves every contender alike. `faults` is the median number of minor page "
+             "faults of a call. Random weights, batch 1, `torch.inference_mode()`.", "",
+             "## Inference", "", f"{args.model}'s median time over each other model's, same size and mode:", "",
+             *summary, "", "Every row (compiled: `torch.compile(model, fullgraph=True)`, compiled once per size; "
+             "`compile_s` is the first call, compilation included):", "",
+             *_md_table([{**r, "compile_s": "-" if r["compile_s"] is None else r["compile_s"]} for r in infer],
+                        ["model", "size", "compiled", "compile_s", "median_ms", "min_ms", "max_ms", "faults"]), "",
+             f"## Training step (forward and backward, batch {train[0]['batch']}, {train_size} px, eager)", "",
+             *_md_table(train, ["model", "size", "median_ms", "min_ms", "max_ms", "ratio", "faults"]), "",
+             f"`ratio`: over {REPORT_COMPARE[0]}'s median.", "",
+             "## The selective scan alone", "",
+             "`selective_scan(backend='torch')` against the obvious per-position loop (`unbind` over positions, "
+             "vectorised over batch, channels and state), K=4 directions, float32:", "",
+             *_md_table(scan, ["case", "scan", "median_ms", "min_ms", "speedup", "faults"]), ""]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    if args.readme:
+        block = [README_BEGIN, *summary, "", f"({machine['CPU']}, {machine['torch threads']} threads, torch "
+                 f"{machine['torch']}, {machine['date'][:10]}; [docs/performance.md]({args.out}) has every row.)"]
+        Path(args.readme).write_text(readme[:begin] + "\n".join(block) + "\n" + readme[end:])
+        print(f"rewrote the speed table in {args.readme}")
     return 0
 
 
@@ -318,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; ``argv`` defaults to the process's arguments. Returns the exit code.
     torch's thread count is set to ``--threads`` for the run and restored afterwards."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        threads = torch.get_num_threads()
+        try:
+            return report(argv[1:])
+        finally:
+            torch.set_num_threads(threads)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.scan and (args.compile or args.no_scan):
