@@ -1719,7 +1719,8 @@ def register_timm() -> List[str]:
 
 def register_mm() -> type:
     """Register :class:`Backbone_VSSM` as ``"MM_VSSM"`` (the authors' name) in the MODELS registries of
-    mmengine and, when installed, mmdet and mmseg, so the authors' configs build it. Idempotent."""
+    mmengine and, when installed, mmdet and mmseg, so the authors' configs build it. Done on ``import vmamba``
+    when mmengine is imported (as a config's ``custom_imports`` does); idempotent."""
     if importlib.util.find_spec("mmengine") is None:
         raise ImportError("register_mm needs OpenMMLab's mmengine (and mmdet or mmseg for their pipelines): "
                           "pip install -U openmim && mim install mmengine mmdet mmsegmentation")
@@ -1730,11 +1731,18 @@ def register_mm() -> type:
     return Backbone_VSSM
 
 
-if "timm" in sys.modules and __name__ != "__main__":
-    try:
-        register_timm()
-    except Exception as e:  # e.g. an old timm without these APIs
-        warnings.warn(f"vmamba: the models are not registered with timm ({type(e).__name__}: {e})", stacklevel=2)
+def _register_with_imported_packages() -> None:
+    """Imported after timm or mmengine (e.g. by an OpenMMLab config's ``custom_imports``): register with them."""
+    for package, register in (("timm", register_timm), ("mmengine", register_mm)):
+        if package in sys.modules:
+            try:
+                register()
+            except Exception as e:  # e.g. an old version without these APIs
+                warnings.warn(f"vmamba: not registered with {package} ({type(e).__name__}: {e})", stacklevel=3)
+
+
+if __name__ != "__main__":
+    _register_with_imported_packages()
 
 
 # --- Command line: ``python vmamba.py`` runs an offline smoke test of this file.

@@ -34,6 +34,13 @@ def data_file(name: str) -> Path:
     return DATA / name
 
 
+def pytest_collection_modifyitems(config, items):
+    """``-m quick``: the tests that neither compile, nor interpret Triton kernels, nor benchmark."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("compile", "triton", "slow")):
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(params=FIXTURES)
 def fixture(request):
     """One reference computation of the authors' implementation."""

@@ -7,9 +7,12 @@ touches the network: pretrained weights come from a local HTTP server on 127.0.0
 import functools
 import http.server
 import importlib.util
+import os
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +298,91 @@ def test_torchvision_fpn_on_the_backbone():
     assert [tuple(p.shape) for p in pyramid.values()] == [(2, 32, 16, 12), (2, 32, 8, 6), (2, 32, 4, 3)]
     sum(p.sum() for p in pyramid.values()).backward()
     assert all(p.grad is not None for p in backbone.parameters())
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "docs" / "configs"
+# (config file, where the config names the channels it expects of the backbone's four maps)
+MM_CONFIGS = [("mask-rcnn_vmamba-tiny_fpn_1x_coco.py", "cfg.model.neck.in_channels"),
+              ("upernet_vmamba-tiny_4xb4-160k_ade20k-512x512.py", "cfg.model.decode_head.in_channels")]
+MM_BUILD = r"""
+import sys, torch
+from mmengine.config import Config
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+cfg = Config.fromfile(sys.argv[1])               # imports vmamba through custom_imports: that registers MM_VSSM
+backbone_cfg = cfg.model.backbone
+backbone_cfg.init_cfg.checkpoint = sys.argv[2]   # a local stand-in for the release
+backbone = MODELS.build(backbone_cfg)
+parent = BaseModule()
+parent.backbone = backbone
+parent.init_weights()                            # as OpenMMLab's runner does: loads init_cfg's checkpoint
+ok = torch.equal(backbone.layers[2].blocks[0].op.A_logs, torch.load(sys.argv[2])["model"]["layers.2.blocks.0.op.A_logs"])
+with torch.no_grad():
+    maps = backbone(torch.randn(1, 3, 64, 96))
+print("CHANNELS", [m.shape[1] for m in maps], "EXPECTED", list(eval(sys.argv[3])), "LOADED", ok)
+"""
+
+
+@pytest.mark.parametrize("config, expected", MM_CONFIGS)
+def test_openmmlab_example_configs_build_the_backbone_through_the_registry(config, expected, tmp_path):
+    """Each example config, with its ``_base_`` (mmdet's or mmseg's own config) and the merge keys left out, builds MM_VSSM through
+    mmengine's registry in a fresh process, loads its init_cfg checkpoint in init_weights, and the maps' channels
+    are those its neck or decode head expects."""
+    pytest.importorskip("mmengine", reason="mmengine is not installed (mim install mmengine)")
+    text = (CONFIGS / config).read_text()
+    assert 'type="MM_VSSM"' in text and "_base_ = [" in text
+    local = tmp_path / config
+    without_base = "\n".join(line for line in text.splitlines() if not line.startswith("_base_"))
+    local.write_text(re.sub(r"_delete_=True,\s*", "", without_base))   # _delete_: a key for merging with the base
+    torch.manual_seed(0)
+    ckpt = tmp_path / "release.pth"
+    torch.save({"model": vmamba.vmamba_tiny_s1l8().state_dict(), "epoch": 1}, ckpt)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CONFIGS.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", MM_BUILD, str(local), str(ckpt), expected], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(line for line in run.stdout.splitlines() if line.startswith("CHANNELS"))
+    channels, rest = line[len("CHANNELS "):].split(" EXPECTED ")
+    wanted, loaded = rest.split(" LOADED ")
+    assert channels == wanted == "[96, 192, 384, 768]" and loaded == "True"
+
+
+def test_frozen_stages_get_no_gradient_and_stay_in_eval_mode():
+    torch.manual_seed(0)
+    backbone = vmamba.Backbone_VSSM(frozen_stages=2, out_indices=(0, 1, 2, 3), **dict(TINY, drop_path_rate=0.5))
+    frozen = ("patch_embed.", "layers.0.", "layers.1.", "outnorm0.", "outnorm1.")
+    backbone.train()
+    assert not backbone.layers[1].training and backbone.layers[2].training and not backbone.patch_embed.training
+    sum(m.square().mean() for m in backbone(torch.randn(2, 3, 64, 64))).backward()
+    for name, p in backbone.named_parameters():
+        assert (p.grad is None) == name.startswith(frozen), name
+        assert p.requires_grad != name.startswith(frozen), name
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():   # frozen stages skip drop path in training mode: their maps are deterministic
+        first, again = backbone(x)[:2], backbone(x)[:2]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    stem_only = vmamba.Backbone_VSSM(frozen_stages=0, **TINY)
+    assert {n.split(".")[0] for n, p in stem_only.named_parameters() if not p.requires_grad} == {"patch_embed"}
+    assert all(p.requires_grad for p in vmamba.Backbone_VSSM(**TINY).parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(frozen_stages=5), "frozen_stages"), (dict(frozen_stages=-2), "frozen_stages"),
+    (dict(init_cfg=dict(type="Kaiming")), "init_cfg"), (dict(init_cfg="ckpt.pth"), "init_cfg"),
+    (dict(norm_eval="yes"), "norm_eval"), (dict(frozen_stage=1), "did you mean 'frozen_stages'")])
+def test_openmmlab_keywords_are_checked_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        vmamba.Backbone_VSSM(**dict(TINY, **kwargs))
+
+
+def test_init_cfg_loads_only_in_init_weights(tmp_path):
+    torch.manual_seed(0)
+    source = vmamba.Backbone_VSSM(**TINY)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)
+    backbone = vmamba.Backbone_VSSM(init_cfg=dict(type="Pretrained", checkpoint=str(path)), norm_eval=True, **TINY)
+    assert not torch.equal(backbone.patch_embed[0].weight, source.patch_embed[0].weight)
+    backbone.init_weights()
+    for name, value in source.state_dict().items():
+        assert torch.equal(backbone.state_dict()[name], value), name

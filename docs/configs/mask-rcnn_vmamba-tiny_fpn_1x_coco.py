@@ -1,0 +1,31 @@
+# Mask R-CNN with a VMamba-T (vmamba_tiny_s1l8) backbone and FPN on COCO, 1x schedule, for mmdetection 3.x:
+#     python tools/train.py mask-rcnn_vmamba-tiny_fpn_1x_coco.py     (vmamba.py importable, e.g. on PYTHONPATH)
+# The base is mmdetection's Swin-T Mask R-CNN; only the backbone, the neck's input channels and the optimizer's
+# no-decay keys change. Settings as in the VMamba paper's detection experiments: AdamW, lr 1e-4, weight decay
+# 0.05, batch 16 (8 GPUs x 2 images), drop path 0.2 for VMamba-T.
+_base_ = ["mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"]
+
+custom_imports = dict(imports=["vmamba"], allow_failed_imports=False)  # importing vmamba registers MM_VSSM
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type="MM_VSSM",
+        out_indices=(0, 1, 2, 3),
+        frozen_stages=-1,
+        init_cfg=dict(type="Pretrained", checkpoint="https://github.com/MzeroMiko/VMamba/releases/download/"
+                      "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth"),
+        # vmamba.model_config("vmamba_tiny_s1l8"), with the backbone's norm layout:
+        depths=(2, 2, 8, 2), dims=96, ssm_d_state=1, ssm_ratio=1.0, ssm_dt_rank="auto", ssm_conv=3,
+        ssm_conv_bias=False, forward_type="v05_noz", mlp_ratio=4.0, downsample_version="v3",
+        patchembed_version="v2", norm_layer="ln", drop_path_rate=0.2,
+    ),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+)
+
+optim_wrapper = dict(
+    optimizer=dict(_delete_=True, type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(_delete_=True, custom_keys={
+        "A_logs": dict(decay_mult=0.0), "Ds": dict(decay_mult=0.0), "dt_projs_bias": dict(decay_mult=0.0),
+        "norm": dict(decay_mult=0.0)}),
+)
