@@ -390,6 +390,8 @@ def report(argv: Sequence[str]) -> int:
     if args.readme:
         block = [README_BEGIN, *summary, "", f"({machine['CPU']}, {machine['torch threads']} threads, torch "
                  f"{machine['torch']}, {machine['date'][:10]}; [docs/performance.md]({args.out}) has every row.)"]
+        readme = Path(args.readme).read_text()   # as it is now, after the minutes of measuring
+        begin, end = readme.find(README_BEGIN), readme.find(README_END)
         Path(args.readme).write_text(readme[:begin] + "\n".join(block) + "\n" + readme[end:])
         print(f"rewrote the speed table in {args.readme}")
     return 0
