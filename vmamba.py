@@ -1013,7 +1013,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
         kind = _checkpoint_format(source)
         if kind == "safetensors":
             return _safetensors(f"{source} is a safetensors file, which").load_file(source, device="cpu")
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(source) if kind == "zip" else []
+        # A zip's globals are listed without unpickling it; the legacy format's are not, so all known ones are allowed.
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(source) if kind == "zip" else _CHECKPOINT_GLOBALS
         unknown = sorted(set(found) - set(_CHECKPOINT_GLOBALS))
         if unknown:
             raise ValueError(
@@ -1030,12 +1031,12 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
             reason = str(err) if isinstance(err, ValueError) and err.__cause__ is None else f"{type(err).__name__}: {err}"
             raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}") from err
         # torch's message suggests weights_only=False, which a file of unknown origin must not get: its core only.
-        parts = str(err).split("\n\n")
-        reason = f"torch.load(weights_only=True) refused it: {parts[1] if len(parts) > 2 else parts[0]}"
+        text = str(err)
+        core = text.partition("WeightsUnpickler error:")[2].strip() or text.split("\n\n")[int("\n\n" in text)]
+        reason = f"torch.load(weights_only=True) refused it: {core.strip().splitlines()[0]}"
         if kind == "legacy":
-            reason = ("torch.load(weights_only=True) refused it, and files in torch.save's legacy non-zip format "
-                      "(_use_new_zipfile_serialization=False) are read no other way; re-save it in the default "
-                      "zip format where it is trusted")
+            reason += ("; files in torch.save's legacy non-zip format (_use_new_zipfile_serialization=False) are read "
+                       "no other way: re-save it in the default zip format where it is trusted")
     raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}")
 
 
@@ -1053,9 +1054,9 @@ def _cache_file_name(url: str) -> str:
         raise ValueError(f"cannot derive a cache file name from URL {url!r}")
     if url.startswith(_RELEASES) and name == segment and not parts.query and not parts.fragment:
         return name
-    stem, ext = os.path.splitext(name)
+    ext = (re.search(r"\.[A-Za-z0-9]{1,16}$", name) or re.search("$", name)).group()   # ".pth", or none
     url_hash = hashlib.sha256(urllib.parse.urldefrag(url)[0].encode()).hexdigest()[:12]
-    return f"{stem[:160]}-{url_hash}{ext[:20]}"
+    return f"{name[:len(name) - len(ext)][:160]}-{url_hash}{ext}"
 
 
 def _file_sha256(path: str) -> str:
