@@ -974,12 +974,12 @@ def _checkpoint_format(path: str) -> str:
         length = int.from_bytes(head[:8], "little")
         if head[8:9] == b"{" and length <= min(size - 8, 100_000_000):
             file.seek(8)
-            with contextlib.suppress(ValueError, TypeError, KeyError, IndexError, AttributeError):
+            with contextlib.suppress(ValueError, TypeError, LookupError, AttributeError, RecursionError):
                 header = json.loads(file.read(length))
                 ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
                 if max(ends, default=0) == size - 8 - length:
                     return "safetensors"
-            raise ValueError("a safetensors file whose header does not parse or does not match its size (incomplete?)")
+            raise ValueError("a safetensors file whose header does not parse or match its size (incomplete?)")
     if head.startswith(b"PK\x03\x04"):
         try:
             zipfile.ZipFile(path).close()   # reads the central directory, which sits at the very end
@@ -990,7 +990,7 @@ def _checkpoint_format(path: str) -> str:
         return "legacy"
     if re.match(rb"\s*<(!doctype html|html|head|body)\b", head, re.IGNORECASE):
         raise ValueError("an HTML page, not a checkpoint")
-    raise ValueError(f"not a checkpoint: neither torch.save's zip or legacy format nor safetensors (starts {head[:16]!r})")
+    raise ValueError(f"not a checkpoint: not torch.save's zip or legacy format, not safetensors (starts {head[:16]!r})")
 
 
 def _safetensors(purpose: str) -> Any:
@@ -1028,15 +1028,16 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
         raise
     except Exception as err:
         if not isinstance(err, pickle.UnpicklingError):
-            reason = str(err) if isinstance(err, ValueError) and err.__cause__ is None else f"{type(err).__name__}: {err}"
+            plain = isinstance(err, ValueError) and err.__cause__ is None   # our own words, or torch's
+            reason = str(err) if plain else f"{type(err).__name__}: {err}"
             raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}") from err
         # torch's message suggests weights_only=False, which a file of unknown origin must not get: its core only.
         text = str(err)
         core = text.partition("WeightsUnpickler error:")[2].strip() or text.split("\n\n")[int("\n\n" in text)]
         reason = f"torch.load(weights_only=True) refused it: {core.strip().splitlines()[0]}"
         if kind == "legacy":
-            reason += ("; files in torch.save's legacy non-zip format (_use_new_zipfile_serialization=False) are read "
-                       "no other way: re-save it in the default zip format where it is trusted")
+            reason += ("; a file in torch.save's legacy non-zip format (_use_new_zipfile_serialization=False) "
+                       "cannot be checked before it is unpickled, so what it names is not listed")
     raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}")
 
 
@@ -1179,7 +1180,7 @@ def _tensor_problem(value: Tensor) -> Optional[str]:
     if value.is_meta:
         return "a tensor on the meta device (no data)"
     if value.layout != torch.strided or value.is_nested:
-        return f"a {value.layout} tensor, not a dense one" if not value.is_nested else "a nested tensor, not a dense one"
+        return f"a {'nested' if value.is_nested else value.layout} tensor, not a dense one"
     if value.is_quantized:
         return f"a quantized tensor ({value.dtype})"
     return None if value.is_floating_point() else f"a {value.dtype} tensor, not floating point"

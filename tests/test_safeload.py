@@ -179,7 +179,8 @@ def test_training_checkpoint_with_metadata_loads(tmp_path):
     assert repr(args) == "<PickledObject argparse.Namespace>"
 
     # Nothing the load allowlisted for itself stays allowlisted.
-    assert not any(isinstance(g, tuple) and g[1] == "yacs.config.CfgNode" for g in torch.serialization.get_safe_globals())
+    assert not any(isinstance(g, tuple) and g[1] == "yacs.config.CfgNode"
+                   for g in torch.serialization.get_safe_globals())
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
 
