@@ -1168,7 +1168,7 @@ def _unwrap_checkpoint(ckpt: Any) -> Dict[str, Tensor]:
     if not isinstance(ckpt, dict) or not any(isinstance(v, Tensor) for v in ckpt.values()):
         raise ValueError("no state dict found: expected a dict of tensors, or one inside a "
                          f"{'/'.join(repr(k) for k in _WRAPPER_KEYS)} entry; got {type(ckpt).__name__}"
-                         + (f" with keys {[repr(k) for k in list(ckpt)[:8]]}" if isinstance(ckpt, dict) else ""))
+                         + (f" with keys {', '.join(map(repr, list(ckpt)[:8]))}" if isinstance(ckpt, dict) else ""))
     for key in ckpt:
         if not isinstance(key, str):
             raise ValueError(f"the state dict has a key {key!r} of type {type(key).__name__}; keys are strings")
