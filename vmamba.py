@@ -1704,7 +1704,8 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         from timm.models import build_model_with_cfg
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-        if pretrained and not (overlay.get("file") or overlay.get("state_dict") or kwargs.get("pretrained_cfg")):
+        if pretrained and not (overlay.get("file") or overlay.get("state_dict")
+                               or isinstance(kwargs.get("pretrained_cfg"), dict)):   # a whole cfg: timm's way
             # timm's own download fails offline with an error naming no URL: download_cached names it and the file
             overlay["file"] = download_cached(overlay.get("url", default_cfgs[name]["url"]),
                                               cache_dir=kwargs.get("cache_dir"))
