@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 import zipfile
 
 import pytest
@@ -163,15 +164,10 @@ def test_release_urls_keep_torch_hub_file_names():
     """torch.hub and timm cache a URL under os.path.basename(urlparse(url).path): the same file as ours."""
     for name in vmamba.list_models():
         url = vmamba.pretrained_url(name)
-        assert vmamba._cache_file_name(url) == os.path.basename(urllib_path(url))
+        assert vmamba._cache_file_name(url) == os.path.basename(urllib.parse.urlparse(url).path)
     assert vmamba._cache_file_name(vmamba.pretrained_url("vmamba_tiny_s1l8")) == "vssm1_tiny_0230s_ckpt_epoch_264.pth"
     other = vmamba.pretrained_url("vmamba_tiny_s1l8") + "?mirror=1"   # not the release file itself
     assert vmamba._cache_file_name(other) != "vssm1_tiny_0230s_ckpt_epoch_264.pth"
-
-
-def urllib_path(url):
-    from urllib.parse import urlparse
-    return urlparse(url).path
 
 
 @pytest.mark.parametrize("cut, legacy", [(0.5, False), (0.999, False), (0.9, True)],
@@ -408,7 +404,7 @@ def test_transposed_projection_is_not_reshaped(name):
     state[key] = state[key].transpose(1, 2).contiguous()   # same element count, wrong layout
     assert_refused_unchanged(tiny_model(), state, key, "mis-shaped", "The model is unchanged.")
     # Non-strict: everything else loads, the transposed tensor does not.
-    model, before = tiny_model(), None
+    model = tiny_model()
     before = snapshot(model)
     with pytest.warns(UserWarning, match="partial load"):
         vmamba.load_pretrained(model, state, strict=False)
