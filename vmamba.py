@@ -17,8 +17,8 @@ Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` 
 
 from __future__ import annotations
 
-import argparse, contextlib, difflib, hashlib, io, math, operator, os, pickle, pickletools, re, sys, time, warnings, zipfile
-import importlib.util, inspect, urllib.parse
+import argparse, contextlib, difflib, hashlib, json, math, operator, os, pickle, re, sys, time, warnings, zipfile
+import importlib.util, inspect, urllib.parse, urllib.request
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,7 +28,7 @@ from torch import Tensor
 __all__ = [  # kernels, model, checkpoints, zoo and ecosystem
     "selective_scan", "selective_scan_ref", "cross_scan", "cross_merge", "ss2d_core", "available_backends",
     "set_backend", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "load_pretrained", "checkpoint_filter_fn",
-    "load_checkpoint_file", "download_cached", "save_weights", "PickledGlobal", "PickledObject", "list_models",
+    "load_checkpoint_file", "download_cached", "save_weights", "PickledObject", "list_models",
     "create_model", "model_config", "pretrained_url", "EVAL_CONFIG", "vanilla_vmamba_tiny",
     "vanilla_vmamba_small", "vanilla_vmamba_base", "vmamba_tiny_s2l5", "vmamba_small_s2l15", "vmamba_base_s2l15",
     "vmamba_tiny_s1l8", "vmamba_small_s1l20", "vmamba_base_s1l20", "register_timm", "register_mm"]
@@ -934,98 +934,63 @@ class ClassifierHead(nn.Module):
 
 # --- Checkpoints: reading files safely, downloading once, converting any released layout.
 class PickledObject:
-    """Record of an object a checkpoint would have built by calling a global; nothing was called. ``factory``:
-    the :class:`PickledGlobal` called (or the record, called again); ``args``, ``kwargs``: its arguments; ``state``:
-    what ``__setstate__`` would have got (e.g. ``__dict__``); ``dictitems``: a dict subclass's items (yacs' CfgNode)."""
+    """Inert stand-in for an object that a released training checkpoint stores beside its weights (an argparse
+    namespace, a numpy scalar or array, an mmengine log buffer): it keeps what the file gives it, ``args`` (of the
+    call that would have built it) and ``state`` (what ``__setstate__`` would have got), and runs nothing."""
+    global_name = ""   # the qualified name the checkpoint gives, set per stand-in class
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "PickledObject":
-        # torch's loader calls cls(*args) (REDUCE) or cls.__new__(cls, *args) (NEWOBJ).
+    def __new__(cls, *args: Any) -> "PickledObject":   # torch's loader calls cls(*args) or cls.__new__(cls, *args)
         self = super().__new__(cls)
-        self.factory, self.args, self.kwargs, self.state, self.dictitems = cls, args, kwargs, None, {}
+        self.args, self.state = args, None
         return self
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "PickledObject":
-        record = type(self)(*args, **kwargs)
-        record.factory = self
-        return record
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.dictitems[key] = value
-
-    @property
-    def global_name(self) -> str:   # the global at the root of the factory chain
-        return str(type(self))
-
-    def __repr__(self) -> str:   # short: args and state may hold large tensors or cycles
+    def __repr__(self) -> str:   # short: args and state may hold large arrays
         return f"<PickledObject {self.global_name}>"
 
 
-class PickledGlobal(type):
-    """Stand-in, never imported, for the class or function a checkpoint names as ``module.name``: a class whose
-    instances are :class:`PickledObject` records of calls to it. For torch's loader, which tests types with ``in``,
-    it equals ``OrderedDict`` (allowlisted anyway; so its records take items) and its records (so they're callable)."""
-
-    def __new__(mcs, module: str, name: str) -> "PickledGlobal":
-        return super().__new__(mcs, "PickledGlobal", (PickledObject,), {"__module__": module, "__qualname__": name})
-
-    def __init__(cls, module: str, name: str) -> None:
-        super().__init__("PickledGlobal", (PickledObject,), {})
-
-    module, name = property(lambda cls: cls.__module__), property(lambda cls: cls.__qualname__)
-
-    def __str__(cls) -> str:
-        return f"{cls.module}.{cls.name}"
-
-    def __repr__(cls) -> str:
-        return f"<PickledGlobal {cls}>"
-
-    def __eq__(cls, other: Any) -> bool:
-        if isinstance(other, PickledGlobal):
-            return (cls.module, cls.name) == (other.module, other.name)
-        return other is OrderedDict or type(other) is cls
-
-    def __hash__(cls) -> int:
-        return hash((cls.module, cls.name))
+def _stand_in(global_name: str) -> type:
+    return type(global_name.rpartition(".")[2], (PickledObject,), {"global_name": global_name})
 
 
-_BLOCKED_ALIAS = "(blocked)."
+# The globals beyond torch's allowlist that the released checkpoints hold, and what each is read as: the training
+# config (yacs), argparse namespaces, numpy scalars and arrays (numpy 1 and 2 names) and mmengine's log buffers (in
+# detection and segmentation checkpoints). A yacs CfgNode is a dict whose items arrive by SETITEMS, which torch's
+# loader allows only into dicts: it is read as an OrderedDict, its attributes (BUILD) in the OrderedDict's __dict__.
+_CHECKPOINT_GLOBALS: Dict[str, type] = {"yacs.config.CfgNode": OrderedDict, **{name: _stand_in(name) for name in (
+    "argparse.Namespace", "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "mmengine.logging.history_buffer.HistoryBuffer")}}
 
 
-def _unblocked(source: str) -> Union[str, io.BytesIO]:
-    """``source``, or an in-memory copy in which globals torch refuses even if allowlisted get prefix _BLOCKED_ALIAS."""
-    with zipfile.ZipFile(source) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
-        data = archive.read(pkl)
-        cuts = [pos + 1 for op, arg, pos in pickletools.genops(data)
-                if op.name == "GLOBAL" and arg.split(" ", 1)[0] in ("sys", "os", "posix", "nt")]
-        if not cuts:
-            return source
-        data = _BLOCKED_ALIAS.encode().join(data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)]))
-        copy = io.BytesIO()
-        with zipfile.ZipFile(copy, "w") as out:
-            for info in archive.infolist():
-                out.writestr(info, data if info.filename == pkl else archive.read(info))
-    copy.seek(0)
-    return copy
-
-
-def _weights_only_load(source: Union[str, io.BytesIO]) -> Any:
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except BaseException:
-        # A failed load leaves its sparse tensors queued for validation by (and failing) the next: empty the queue.
-        buffer = io.BytesIO()
-        torch.save({}, buffer)
-        buffer.seek(0)
-        with warnings.catch_warnings(), contextlib.suppress(Exception):
-            warnings.simplefilter("ignore")
-            torch.load(buffer, weights_only=True)
-        raise
+def _checkpoint_format(path: str) -> str:
+    """"zip" (torch.save), "safetensors" or "legacy" (torch.save's old format) for a file that looks complete in that
+    format (a zip archive that opens; a safetensors header that parses and accounts for every byte); else ValueError
+    saying what the file is."""
+    with open(path, "rb") as file:
+        head, size = file.read(64), os.fstat(file.fileno()).st_size
+        length = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and length <= min(size - 8, 100_000_000):
+            file.seek(8)
+            with contextlib.suppress(ValueError, TypeError, LookupError, AttributeError, RecursionError):
+                header = json.loads(file.read(length))
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+                if max(ends, default=0) == size - 8 - length:
+                    return "safetensors"
+            raise ValueError("a safetensors file whose header does not parse or match its size (incomplete?)")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            zipfile.ZipFile(path).close()   # reads the central directory, which sits at the very end
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise ValueError(f"a zip archive that does not open, likely incomplete ({err})") from None
+        return "zip"
+    if head.startswith(b"\x80\x02\x8a\x0a"):   # the pickled magic number of torch.save's legacy format
+        return "legacy"
+    if re.match(rb"\s*<(!doctype html|html|head|body)\b", head, re.IGNORECASE):
+        raise ValueError("an HTML page, not a checkpoint")
+    raise ValueError(f"not a checkpoint: not torch.save's zip or legacy format, not safetensors (starts {head[:16]!r})")
 
 
 def _safetensors(purpose: str) -> Any:
@@ -1037,48 +1002,62 @@ def _safetensors(purpose: str) -> Any:
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
-    """Load a checkpoint onto the CPU without running code from it: ``.safetensors`` (by name or content) with
-    safetensors, others with ``torch.load(weights_only=True)``; if that refuses a zip checkpoint, each global outside
-    torch's allowlist (``os.system`` ... too) is allowlisted for one more load as an inert :class:`PickledGlobal`
-    building :class:`PickledObject` records. Legacy non-zip files only if torch accepts them. Raises OSError as
-    ``open``, ImportError (with the pip command) for .safetensors without safetensors, ValueError for a bad file."""
+    """Load a checkpoint onto the CPU without running code from it: safetensors files with safetensors, others with
+    ``torch.load(weights_only=True)``. Of the globals torch does not allow, only those the released checkpoints hold
+    are read (a yacs config as an OrderedDict, the others as :class:`PickledObject`); a file naming any other is
+    refused before it is unpickled. Raises OSError as ``open``, ImportError (with the pip command) for safetensors
+    without the package, ValueError for a file that is not read (saying why)."""
     source = os.fspath(path)
-    with open(source, "rb") as file:
-        head, size = file.read(9), os.fstat(file.fileno()).st_size
+    open(source, "rb").close()   # OSError as open() gives it: missing file, a folder, no permission
     try:
-        if source.endswith(".safetensors") or (head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size):
+        kind = _checkpoint_format(source)
+        if kind == "safetensors":
             return _safetensors(f"{source} is a safetensors file, which").load_file(source, device="cpu")
-        try:
-            return _weights_only_load(source)
-        except pickle.UnpicklingError:
-            if not head.startswith(b"PK\x03\x04"):
-                raise
-        unblocked = _unblocked(source)
-        placeholders = [(PickledGlobal(*full_name.removeprefix(_BLOCKED_ALIAS).rpartition(".")[::2]), full_name)
-                        for full_name in torch.serialization.get_unsafe_globals_in_checkpoint(unblocked)]
-        with torch.serialization.safe_globals(placeholders):
-            return _weights_only_load(unblocked)
+        # A zip's globals are listed without unpickling it; the legacy format's are not, so all known ones are allowed.
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(source) if kind == "zip" else _CHECKPOINT_GLOBALS
+        unknown = sorted(set(found) - set(_CHECKPOINT_GLOBALS))
+        if unknown:
+            raise ValueError(
+                f"it names {', '.join(unknown)}, which torch.load(weights_only=True) does not allow and released "
+                "VMamba checkpoints do not hold, so it was not unpickled. If you trust the file, load it with "
+                "torch.load(path, weights_only=False) (this runs code the file contains) and pass the result to "
+                "load_pretrained")
+        with torch.serialization.safe_globals([(_CHECKPOINT_GLOBALS[name], name) for name in found]):
+            return torch.load(source, map_location="cpu", weights_only=True)
     except ImportError:
         raise
     except Exception as err:
-        reason = f"{type(err).__name__}: {err}"
-        if isinstance(err, pickle.UnpicklingError) and head.startswith(b"\x80\x02\x8a\x0a"):   # legacy magic
-            reason = ("torch.load(weights_only=True) refused it, and files in torch.save's legacy non-zip format "
-                      "(_use_new_zipfile_serialization=False) are read no other way; re-save it in the default "
-                      "zip format where it is trusted")
-        raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}") from err
+        if not isinstance(err, pickle.UnpicklingError):
+            plain = isinstance(err, ValueError) and err.__cause__ is None   # our own words, or torch's
+            reason = str(err) if plain else f"{type(err).__name__}: {err}"
+            raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}") from err
+        # torch's message suggests weights_only=False, which a file of unknown origin must not get: its core only.
+        text = str(err)
+        core = text.partition("WeightsUnpickler error:")[2].strip() or text.split("\n\n")[int("\n\n" in text)]
+        reason = f"torch.load(weights_only=True) refused it: {core.strip().splitlines()[0]}"
+        if kind == "legacy":
+            reason += ("; a file in torch.save's legacy non-zip format (_use_new_zipfile_serialization=False) "
+                       "cannot be checked before it is unpickled, so what it names is not listed")
+    raise ValueError(f"{source} could not be read as a PyTorch checkpoint: {reason}")
+
+
+_RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
 
 
 def _cache_file_name(url: str) -> str:
-    """The URL's last path segment, percent-decoded, other than [A-Za-z0-9._+-] -> '_', no leading dots, <= 200."""
-    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1], errors="replace")
-    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
+    """The file name a download of ``url`` is cached under. A release file keeps torch.hub's name (the URL's last
+    path segment), so torch.hub, timm and this file share it; any other URL gets that segment made filesystem-safe
+    plus a hash of the URL, so that two URLs (another host, another query) never share a file."""
+    parts = urllib.parse.urlsplit(url)
+    segment = parts.path.rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", urllib.parse.unquote(segment, errors="replace")).lstrip(".")
     if not name:
         raise ValueError(f"cannot derive a cache file name from URL {url!r}")
-    if len(name) > 200:
-        stem, ext = os.path.splitext(name)
-        name = f"{stem[:183 - len(ext[:20])]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}{ext[:20]}"
-    return name
+    if url.startswith(_RELEASES) and name == segment and not parts.query and not parts.fragment:
+        return name
+    ext = (re.search(r"\.[A-Za-z0-9]{1,16}$", name) or re.search("$", name)).group()   # ".pth", or none
+    url_hash = hashlib.sha256(urllib.parse.urldefrag(url)[0].encode()).hexdigest()[:12]
+    return f"{name[:len(name) - len(ext)][:160]}-{url_hash}{ext}"
 
 
 def _file_sha256(path: str) -> str:
@@ -1089,39 +1068,82 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _temporary_beside(path: str) -> str:
+    """A fresh hidden name in ``path``'s folder, so that the finished file is renamed (atomically) over ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.urandom(6).hex()}.partial")
+
+
+def _fetch(url: str, file: Any, progress: bool, timeout: float) -> None:
+    """Write the body of an http(s) GET of ``url`` to ``file``; EOFError if fewer bytes came than announced."""
+    request = urllib.request.Request(url, headers={"User-Agent": "vmamba.py"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:   # the timeout bounds connect and each read
+        if response.headers.get_content_type() == "text/html":
+            raise ValueError("the server returned an HTML page, not a checkpoint")
+        announced = response.headers.get("Content-Length", "")
+        total = int(announced) if announced.isdigit() else None
+        bar, received = None, 0
+        if progress and importlib.util.find_spec("tqdm") is not None:   # as torch.hub's bar
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024)
+        try:
+            while chunk := response.read(1 << 16):
+                file.write(chunk)
+                received += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+    if total is not None and received != total:
+        raise EOFError(f"{received} of the {total} bytes announced arrived: the connection closed early")
+
+
 def download_cached(url: str, sha256: Optional[str] = None, progress: bool = True,
-                    cache_dir: Union[str, os.PathLike, None] = None) -> str:
-    """Download an http(s) ``url`` once to ``cache_dir`` (default ``<torch.hub.get_dir()>/checkpoints``) under its
-    last path segment; return the path. ``sha256`` (hex digest or >= 8-digit prefix) is checked on every call: a
-    cached mismatch is downloaded again (warning), a downloaded one deleted (ValueError). A failed or truncated
-    download raises RuntimeError naming the URL and cache path, leaving no file."""
+                    cache_dir: Union[str, os.PathLike, None] = None, timeout: float = 30.0) -> str:
+    """Download an http(s) ``url`` once to ``cache_dir`` (default ``<torch.hub.get_dir()>/checkpoints``) and return
+    the path. A file reaches the cache only complete and checked: as many bytes as announced, a zip archive that opens
+    or a safetensors header that parses, ``sha256`` (hex digest or >= 8-digit prefix) when given; it is written to a
+    temporary name and renamed. A cached file is checked the same way on every call and downloaded again if it fails.
+    ``timeout`` (seconds) bounds the connection and every read. A failed download raises RuntimeError (ValueError
+    for a SHA-256 mismatch) naming the URL and the cache file to create offline, and removes only its own file."""
     if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ValueError(f"only http(s) URLs can be downloaded, got {url!r}")
     expected = None if sha256 is None else sha256.strip().lower()
     if expected is not None and not re.fullmatch(r"[0-9a-f]{8,64}", expected):
         raise ValueError(f"sha256 must be a SHA-256 hex digest or a prefix of at least 8 hex digits, got {sha256!r}")
     cache_dir = os.fspath(os.path.join(torch.hub.get_dir(), "checkpoints") if cache_dir is None else cache_dir)
-    dest = os.path.join(cache_dir, _cache_file_name(url))
+    name = _cache_file_name(url)
+    dest = os.path.join(cache_dir, name)
     if os.path.isfile(dest):
-        if expected is None or (actual := _file_sha256(dest)).startswith(expected):
-            return dest
-        warnings.warn(f"Cached file {dest} has SHA-256 {actual}, expected {expected}; downloading {url} again",
-                      stacklevel=2)
-        os.remove(dest)
+        try:
+            _checkpoint_format(dest)
+            if expected is None or (actual := _file_sha256(dest)).startswith(expected):
+                return dest
+            problem = f"has SHA-256 {actual}, expected {expected}"
+        except ValueError as err:   # e.g. a cut-off file that another downloader left
+            problem = f"is {err}"
+        warnings.warn(f"Cached file {dest} {problem}; downloading {url} again", stacklevel=2)
     os.makedirs(cache_dir, exist_ok=True)
+    partial = _temporary_beside(dest)
     try:
-        torch.hub.download_url_to_file(url, dest, hash_prefix=None, progress=progress)
-        with open(dest, "rb") as file:   # urllib does not report a connection closed early
-            if file.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(dest):
-                raise EOFError("the zip archive is incomplete: the connection closed early")
+        with open(partial, "xb") as file:
+            _fetch(url, file, progress, timeout)
+        try:
+            _checkpoint_format(partial)
+        except ValueError as err:
+            raise ValueError(f"the server returned {err}") from None
+        actual = None if expected is None else _file_sha256(partial)
+        if actual is None or actual.startswith(expected):
+            os.replace(partial, dest)
+            return dest
     except Exception as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(dest)
-        raise RuntimeError(f"Failed to download {url} to {dest}: {err}") from err
-    if expected is not None and not (actual := _file_sha256(dest)).startswith(expected):
-        os.remove(dest)
-        raise ValueError(f"SHA-256 mismatch for {url}: expected {expected}, got {actual}; the download was deleted")
-    return dest
+        raise RuntimeError(f"Failed to download {url}: {err}. Offline, save the file as {name} in {cache_dir} "
+                           f"(that is, {dest}), or pass a local path to load_pretrained or pretrained=") from err
+    finally:
+        with contextlib.suppress(OSError):   # only this call's own file; gone already once renamed
+            os.remove(partial)
+    raise ValueError(f"SHA-256 mismatch for {url}: expected {expected}, got {actual}; the download was deleted")
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema")   # the first one present is used
@@ -1146,8 +1168,22 @@ def _unwrap_checkpoint(ckpt: Any) -> Dict[str, Tensor]:
     if not isinstance(ckpt, dict) or not any(isinstance(v, Tensor) for v in ckpt.values()):
         raise ValueError("no state dict found: expected a dict of tensors, or one inside a "
                          f"{'/'.join(repr(k) for k in _WRAPPER_KEYS)} entry; got {type(ckpt).__name__}"
-                         + (f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""))
+                         + (f" with keys {', '.join(map(repr, list(ckpt)[:8]))}" if isinstance(ckpt, dict) else ""))
+    for key in ckpt:
+        if not isinstance(key, str):
+            raise ValueError(f"the state dict has a key {key!r} of type {type(key).__name__}; keys are strings")
     return {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
+
+
+def _tensor_problem(value: Tensor) -> Optional[str]:
+    """Why ``value`` cannot be copied into a parameter, or None: it must be dense, hold data, and be floating point."""
+    if value.is_meta:
+        return "a tensor on the meta device (no data)"
+    if value.layout != torch.strided or value.is_nested:
+        return f"a {'nested' if value.is_nested else value.layout} tensor, not a dense one"
+    if value.is_quantized:
+        return f"a quantized tensor ({value.dtype})"
+    return None if value.is_floating_point() else f"a {value.dtype} tensor, not floating point"
 
 
 def _adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
@@ -1163,12 +1199,14 @@ def checkpoint_filter_fn(checkpoint: Any, model: nn.Module) -> Dict[str, Tensor]
     single-file one (unstacked ``x_proj``/``dt_projs``, ``downsample.1/.2``), the February 2024 one (``ln_1``,
     ``self_attention``, top-level ``norm``/``head``), ``module.``/``backbone.`` prefixes and ``model``/``state_dict``/
     ``model_ema`` wrappers. Drops the head when the model has none; adapts an RGB first conv to ``in_chans``. Pure;
-    unknown keys are passed through (``load_pretrained`` reports them)."""
+    unknown keys are passed through (``load_pretrained`` reports them). ValueError for a key that is not a string
+    and for two keys that give the same key (e.g. ``x`` and ``module.x``: two weight sets in one dict)."""
     state = _unwrap_checkpoint(checkpoint)
     if any(k.startswith("backbone.") for k in state):   # detection/segmentation: keep the backbone
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    own, out = model.state_dict(), {}
-    for key, value in state.items():
+    own, out, origin = model.state_dict(), {}, {}
+    for original, value in state.items():
+        key = original
         while key.startswith(_PREFIXES):
             key = key.split(".", 1)[1]
         for pattern, repl in _RENAMES:
@@ -1179,12 +1217,19 @@ def checkpoint_filter_fn(checkpoint: Any, model: nn.Module) -> Dict[str, Tensor]
         if merging and merging.group(1) + ".norm.weight" in own:
             part = "norm" if merging.group(2) == "1" else "reduction"
             key = f"{merging.group(1)}.{part}.{merging.group(3)}"
-        if key in own and value.shape != own[key].shape and value.numel() == own[key].numel() \
-                and key.rsplit(".", 1)[-1] in ("x_proj_weight", "dt_projs_weight", "dt_projs_bias"):
-            value = value.reshape(own[key].shape)
-        if (key == _FIRST_CONV and key in own and value.ndim == 4 and value.shape[1] == 3
-                and own[key].shape[1] != 3 and value.shape[2:] == own[key].shape[2:]):
-            value = _adapt_input_conv(value, own[key].shape[1])
+        if key in origin:
+            raise ValueError(f"keys {origin[key]!r} and {original!r} both give {key!r}: the checkpoint holds two "
+                             "weight sets; pass the state dict of the one to load")
+        origin[key] = original
+        target = own.get(key)
+        if target is not None and _tensor_problem(value) is None:
+            # The newer layout's unstacked (K*a, b) projections are our stacked (K, a, b): that reshape only.
+            if key.rsplit(".", 1)[-1] in ("x_proj_weight", "dt_projs_weight", "dt_projs_bias") and target.ndim >= 2 \
+                    and value.shape == (target.shape[0] * target.shape[1], *target.shape[2:]):
+                value = value.reshape(target.shape)
+            if (key == _FIRST_CONV and value.ndim == 4 and value.shape[1] == 3 and target.shape[1] != 3
+                    and value.shape[2:] == target.shape[2:]):
+                value = _adapt_input_conv(value, target.shape[1])
         out[key] = value
     if "classifier.head.weight" not in own:  # no head (num_classes=0) or no classifier at all
         out = {k: v for k, v in out.items() if not k.startswith("classifier.head.")}
@@ -1197,36 +1242,25 @@ def _is_url(source: Any) -> bool:
     return isinstance(source, str) and source.split("://", 1)[0].lower() in ("http", "https")
 
 
-def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
-                    sha256: Optional[str] = None, progress: bool = True) -> nn.Module:
-    """Load weights into ``model`` from a path (PyTorch or ``.safetensors``), an http(s) URL or a state dict.
-    URLs are downloaded once into torch.hub's cache, checked against ``sha256`` when given; any layout of
-    :func:`checkpoint_filter_fn`; files are read without running code. ``strict``: every parameter must load with
-    the right shape, except a head of another class count (left fresh, with a warning) and a backbone's ``outnorm``
-    layers. On any error the model is left unchanged. Returns ``model``."""
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if isinstance(source, str):
-        path = download_cached(source, sha256=sha256, progress=progress) if _is_url(source) else source
-        checkpoint = load_checkpoint_file(path)
-    elif isinstance(source, dict):
-        checkpoint = source
-    else:
-        raise TypeError(f"source must be a path, an http(s) URL or a state dict, got {type(source).__name__}")
-    name = source if isinstance(source, str) else "the given state dict"
+def _checked_state(model: nn.Module, checkpoint: Any, strict: bool, name: str) -> Dict[str, Tensor]:
+    """The part of ``checkpoint`` to copy into ``model``, every tensor checked first (a dense floating-point tensor of
+    the parameter's shape); ValueError naming the key otherwise. Writes nothing."""
     try:
         state = checkpoint_filter_fn(checkpoint, model)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+    except ValueError as err:
+        raise ValueError(f"cannot load {name} into {type(model).__name__}: {err}.") from None
     own, tolerated, head = model.state_dict(), set(), "classifier.head.weight"
     if (head in own and head in state and state[head].ndim == 2
             and state[head].shape[0] != own[head].shape[0] and state[head].shape[1] == own[head].shape[1]):
         warnings.warn(f"vmamba: the checkpoint's head has {state[head].shape[0]} classes and the model "
-                      f"{own[head].shape[0]}: classifier.head is left freshly initialised.", stacklevel=2)
+                      f"{own[head].shape[0]}: classifier.head is left freshly initialised.", stacklevel=3)
         state = {k: v for k, v in state.items() if not k.startswith("classifier.head.")}
         tolerated |= {k for k in own if k.startswith("classifier.head.")}
     if not any(k.startswith("outnorm") for k in state):
         tolerated |= {k for k in own if k.startswith("outnorm")}
+    for key, value in state.items():
+        if key in own and (problem := _tensor_problem(value)):
+            raise ValueError(f"cannot load {name} into {type(model).__name__}: {key} is {problem}.")
     missing = [k for k in own if k not in state and k not in tolerated]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1238,9 +1272,34 @@ def load_pretrained(model: nn.Module, source: Any, strict: bool = True,
             ("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if items)
         if strict:
             raise ValueError(f"cannot load {name} into {type(model).__name__} ({report}): {examples}. "
-                             "Is it a checkpoint of another architecture? The model is unchanged.")
-        warnings.warn(f"vmamba: partial load of {name} ({report}): {examples}", stacklevel=2)
+                             "Is it a checkpoint of another architecture?")
+        warnings.warn(f"vmamba: partial load of {name} ({report}): {examples}", stacklevel=3)
         state = {k: v for k, v in state.items() if k in own and state[k].shape == own[k].shape}
+    return state
+
+
+def load_pretrained(model: nn.Module, source: Any, strict: bool = True, sha256: Optional[str] = None,
+                    progress: bool = True, timeout: float = 30.0) -> nn.Module:
+    """Load weights into ``model`` from a path (PyTorch or ``.safetensors``), an http(s) URL or a state dict.
+    URLs are downloaded once into torch.hub's cache (:func:`download_cached`: ``sha256``, ``progress``, ``timeout``);
+    any layout of :func:`checkpoint_filter_fn`; files are read without running code. ``strict``: every parameter
+    must load with the right shape, except a head of another class count (left fresh, with a warning) and a
+    backbone's ``outnorm`` layers. One transaction: every tensor is checked before the first is written, and on any
+    error (a ValueError naming the key for a checkpoint that does not fit) the model is unchanged. Returns ``model``."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str):
+        path = download_cached(source, sha256, progress, timeout=timeout) if _is_url(source) else source
+        checkpoint = load_checkpoint_file(path)
+    elif isinstance(source, dict):
+        checkpoint = source
+    else:
+        raise TypeError(f"source must be a path, an http(s) URL or a state dict, got {type(source).__name__}")
+    name = source if isinstance(source, str) else "the given state dict"
+    try:
+        state = _checked_state(model, checkpoint, strict, name)
+    except ValueError as err:
+        raise ValueError(f"{err} The model is unchanged.") from None
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     return model
@@ -1569,26 +1628,33 @@ class Backbone_VSSM(VSSM):
 # --- Saving: what load_checkpoint_file reads back.
 def save_weights(state_dict_or_model: Union[nn.Module, Dict[str, Any]], path: Union[str, os.PathLike]) -> None:
     """Save a state dict, or a module's, to ``path``: with torch.save, or as safetensors when the name ends in
-    .safetensors (tensors only; written contiguous, on the CPU, tensors sharing storage as separate copies)."""
+    .safetensors (tensors only; written contiguous, on the CPU, tensors sharing storage as separate copies). The file
+    is written under a temporary name in the same folder and renamed over ``path``: never left half written."""
     state = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
     path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        torch.save(state, path)
-        return
-    save_file = _safetensors("writing a .safetensors file").save_file
     tensors, storages = {}, set()
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{key!r} is a {type(value).__name__}; a .safetensors file holds only tensors")
-        value = value.detach().cpu().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        tensors[key] = value.clone() if storage in storages else value
-        storages.add(storage)
-    save_file(tensors, path, metadata={"format": "pt"})
+    if path.endswith(".safetensors"):
+        save_file = _safetensors("writing a .safetensors file").save_file
+        for key, value in state.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{key!r} is a {type(value).__name__}; a .safetensors file holds only tensors")
+            value = value.detach().cpu().contiguous()
+            storage = value.untyped_storage().data_ptr()
+            tensors[key] = value.clone() if storage in storages else value
+            storages.add(storage)
+    partial = _temporary_beside(path)
+    try:
+        if path.endswith(".safetensors"):
+            save_file(tensors, partial, metadata={"format": "pt"})
+        else:
+            torch.save(state, partial)
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(OSError):   # gone already once renamed
+            os.remove(partial)
 
 
 # --- The model zoo: the nine ImageNet-1K models released by the authors.
-_RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
 _VANILLA = dict(ssm_d_state=16, ssm_ratio=2.0, ssm_conv_bias=True, forward_type="v0", mlp_ratio=0.0,
                 downsample_version="v1", patchembed_version="v1", norm_layer="ln")
 _V2 = dict(ssm_d_state=1, ssm_conv_bias=False, forward_type="v05_noz", mlp_ratio=4.0,
@@ -1680,7 +1746,8 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **kwargs: Any)
 
 
 # --- Ecosystem: timm's registry and OpenMMLab's. Neither package is imported unless asked for.
-# timm's weights-only loader refuses the released files (training state): ``custom_load`` uses VSSM.load_pretrained.
+# timm's weights-only loader refuses the released files (training state): ``custom_load`` uses VSSM.load_pretrained,
+# and the entry point downloads the file itself (download_cached) into the cache file timm would use.
 default_cfgs: Dict[str, Dict[str, Any]] = {name: dict(
     url=pretrained_url(name), custom_load=True, num_classes=1000, pool_size=(7, 7), first_conv="patch_embed.0",
     classifier="classifier.head", license="mit", paper_ids="arXiv:2401.10166",
@@ -1690,9 +1757,15 @@ default_cfgs: Dict[str, Dict[str, Any]] = {name: dict(
 def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         from timm.models import build_model_with_cfg
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        if pretrained and not (overlay.get("file") or overlay.get("state_dict")
+                               or isinstance(kwargs.get("pretrained_cfg"), dict)):   # a whole cfg: timm's way
+            # timm's own download fails offline with an error naming no URL: download_cached names it and the file
+            overlay["file"] = download_cached(overlay.get("url", default_cfgs[name]["url"]),
+                                              cache_dir=kwargs.get("cache_dir"))
         return build_model_with_cfg(VSSM, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                     feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-                                    **dict(model_config(name), **kwargs))
+                                    pretrained_cfg_overlay=overlay or None, **dict(model_config(name), **kwargs))
     entrypoint.__name__ = entrypoint.__qualname__ = name   # timm registers it under this name
     entrypoint.__doc__ = f"timm entry point of {name}; its configuration is default_cfgs[{name!r}]."
     return entrypoint
@@ -1773,19 +1846,22 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if os.path.exists(args.output):
+        if os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+            raise ValueError(f"{args.output} is the input checkpoint; write the converted one to another file")
+        if not args.force:
+            raise ValueError(f"{args.output} exists; pass --force to replace it")
     checkpoint = load_checkpoint_file(download_cached(args.input) if _is_url(args.input) else args.input)
     for name in [args.model] if args.model else list_models():  # the architecture it fits exactly
         with torch.device("meta"):
             model = create_model(name)
         state, own = checkpoint_filter_fn(checkpoint, model), model.state_dict()
-        if args.model:
-            load_pretrained(model.to_empty(device="cpu"), state)  # raises, saying what does not fit
         if args.model or (state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own)):
             break
     else:
         raise ValueError("the checkpoint matches none of the zoo's architectures; pass --model "
                          f"(one of {list_models()}) to convert it against one")
-    save_weights(state, args.output)
+    save_weights(_checked_state(model, state, True, args.input), args.output)   # checked: raises, saying what
     print(f"{args.input} -> {args.output}: {len(state)} tensors in the {name} layout")
     return 0
 
@@ -1852,9 +1928,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("input", help="checkpoint path or http(s) URL")
     p.add_argument("output", help="output path: .safetensors, or any other name for torch.save")
     p.add_argument("--model", default=None, help="zoo architecture (default: the one the checkpoint matches)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(run=_cmd_convert)
     args = parser.parse_args(argv)
-    return _smoke(args) if args.command is None else args.run(args)
+    if args.command is None:
+        return _smoke(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, RuntimeError, ImportError) as err:   # a user's error: one line, as argparse's
+        print(f"vmamba.py {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
