@@ -4,8 +4,12 @@
 implementation on CPU (config, state_dict, input, output); ``zoo_state_dict.json`` holds
 every released checkpoint's keys, shapes and parameter count.
 """
+import contextlib
+import functools
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
 
 # One intra-op thread unless OMP_NUM_THREADS says otherwise (set before torch starts, so that
@@ -32,6 +36,20 @@ FIXTURES = ["v0_square", "v2_ln2d_square"]
 def data_file(name: str) -> Path:
     """A file of the contract data in tests/data (part of the repository)."""
     return DATA / name
+
+
+@contextlib.contextmanager
+def serve_folder(root):
+    """A real HTTP server on 127.0.0.1 serving the files of ``root``; yields its base URL (no trailing slash)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args, **kwargs: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def pytest_collection_modifyitems(config, items):

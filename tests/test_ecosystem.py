@@ -4,20 +4,18 @@ Optional packages (timm, torchvision, mmengine) are used when installed and skip
 the reason shown when not; tests/requirements.txt installs them for CI. Nothing here
 touches the network: pretrained weights come from a local HTTP server on 127.0.0.1.
 """
-import functools
-import http.server
 import importlib.util
 import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import vmamba
+from conftest import serve_folder
 
 TINY = dict(depths=[1, 1, 1, 1], dims=16, drop_path_rate=0.0)
 
@@ -97,14 +95,8 @@ def served_checkpoint(tmp_path, monkeypatch):
     root.mkdir()
     torch.save({"model": state, "epoch": 1, "config": argparse.Namespace(lr=1e-3)}, root / "ckpt.pth")
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/ckpt.pth", state
-    server.shutdown()
-    server.server_close()
+    with serve_folder(root) as base:
+        yield f"{base}/ckpt.pth", state
 
 
 def test_timm_registers_the_zoo_once(timm_mod, recwarn):

@@ -1,12 +1,10 @@
 """Every released checkpoint layout loads; failures are loud and change nothing."""
-import functools
-import http.server
-import threading
 
 import pytest
 import torch
 
 import vmamba
+from conftest import serve_folder
 
 
 def _model(fixture, **overrides):
@@ -75,13 +73,8 @@ def http_root(tmp_path, monkeypatch):
     root = tmp_path / "www"
     root.mkdir()
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(root) as base:
+        yield root, base
 
 
 def test_load_by_url(fixture, http_root):

@@ -1,10 +1,7 @@
 """README's Python snippets run as written. The release checkpoint they load is a stand-in with random weights in
 the authors' layout, served from a real HTTP server on 127.0.0.1 into a private torch.hub cache: nothing is
 downloaded from the internet."""
-import functools
-import http.server
 import re
-import threading
 import warnings
 from pathlib import Path
 
@@ -12,6 +9,7 @@ import pytest
 import torch
 
 import vmamba
+from conftest import serve_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
@@ -26,13 +24,8 @@ def releases(tmp_path_factory):
     torch.manual_seed(0)
     state = vmamba.vmamba_tiny_s1l8().state_dict()
     torch.save({"model": state, "optimizer": {}, "epoch": 263}, root / "#v2cls" / RELEASE)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(root) as base:
+        yield root, base + "/"
 
 
 def test_the_readme_has_its_snippets():
