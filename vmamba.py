@@ -90,6 +90,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # in L). Channels go in even blocks: a step touches ~_STEP_STATES states (in cache; twice that compiled), a
 # (B, L, G, width) tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew each call).
 _CHUNK, _STEP_STATES, _BLOCK_FLOATS = 16, 1 << 20, 1 << 22
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -106,12 +107,15 @@ def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c alon
     return F.pad(t[:, :t.shape[1] - s], (0, 0) * (t.dim() - 2) + (s, 0), value=fill)
 
 
-def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
-    """Inclusive scan of h_c = P_c * h_{c-1} + S_c along dim 1 (h_{-1} = 0), in log2 steps."""
+def _chunk_carries(E: Tensor, S: Tensor) -> Tensor:
+    """Inclusive scan of h_c = E_c^2 * h_{c-1} + S_c along dim 1 (h_{-1} = 0), in log2 steps. E, the square root of
+    a chunk's decay, is capped at float32's largest value: a product of growing chunks (dt*A > 0) may overflow where
+    the states do not, and inf times a zero carry would be NaN. A carry is multiplied by E twice, so each result is
+    exact if it fits float32, inf if it cannot (a normal nonzero float32 times 3.4e38^2 overflows)."""
     n, s = S.shape[1], 1
     while s < n:  # after this step, h_c sums the terms of chunks c-2s+1..c
-        S = torch.addcmul(S, P, _shifted(S, s, 0.0))
-        P = P * _shifted(P, s, 1.0) if 2 * s < n else P
+        S = torch.addcmul(S, E, E * _shifted(S, s, 0.0))
+        E = (E * _shifted(E, s, 1.0)).clamp_max(_F32_MAX) if 2 * s < n else E
         s *= 2
     return S
 
@@ -138,11 +142,13 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     else:
         (dts, dus, Bs), a_s = (steps(t) for t in (dt.unsqueeze(-2), (dt * u).unsqueeze(-2), B.unsqueeze(-1))), None
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
-        return torch.addcmul(x_s[t], a_s[t], h) if a_s else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
+        a = a_s[t] if a_s else torch.exp(dts[t] * A)
+        a = a.clamp_max(_F32_MAX) if t == 0 else a  # meets chunk 0's zero entry state: inf * 0 would be NaN
+        return torch.addcmul(x_s[t] if a_s else dus[t] * Bs[t], a, h)
     h = x_s[0] if a_s else dus[0] * Bs[0]                             # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
-    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)   # (B, nc, G, N, D)
+    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2)).clamp_max(_F32_MAX), h)
     h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
@@ -192,15 +198,19 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
     global _affine_combine, _affine_combine_excl, _softplus_tl, _scan_fwd_kernel, _scan_bwd_kernel, _cross_kernel
 
     @triton.jit
-    def _affine_combine(a1, b1, a2, b2):
-        """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
-        return a1 * a2, a2 * b1 + b2
+    def _affine_combine(e1, b1, e2, b2):
+        """Compose two steps of h -> e*e*h + b: first (e1, b1), then (e2, b2). e, the square root of a decay, is
+        capped at float32's largest value, so with growth (dt*A > 0) a product over many steps stays finite (inf
+        times a zero state would be NaN), and e*(e*b) is exact if it fits float32, inf if a normal b cannot."""
+        return tl.minimum(e1 * e2, 3.4028234663852886e38), e2 * (e2 * b1) + b2
 
     @triton.jit
     def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
-        """_affine_combine plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)): yields
-        h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0)."""
-        return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+        """Compose h -> a*h + b, plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)):
+        yields h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0).
+        Products of decays are capped at float32's largest value, as in _affine_combine."""
+        return (tl.minimum(a1 * a2, 3.4028234663852886e38), a2 * b1 + b2, tl.minimum(a1 * ea2, 3.4028234663852886e38),
+                ea2 * b1 + eb2)
 
     @triton.jit
     def _softplus_tl(z):
@@ -247,10 +257,10 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
             dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
             Bv = tl.load(B_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
             Cv = tl.load(C_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
+            e = tl.minimum(tl.exp(dt[:, None, :] * A[:, :, None] * 0.5), 3.4028234663852886e38)   # (BD, BN, BL)
             bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
-            pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
-            hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
+            pe, pb = tl.associative_scan((e, bx), axis=2, combine_fn=_affine_combine)
+            hs = pe * (pe * h[:, :, None]) + pb                 # h_s for every step of the chunk
             y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
             if HAS_D:
                 y += Dskip[:, None] * u
@@ -306,7 +316,7 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
             dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
             # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
             h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
+            a = tl.minimum(tl.exp(dt[:, None, :] * A[:, :, None]), 3.4028234663852886e38)   # (BD, BN, BL)
             bx = (dt * u)[:, None, :] * Bv[None, :, :]
             _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
             a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
