@@ -60,18 +60,20 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        delta_softplus: bool = False, return_last_state: bool = False):
     """Grouped Mamba-1 selective scan, one step at a time, in float64: the (slow) test oracle.
     Shapes (G groups of D channels, state size N, length L): u, delta, z (gate) (B, G*D, L);
-    A (G*D, N) negative decay rates; B, C (B, G, N, L) or (B, N, L), shared by a group;
-    D (skip), delta_bias (G*D,) optional. With ``dt = softplus(delta + delta_bias)`` (or no softplus)::
+    A (G*D, N) negative decay rates; B, C (B, G, N, L) or (B, N, L), shared by a group, or (G*D, N), one per
+    channel for every step (mamba_ssm's constant B, C); D (skip), delta_bias (G*D,) optional. With
+    ``dt = softplus(delta + delta_bias)`` (or no softplus)::
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
         y_t = (<C_t, h_t> + D * u_t) * silu(z_t)
 
     Returns y as float64 (B, G*D, L), or ``(y, h_L)`` with ``return_last_state``."""
+    (batch, channels, length), u, delta, A = u.shape, u.double(), delta.double(), A.double()
+    B, C = (t.double()[None, :, :, None].expand(batch, -1, -1, length) if t.dim() == 2 else t.double()
+            for t in (B, C))
     B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
-    channels, groups = u.shape[1], B.shape[1]
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    B, C = (t.repeat_interleave(channels // t.shape[1], dim=1) for t in (B, C))  # (B, G*D, N, L)
     delta = delta if delta_bias is None else delta + delta_bias.double()[:, None]
     dt = F.softplus(delta) if delta_softplus else delta
-    B, C = (t.repeat_interleave(channels // groups, dim=1) for t in (B, C))  # (B, G*D, N, L)
     h, ys = u.new_zeros(u.shape[0], channels, A.shape[1]), []          # (B, G*D, N)
     for dt_t, u_t, b_t, c_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
         h = torch.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t
@@ -575,19 +577,21 @@ def _check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (u, delta, A, B, C, D, z, delta_bias)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"selective_scan: {name} must be a Tensor, got {type(t).__name__}")
-    if A.is_complex():
-        raise TypeError("selective_scan: complex A is not supported; expected a real (G*D, N) tensor")
+        if t is not None and not t.is_floating_point():  # integers would be truncated, complex parts dropped
+            raise TypeError(f"selective_scan: {name} must be a real floating-point tensor, got {t.dtype}")
     if u.ndim != 3 or delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError(f"selective_scan: u, delta (and z) must all be (B, G*D, L), got {tuple(u.shape)}, "
                          f"{tuple(delta.shape)}" + ("" if z is None else f" and {tuple(z.shape)}"))
-    batch, channels, length = u.shape
-    if B.shape != C.shape or B.ndim not in (3, 4) or B.shape[0] != batch or B.shape[-1] != length:
-        raise ValueError(f"selective_scan: B and C must both be (B, N, L) or (B, G, N, L) with B={batch}, "
-                         f"L={length}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    groups = 1 if B.ndim == 3 else B.shape[1]
-    if channels % groups or A.shape != (channels, B.shape[-2]):
-        raise ValueError(f"selective_scan: A must be (G*D, N) = ({channels}, {B.shape[-2]}) with G*D "
-                         f"divisible by G={groups}, got {tuple(A.shape)}")
+    (batch, channels, length), n = u.shape, B.shape[-1] if B.ndim == 2 else B.shape[-2] if B.ndim > 2 else -1
+    for name, t in (("B", B), ("C", C)):
+        groups = 1 if t.ndim != 4 else t.shape[1]
+        if t.shape != (channels, n) and (t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-2:] != (n, length)
+                                         or groups < 1 or channels % groups):
+            raise ValueError(f"selective_scan: B and C must each be (B, N, L) or (B, G, N, L) with B={batch}, "
+                             f"L={length}, G >= 1 dividing G*D={channels} and one N, or mamba_ssm's constant "
+                             f"(G*D, N) = ({channels}, N), got {tuple(B.shape)} and {tuple(C.shape)}")
+    if A.shape != (channels, n):
+        raise ValueError(f"selective_scan: A must be (G*D, N) = ({channels}, {n}), got {tuple(A.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (channels,):
             raise ValueError(f"selective_scan: {name} must be ({channels},), got {tuple(t.shape)}")
@@ -597,19 +601,28 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, *, backend: str = "auto"):
     """mamba_ssm's ``selective_scan_fn``: same arguments, defaults and return convention. Shapes and recurrence
-    as in :func:`selective_scan_ref`; B, C may be (B, N, L) or (B, G, N, L). Computed in float32; returns y in
-    u's dtype, or ``(y, last_state)`` (last_state (B, G*D, N) float32); differentiable in every tensor input.
+    as in :func:`selective_scan_ref`; B, C may be (B, N, L), (B, G, N, L) or constant (G*D, N). Computed in float32;
+    returns y in u's dtype, or ``(y, last_state)`` (last_state (B, G*D, N) float32); differentiable in every tensor
+    input. Finite wherever the float64 reference fits float32, growth (dt*A > 0) included, as long as no step after
+    the first grows the state by more than float32's range (dt*A > 88); an empty dimension gives empty outputs.
     ``backend``: ``"torch"`` (any device), ``"triton"`` (CUDA, no compiler), ``"mamba_ssm"`` (CUDA, compiled
     kernel) or ``"auto"`` (fastest on the inputs' device; see :func:`set_backend`)."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     backend = _resolve_backend(backend, u.device)
-    if backend == "mamba_ssm":
+    (b, channels, L), n = u.shape, A.shape[1]
+    if backend == "mamba_ssm" and 0 not in (b, channels, L, n):
         return _mamba_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    B, C = (t.unsqueeze(1) if t.ndim == 3 else t for t in (B, C))    # (B, G, N, L)
-    if backend == "triton":
+    B, C = (t.unsqueeze(1) if t.ndim == 3 else t for t in (B, C))    # (B, G, N, L) or constant (G*D, N)
+    if B.ndim == 2 or C.ndim == 2 or B.shape[1] != C.shape[1]:  # as one group per channel: (B, G*D, N, L) each
+        B, C = (t[:, :, None].expand(b, -1, -1, L) if t.ndim == 2 else t.repeat_interleave(channels // t.shape[1], 1)
+                for t in (B, C))
+    if 0 in (b, channels, L, n):  # nothing to scan: zero states, y the D term alone, alike in every backend
+        y, last = u.new_zeros(u.shape, dtype=torch.float32), u.new_zeros((b, channels, n), dtype=torch.float32)
+        y = y if D is None else torch.addcmul(y, u.float(), D.float().unsqueeze(-1))
+    elif backend == "triton":
         y, last = _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
-        (b, channels, L), g, n, u32 = u.shape, B.shape[1], A.shape[1], u.float()   # u32: converted once
+        g, u32 = B.shape[1], u.float()   # u32: converted once
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float().unsqueeze(-1)
         dt = (_softplus(dt) if delta_softplus else dt).reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous()
         y, last = _selective_scan_torch(u32.reshape(b, g, -1, L).permute(0, 3, 1, 2), dt, A.view(g, -1, n),

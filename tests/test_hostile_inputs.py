@@ -1,0 +1,177 @@
+"""Inputs a careful user would not pass, and what each gets: growth instead of decay (dt*A > 0),
+integer, bool and complex tensors, empty dimensions, mamba_ssm's constant B and C, bad constructor
+arguments and an image in another dtype than the model. Every case asserts the promise (the values
+of the float64 reference, the exact error class and what its message names), not only that
+something happened. Triton cases run under the interpreter at tiny sizes."""
+import pytest
+import torch
+
+import vmamba
+from vmamba import selective_scan, selective_scan_ref
+
+F32_MAX = torch.finfo(torch.float32).max
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.fixture
+def backend(request):
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+    return request.param
+
+
+def rel(got, ref):
+    """Max abs error relative to the reference's max magnitude."""
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make(b=1, g=2, d=3, n=4, L=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u, delta = torch.randn(b, g * d, L, generator=gen), torch.randn(b, g * d, L, generator=gen)
+    A = -torch.rand(g * d, n, generator=gen) - 0.1
+    B, C = torch.randn(b, g, n, L, generator=gen), torch.randn(b, g, n, L, generator=gen)
+    return [u, delta, A, B, C, torch.randn(g * d, generator=gen)]
+
+
+# --- Growth: dt*A > 0 --------------------------------------------------------------------------
+def growth_cases():
+    """(name, args, kwargs): each reference fits float32, while products of decays over a chunk,
+    a Triton tile or the whole sequence overflow it (the chunked scan used to give inf * 0 = NaN)."""
+    cases = []
+    u, delta, A, B, C, D = make(L=300, seed=1)
+    # positive A with softplus: slow growth over the whole sequence, inputs only in the last fifth
+    u0 = u.clone()
+    u0[..., :240] = 0
+    cases.append(("positive A, late inputs", [u0, delta, A.abs() * 0.6, B, C, D], dict(delta_softplus=True)))
+    # negative delta without softplus: dt*A > 0 at random steps, a random walk of growth and decay
+    cases.append(("negative delta", [u, delta * 2, A * 0.2, B, C, D], {}))
+    # the first step grows by e^200: it multiplies the zero initial state, nothing else
+    first = delta.abs() * 0.3
+    first[..., 0] = -200.0
+    cases.append(("huge first step", [u, first, A.clamp(max=-1.0), B, C, D], {}))
+    # growth of 2 per step, no input for 280 steps: e^560 in every product that spans them
+    u1 = u.clone()
+    u1[..., :280] = 0
+    cases.append(("steady growth, zero inputs", [u1, torch.ones_like(delta), torch.full_like(A, 2.0), B, C, None], {}))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("case", growth_cases(), ids=lambda c: c[0])
+def test_growth_is_finite_and_exact(case, backend, monkeypatch):
+    """Finite and within 1e-5 of the float64 reference wherever that fits float32, in both backends;
+    Triton in tiles of 16 steps, so that its states also cross tiles."""
+    name, args, kwargs = case
+    if backend == "triton":
+        default = vmamba._scan_blocks
+        monkeypatch.setattr(vmamba, "_scan_blocks", lambda D, N, L: (*default(D, N, L)[:2], 16))
+    y, last = selective_scan(*args, **kwargs, return_last_state=True, backend=backend)
+    ref, ref_last = selective_scan_ref(*args, **kwargs, return_last_state=True)
+    assert ref.abs().max() < F32_MAX and ref_last.abs().max() < F32_MAX, "the case must fit float32"
+    assert y.isfinite().all() and last.isfinite().all(), name
+    assert rel(y, ref) < 1e-5 and rel(last, ref_last) < 1e-5, (name, rel(y, ref), rel(last, ref_last))
+
+
+def test_growth_without_overflow_has_exact_gradients():
+    """Moderate growth (every product fits float32): the torch scan's gradients are the reference's."""
+    u, delta, A, B, C, D = make(L=70, seed=4)
+    args = [u, delta, A.abs() * 0.3, B, C, D]
+    a32 = [t.clone().requires_grad_() for t in args]
+    a64 = [t.double().requires_grad_() for t in args]
+    y, ref = selective_scan(*a32, delta_softplus=True, backend="torch"), selective_scan_ref(*a64, delta_softplus=True)
+    assert rel(y, ref) < 1e-5
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for got, want in zip(torch.autograd.grad(y, a32, g.float()), torch.autograd.grad(ref, a64, g)):
+        assert got.isfinite().all() and rel(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_growth_beyond_float32_overflows_without_nan(backend):
+    """Where the reference's states do not fit float32 they overflow to inf of the right sign, not NaN (here
+    every input is positive, so every state ends at +inf)."""
+    L = 400
+    args = [torch.ones(1, 2, L), torch.ones(1, 2, L), torch.full((2, 3), 0.5), torch.ones(1, 1, 3, L),
+            torch.ones(1, 1, 3, L)]
+    y, last = selective_scan(*args, return_last_state=True, backend=backend)
+    assert not y.isnan().any() and (last == float("inf")).all()
+
+
+# --- Dtypes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("position", range(6))
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_non_float_inputs_are_a_type_error(dtype, position, backend):
+    """Integer and bool tensors would be truncated, complex ones lose their imaginary part: TypeError naming
+    the argument, before any backend runs."""
+    args = make()
+    args[position] = args[position].to(dtype)
+    name = ("u", "delta", "A", "B", "C", "D")[position]
+    with pytest.raises(TypeError, match=rf"selective_scan: {name} must be a real floating-point tensor, got "
+                                        rf"{str(dtype)}"):
+        selective_scan(*args, backend=backend)
+
+
+@pytest.mark.parametrize("keyword", ["z", "delta_bias"])
+def test_non_float_keyword_inputs_are_a_type_error(keyword):
+    u = make()[0]
+    bad = torch.ones_like(u, dtype=torch.int64) if keyword == "z" else torch.ones(u.shape[1], dtype=torch.bool)
+    with pytest.raises(TypeError, match=f"{keyword} must be a real floating-point tensor"):
+        selective_scan(*make(), **{keyword: bad}, backend="torch")
+
+
+# --- Empty dimensions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(0, 2, 3, 4, 5), (2, 2, 3, 4, 0), (2, 2, 0, 4, 5), (2, 2, 3, 0, 5), (0, 1, 0, 0, 0)],
+                         ids=["batch", "length", "channels", "state", "all"])
+def test_empty_dimensions_give_empty_outputs_alike(shape):
+    """batch 0, L 0, D 0 or N 0: outputs of the right shapes, zero states, y = (D * u) * silu(z) (the only
+    term left), the same in every backend (Triton under the interpreter)."""
+    b, g, d, n, L = shape
+    u, delta, z = torch.randn(b, g * d, L), torch.randn(b, g * d, L), torch.randn(b, g * d, L)
+    A, B, C, D = -torch.rand(g * d, n), torch.randn(b, g, n, L), torch.randn(b, g, n, L), torch.randn(g * d)
+    backends = ["torch"] + (["triton"] if vmamba._triton_usable(u.device) else [])
+    for backend in backends:
+        y, last = selective_scan(u, delta, A, B, C, D, z, None, True, True, backend=backend)
+        assert y.shape == (b, g * d, L) and last.shape == (b, g * d, n) and last.dtype == torch.float32
+        assert torch.equal(last, torch.zeros_like(last))
+        assert torch.allclose(y, u * D[:, None] * torch.nn.functional.silu(z))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_zero_groups_is_one_value_error(backend):
+    u, delta, A = torch.randn(1, 0, 5), torch.randn(1, 0, 5), torch.randn(0, 4)
+    B = C = torch.randn(1, 0, 4, 5)
+    with pytest.raises(ValueError, match=r"G >= 1 dividing G\*D=0"):
+        selective_scan(u, delta, A, B, C, backend=backend)
+
+
+# --- mamba_ssm's constant B and C, (G*D, N) ------------------------------------------------------
+def constant_bc_cases():
+    u, delta, A, B, C, D = make(b=2, g=2, d=3, n=4, L=37, seed=6)
+    Bc, Cc = torch.randn(6, 4), torch.randn(6, 4)
+    return [("B constant", Bc, C), ("C constant", B, Cc), ("both constant", Bc, Cc),
+            ("constant B, ungrouped C", Bc, C[:, 0]), ("groups 2 and 1", B, C[:, :1])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("case", constant_bc_cases(), ids=lambda c: c[0])
+def test_constant_b_and_c_as_mamba(case, backend):
+    """As mamba_ssm's selective_scan_fn: B or C of shape (G*D, N) is the same for every step, one per
+    channel; B and C may have different layouts. Values, last state and every gradient match the float64
+    reference."""
+    _, B, C = case
+    u, delta, A, _, _, D = make(b=2, g=2, d=3, n=4, L=37, seed=6)
+    args = [u, delta, A, B, C, D]
+    a32 = [t.clone().requires_grad_() for t in args]
+    a64 = [t.double().requires_grad_() for t in args]
+    y, last = selective_scan(*a32, delta_softplus=True, return_last_state=True, backend=backend)
+    ref, ref_last = selective_scan_ref(*a64, delta_softplus=True, return_last_state=True)
+    assert rel(y, ref) < 1e-5 and rel(last, ref_last) < 1e-5
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for got, want in zip(torch.autograd.grad(y, a32, g.float()), torch.autograd.grad(ref, a64, g)):
+        assert got.shape == want.shape and rel(got, want) < 1e-4
+
+
+def test_constant_b_of_the_wrong_shape_names_the_layouts():
+    u, delta, A, B, C, D = make()
+    with pytest.raises(ValueError, match=r"constant \(G\*D, N\) = \(6, N\), got \(4, 6\)"):
+        selective_scan(u, delta, A, torch.randn(4, 6), C, backend="torch")
