@@ -577,8 +577,9 @@ def _check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (u, delta, A, B, C, D, z, delta_bias)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"selective_scan: {name} must be a Tensor, got {type(t).__name__}")
-        if t is not None and not t.is_floating_point():  # integers would be truncated, complex parts dropped
-            raise TypeError(f"selective_scan: {name} must be a real floating-point tensor, got {t.dtype}")
+        if t is not None and not t.is_floating_point():  # integers would be truncated, imaginary parts dropped
+            raise TypeError(f"selective_scan: {f'complex {name} is not supported; ' if t.is_complex() else ''}"
+                            f"{name} must be a real floating-point tensor, got {t.dtype}")
     if u.ndim != 3 or delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError(f"selective_scan: u, delta (and z) must all be (B, G*D, L), got {tuple(u.shape)}, "
                          f"{tuple(delta.shape)}" + ("" if z is None else f" and {tuple(z.shape)}"))
@@ -587,7 +588,7 @@ def _check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         groups = 1 if t.ndim != 4 else t.shape[1]
         if t.shape != (channels, n) and (t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-2:] != (n, length)
                                          or groups < 1 or channels % groups):
-            raise ValueError(f"selective_scan: B and C must each be (B, N, L) or (B, G, N, L) with B={batch}, "
+            raise ValueError(f"selective_scan: B and C must both be (B, N, L) or (B, G, N, L) with B={batch}, "
                              f"L={length}, G >= 1 dividing G*D={channels} and one N, or mamba_ssm's constant "
                              f"(G*D, N) = ({channels}, N), got {tuple(B.shape)} and {tuple(C.shape)}")
     if A.shape != (channels, n):
@@ -725,12 +726,13 @@ def _one_of(name: str, value: Any, accepted: Sequence[Any]) -> Any:
 
 def _check_range(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False,
                  low_open: bool = False) -> None:
-    """Raise ValueError unless ``low <= value < high`` (``low < value`` with ``low_open``)."""
+    """Raise TypeError unless value is an int (or a float, unless ``integer``; a bool is neither), ValueError unless
+    ``low <= value < high`` (``low < value`` with ``low_open``; NaN and inf fail)."""
     kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool) and (value > low if low_open else value >= low) and value < high
-    if not ok:
-        bounds = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and < {high}")
+    bounds = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and < {high}")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{name} must be {kind} {bounds}, got {value!r} ({type(value).__name__})")
+    if not ((value > low if low_open else value >= low) and value < high):
         raise ValueError(f"{name} must be {kind} {bounds}, got {value!r}")
 
 
@@ -798,9 +800,17 @@ class SS2D(nn.Module):
         _check_range("ssm_d_state", d_state, 1, integer=True)
         _check_range("ssm_ratio", ssm_ratio, 0, low_open=True)
         _check_range("ssm_conv", d_conv, 1, integer=True)
+        if d_conv % 2 == 0:
+            raise ValueError(f"ssm_conv must be odd (a centred kernel keeps the map's size), got {d_conv}")
         _check_range("ssm_drop_rate", dropout, 0, 1)
         if dt_rank != "auto":
             _check_range("ssm_dt_rank", dt_rank, 1, integer=True)
+        for name, value in (("ssm_conv_bias", conv_bias), ("bias", bias), ("channel_first", channel_first)):
+            _one_of(name, value, (False, True))
+        _check_range("dt_min", dt_min, 0, low_open=True)   # log-uniform between dt_min and dt_max
+        _check_range("dt_max", dt_max, dt_min)
+        _check_range("dt_scale", dt_scale, 0)
+        _check_range("dt_init_floor", dt_init_floor, 0)
         k, d_inner = 4, int(ssm_ratio * d_model)
         if d_inner < 1:
             raise ValueError(f"ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
@@ -871,6 +881,9 @@ class VSSBlock(nn.Module):
         super().__init__()
         _one_of("mlp_act_layer", mlp_act_layer, ("gelu",))
         _one_of("gmlp", gmlp, (False,))
+        _check_range("hidden_dim", hidden_dim, 1, integer=True)
+        _one_of("channel_first", channel_first, (False, True))
+        _one_of("post_norm", post_norm, (False, True))
         _check_range("mlp_ratio", mlp_ratio, 0)
         for name, value in (("mlp_drop_rate", mlp_drop_rate), ("drop_path", drop_path)):
             _check_range(name, value, 0, 1)
@@ -1301,12 +1314,29 @@ class VSSM(nn.Module):
         _check_range("in_chans", in_chans, 1, integer=True)
         _check_range("num_classes", num_classes, 0, integer=True)
         _check_range("drop_path_rate", drop_path_rate, 0, 1)
+        _check_range("imgsize", imgsize, 1, integer=True)
+        for name, value in (("use_checkpoint", use_checkpoint), ("check_finite", check_finite)):
+            _one_of(name, value, (False, True))
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        if isinstance(depths, str) or not isinstance(depths, Sequence):
+            raise TypeError(f"depths must be a sequence of block counts, one per stage, got {depths!r}")
+        if isinstance(dims, (str, bool)) or not isinstance(dims, (int, Sequence)):
+            raise TypeError(f"dims must be an integer (the first stage's width) or one per stage, got {dims!r}")
         dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
         if len(dims) != len(depths) or not depths:
             raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, depths={list(depths)}")
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             _check_range(f"dims[{i}]", dim, 2 if patchembed_version == "v2" and i == 0 else 1, integer=True)
             _check_range(f"depths[{i}]", depth, 1, integer=True)
+        _check_range("ssm_ratio", ssm_ratio, 0, low_open=True)
+        _check_range("mlp_ratio", mlp_ratio, 0)
+        # A typo such as depths=[10**7, 2, 8, 2] would build until memory runs out: bound the model's size first.
+        weights = sum(d * c * c * (3 * ssm_ratio + 2 * mlp_ratio + 1) for c, d in zip(dims, depths))   # the Linears
+        weights += dims[-1] * num_classes
+        if sum(depths) > 1024 or weights > 2 ** 33:
+            raise ValueError(f"depths={list(depths)} with dims={dims} give {sum(depths)} blocks and about {weights:.2g}"
+                             " weights; at most 1024 blocks and 2**33 weights (32 GiB in float32) are accepted")
         self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
         self.depths, self.dims, self.num_features, self.head_hidden_size = list(depths), dims, dims[-1], dims[-1]
         self.check_finite, self.grad_checkpointing = check_finite, use_checkpoint
@@ -1384,6 +1414,10 @@ class VSSM(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected {expected}, got dtype {x.dtype}; convert with x.float() "
                             "(and normalise as in training)")
+        like = self.patch_embed[0].weight.dtype   # dtypes are static: compiled and exported graphs keep the check
+        if x.dtype != like and not torch.is_autocast_enabled(x.device.type):   # autocast casts for each op
+            raise TypeError(f"got a {x.dtype} image for a {like} model: cast the image with x.to({like}) or the model "
+                            f"with model.to({x.dtype}), or use torch.autocast")
         # operator.index keeps H, W static under torch.compile (a graph per size; symbolic ones compile ~7x slower)
         if x.shape[0] == 0 or min(operator.index(x.shape[2]), operator.index(x.shape[3])) < self.patch_size:
             raise ValueError(f"expected {expected} with batch >= 1 and H, W >= {self.patch_size}, "
@@ -1403,13 +1437,17 @@ class VSSM(nn.Module):
 
     def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
         """Stage numbers from timm's ``indices``: None (all), n (the last n) or stage numbers (< 0: from the end)."""
-        n = len(self.layers)
+        n, is_int = len(self.layers), lambda i: isinstance(i, int) and not isinstance(i, bool)
         if indices is None:
             indices = list(range(n))
-        elif isinstance(indices, int):
+        elif is_int(indices):
+            if not 1 <= indices <= n:
+                raise ValueError(f"indices={indices} asks for the last {indices} stages; expected 1 to {n}")
             indices = list(range(n - indices, n))
+        if isinstance(indices, str) or not isinstance(indices, Sequence) or not all(map(is_int, indices)):
+            raise TypeError(f"indices must be None, an int or a sequence of stage numbers, got {indices!r}")
         indices = [i % n if -n <= i < n else i for i in indices]
-        if any(not 0 <= i < n for i in indices):
+        if not indices or any(not 0 <= i < n for i in indices):
             raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
         return indices
 
@@ -1505,6 +1543,9 @@ class Backbone_VSSM(VSSM):
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
                  norm_layer: str = "ln", **kwargs: Any):
+        if (isinstance(out_indices, str) or not isinstance(out_indices, Sequence)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices)):
+            raise TypeError(f"out_indices must be a sequence of stage numbers, got {out_indices!r}")
         super().__init__(norm_layer=norm_layer, **dict(kwargs, num_classes=0))
         n = len(self.layers)
         if any(not 0 <= i < n for i in out_indices) or not out_indices:

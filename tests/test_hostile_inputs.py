@@ -106,8 +106,7 @@ def test_non_float_inputs_are_a_type_error(dtype, position, backend):
     args = make()
     args[position] = args[position].to(dtype)
     name = ("u", "delta", "A", "B", "C", "D")[position]
-    with pytest.raises(TypeError, match=rf"selective_scan: {name} must be a real floating-point tensor, got "
-                                        rf"{str(dtype)}"):
+    with pytest.raises(TypeError, match=rf"{name} must be a real floating-point tensor, got {dtype}"):
         selective_scan(*args, backend=backend)
 
 
@@ -175,3 +174,136 @@ def test_constant_b_of_the_wrong_shape_names_the_layouts():
     u, delta, A, B, C, D = make()
     with pytest.raises(ValueError, match=r"constant \(G\*D, N\) = \(6, N\), got \(4, 6\)"):
         selective_scan(u, delta, A, torch.randn(4, 6), C, backend="torch")
+
+
+# --- Constructors: every argument checked when the model is built --------------------------------
+TINY = dict(depths=[1, 1], dims=8, num_classes=3)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(ssm_conv=2), ValueError, r"ssm_conv must be odd .*, got 2"),   # built, then failed at forward
+    (dict(ssm_conv=0), ValueError, r"ssm_conv must be an integer >= 1, got 0"),
+    (dict(dims=16.0), TypeError, r"dims must be an integer \(the first stage's width\) or one per stage, got 16.0"),
+    (dict(dims="16"), TypeError, r"dims must be an integer .* got '16'"),
+    (dict(dims=[8, 16.0]), TypeError, r"dims\[1\] must be an integer >= 1, got 16.0 \(float\)"),
+    (dict(dims=True), TypeError, r"dims must be an integer"),
+    (dict(depths=4), TypeError, r"depths must be a sequence of block counts, one per stage, got 4"),
+    (dict(depths="11"), TypeError, r"depths must be a sequence"),
+    (dict(depths=[1, 1.0]), TypeError, r"depths\[1\] must be an integer >= 1, got 1.0"),
+    (dict(depths=[10 ** 7, 1]), ValueError, r"depths=\[10000000, 1\] with dims=\[8, 16\] give 10000001 blocks"),
+    (dict(dims=[2 ** 14, 2 ** 15]), ValueError, r"about 1.\de\+10 weights; at most 1024 blocks and 2\*\*33"),
+    (dict(num_classes=2 ** 31), ValueError, r"2\*\*33 weights"),
+    (dict(check_finite="no"), ValueError, r"check_finite='no' is not supported; expected one of \[False, True\]"),
+    (dict(use_checkpoint="yes"), ValueError, r"use_checkpoint='yes'"),
+    (dict(ssm_conv_bias=None), ValueError, r"ssm_conv_bias=None"),
+    (dict(imgsize=0), ValueError, r"imgsize must be an integer >= 1, got 0"),
+    (dict(dtype=torch.int64), TypeError, r"dtype must be a floating-point torch.dtype or None, got torch.int64"),
+    (dict(dtype="float16"), TypeError, r"dtype must be a floating-point torch.dtype"),
+    (dict(ssm_ratio="2"), TypeError, r"ssm_ratio must be a number > 0, got '2' \(str\)"),
+    (dict(ssm_ratio=float("inf")), ValueError, r"ssm_ratio must be a number > 0, got inf"),
+    (dict(mlp_ratio=float("nan")), ValueError, r"mlp_ratio must be a number >= 0, got nan"),
+    (dict(drop_path_rate=None), TypeError, r"drop_path_rate must be a number >= 0 and < 1, got None"),
+    (dict(num_classes=True), TypeError, r"num_classes must be an integer >= 0, got True \(bool\)"),
+    (dict(in_chans=3.0), TypeError, r"in_chans must be an integer >= 1, got 3.0"),
+    (dict(ssm_dt_rank="4"), TypeError, r"ssm_dt_rank must be an integer >= 1, got '4'"),
+    (dict(ssm_d_state=1.5), TypeError, r"ssm_d_state must be an integer >= 1"),
+    (dict(ssm_drop_rate=1.0), ValueError, r"ssm_drop_rate must be a number >= 0 and < 1, got 1.0"),
+    (dict(mlp_drop_rate=-0.1), ValueError, r"mlp_drop_rate must be a number >= 0 and < 1"),
+    (dict(gmlp=True), ValueError, r"gmlp=True is not supported"),
+])
+def test_bad_vssm_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vmamba.VSSM(**dict(TINY, **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dt_min=0), ValueError, r"dt_min must be a number > 0, got 0"),
+    (dict(dt_min=0.1, dt_max=0.01), ValueError, r"dt_max must be a number >= 0.1, got 0.01"),
+    (dict(dt_max="0.1"), TypeError, r"dt_max must be a number"),
+    (dict(dt_scale=-1.0), ValueError, r"dt_scale must be a number >= 0, got -1.0"),
+    (dict(dt_init_floor=float("nan")), ValueError, r"dt_init_floor must be a number >= 0, got nan"),
+    (dict(bias="no"), ValueError, r"bias='no' is not supported; expected one of \[False, True\]"),
+    (dict(channel_first=2), ValueError, r"channel_first=2"),
+    (dict(d_conv=4), ValueError, r"ssm_conv must be odd"),
+    (dict(d_model=8, ssm_ratio=0.1), ValueError, r"ssm_ratio \* d_model must be >= 1"),
+])
+def test_bad_ss2d_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vmamba.SS2D(**dict(dict(d_model=8, d_state=2), **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(hidden_dim=0), ValueError, r"hidden_dim must be an integer >= 1, got 0"),
+    (dict(hidden_dim="8"), TypeError, r"hidden_dim must be an integer"),
+    (dict(post_norm="yes"), ValueError, r"post_norm='yes'"),
+    (dict(drop_path=1.5), ValueError, r"drop_path must be a number >= 0 and < 1"),
+])
+def test_bad_block_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vmamba.VSSBlock(**dict(dict(hidden_dim=8, ssm_d_state=2), **kwargs))
+
+
+def test_odd_kernels_and_no_kernel_still_build_and_run():
+    x = torch.randn(1, 3, 32, 32)
+    for conv in (1, 5):
+        assert vmamba.VSSM(**TINY, ssm_conv=conv)(x).shape == (1, 3)
+
+
+@pytest.mark.parametrize("out_indices, error, match", [
+    ((True,), TypeError, r"out_indices must be a sequence of stage numbers, got \(True,\)"),   # was "outnormTrue"
+    (3, TypeError, r"out_indices must be a sequence of stage numbers, got 3"),
+    ((0, 1.0), TypeError, r"out_indices must be a sequence"),
+    ((0, 2), ValueError, r"out_indices must be non-empty stage numbers in \[0, 2\), got \[0, 2\]"),
+    ((), ValueError, r"out_indices must be non-empty"),
+])
+def test_bad_backbone_out_indices_fail_at_construction(out_indices, error, match):
+    with pytest.raises(error, match=match):
+        vmamba.Backbone_VSSM(out_indices=out_indices, **dict(TINY, num_classes=0))
+
+
+@pytest.mark.parametrize("indices, error, match", [
+    (0, ValueError, r"indices=0 asks for the last 0 stages; expected 1 to 2"),
+    (3, ValueError, r"indices=3 asks for the last 3 stages; expected 1 to 2"),
+    ([0, 2], ValueError, r"indices must be stage numbers in \[0, 2\), got \[0, 2\]"),
+    ([-3], ValueError, r"indices must be stage numbers in \[0, 2\)"),
+    ([], ValueError, r"indices must be stage numbers"),
+    ([True], TypeError, r"indices must be None, an int or a sequence of stage numbers, got \[True\]"),
+    ("1", TypeError, r"indices must be None, an int or a sequence"),
+])
+def test_bad_intermediate_indices(indices, error, match):
+    model = vmamba.VSSM(**TINY)
+    with pytest.raises(error, match=match):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=indices)
+    with pytest.raises(error, match=match):
+        model.prune_intermediate_layers(indices)
+    assert len(model.layers) == 2   # nothing was pruned
+
+
+# --- An image in another dtype than the model ---------------------------------------------------
+@pytest.mark.parametrize("image, model_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.float64, torch.float32), (torch.float32, torch.bfloat16)])
+def test_mismatched_image_dtype_says_what_to_cast(image, model_dtype):
+    """Not torch's "Input type (c10::Half) and bias type (float) should be the same": the message names both
+    dtypes and the three ways out, for the classifier and the backbone."""
+    x = torch.randn(1, 3, 32, 32, dtype=image)
+    match = (rf"got a {image} image for a {model_dtype} model: cast the image with x.to\({model_dtype}\) or the "
+             rf"model with model.to\({image}\), or use torch.autocast")
+    backbone = vmamba.Backbone_VSSM(out_indices=(0, 1), **dict(TINY, num_classes=0)).to(model_dtype)
+    for model in (vmamba.VSSM(**TINY, dtype=model_dtype), backbone):
+        with pytest.raises(TypeError, match=match):
+            model(x)
+
+
+def test_matching_dtypes_and_autocast_still_run():
+    """The check is on static dtypes only: a model cast to the image's dtype runs, and under autocast any
+    float image runs (autocast casts for each op; float32 images into a float32 model is its usual use)."""
+    model = vmamba.VSSM(**TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for image in (x, x.bfloat16(), x.half()):
+                out = model(image)
+                assert out.shape == (1, 3) and out.isfinite().all()
+                assert torch.nn.functional.cosine_similarity(out.float(), ref).item() > 0.99
+        assert model.bfloat16()(x.bfloat16()).dtype == torch.bfloat16
