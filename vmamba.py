@@ -604,8 +604,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """mamba_ssm's ``selective_scan_fn``: same arguments, defaults and return convention. Shapes and recurrence
     as in :func:`selective_scan_ref`; B, C may be (B, N, L), (B, G, N, L) or constant (G*D, N). Computed in float32;
     returns y in u's dtype, or ``(y, last_state)`` (last_state (B, G*D, N) float32); differentiable in every tensor
-    input. Finite wherever the float64 reference fits float32, growth (dt*A > 0) included, as long as no step after
-    the first grows the state by more than float32's range (dt*A > 88); an empty dimension gives empty outputs.
+    input. Finite wherever the float64 reference's states fit float32, growth (dt*A > 0) included, as long as no
+    step after the first grows the state by more than float32's range (dt*A > 88); beyond, states overflow to inf.
+    An empty dimension gives empty outputs (y the D term alone when N = 0); non-float inputs are a TypeError.
     ``backend``: ``"torch"`` (any device), ``"triton"`` (CUDA, no compiler), ``"mamba_ssm"`` (CUDA, compiled
     kernel) or ``"auto"`` (fastest on the inputs' device; see :func:`set_backend`)."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
@@ -1289,7 +1290,9 @@ class VSSM(nn.Module):
     ``forward_type`` "v0" | "v05" | "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" |
     "v2" | "v3"; ``norm_layer`` "ln" | "ln2d" (same weights and outputs); ``global_pool`` "avg" | "" (output: the
     normalised map). ``dims``: the first stage's width (doubled per stage) or one per stage. ``device``, ``dtype``:
-    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W); output: (B, num_classes)."""
+    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W) in the model's dtype (or any
+    under autocast); output: (B, num_classes). Every argument is checked here: TypeError for a wrong type, ValueError
+    for a wrong value, and at most 1024 blocks and about 2**33 weights."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, ssm_d_state: int = 1,
