@@ -92,7 +92,6 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # in L). Channels go in even blocks: a step touches ~_STEP_STATES states (in cache; twice that compiled), a
 # (B, L, G, width) tensor at most _BLOCK_FLOATS floats (16 MiB: glibc maps a block of 32 MiB or more anew each call).
 _CHUNK, _STEP_STATES, _BLOCK_FLOATS = 16, 1 << 20, 1 << 22
-_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -117,7 +116,7 @@ def _chunk_carries(E: Tensor, S: Tensor) -> Tensor:
     n, s = S.shape[1], 1
     while s < n:  # after this step, h_c sums the terms of chunks c-2s+1..c
         S = torch.addcmul(S, E, E * _shifted(S, s, 0.0))
-        E = (E * _shifted(E, s, 1.0)).clamp_max(_F32_MAX) if 2 * s < n else E
+        E = (E * _shifted(E, s, 1.0)).clamp_max(torch.finfo(E.dtype).max) if 2 * s < n else E
         s *= 2
     return S
 
@@ -145,12 +144,13 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
         (dts, dus, Bs), a_s = (steps(t) for t in (dt.unsqueeze(-2), (dt * u).unsqueeze(-2), B.unsqueeze(-1))), None
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
         a = a_s[t] if a_s else torch.exp(dts[t] * A)
-        a = a.clamp_max(_F32_MAX) if t == 0 else a  # meets chunk 0's zero entry state: inf * 0 would be NaN
+        a = a.clamp_max(torch.finfo(a.dtype).max) if t == 0 else a  # meets chunk 0's zero entry state: not inf * 0
         return torch.addcmul(x_s[t] if a_s else dus[t] * Bs[t], a, h)
     h = x_s[0] if a_s else dus[0] * Bs[0]                             # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
-    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2)).clamp_max(_F32_MAX), h)
+    E = torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2))   # square roots of chunk decays
+    H = _chunk_carries(E.clamp_max(torch.finfo(E.dtype).max), h)      # (B, nc, G, N, D)
     h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
