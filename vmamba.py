@@ -149,8 +149,8 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     h = x_s[0] if a_s else dus[0] * Bs[0]                             # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
-    E = torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2))   # square roots of chunk decays
-    H = _chunk_carries(E.clamp_max(torch.finfo(E.dtype).max), h)      # (B, nc, G, N, D)
+    H = _chunk_carries(torch.exp((dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2)).clamp_max(88.72)),
+                       h)   # (B, nc, G, N, D); square roots of the chunks' decays, below float32's max (3.4e38)
     h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
