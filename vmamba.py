@@ -60,18 +60,20 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        delta_softplus: bool = False, return_last_state: bool = False):
     """Grouped Mamba-1 selective scan, one step at a time, in float64: the (slow) test oracle.
     Shapes (G groups of D channels, state size N, length L): u, delta, z (gate) (B, G*D, L);
-    A (G*D, N) negative decay rates; B, C (B, G, N, L) or (B, N, L), shared by a group;
-    D (skip), delta_bias (G*D,) optional. With ``dt = softplus(delta + delta_bias)`` (or no softplus)::
+    A (G*D, N) negative decay rates; B, C (B, G, N, L) or (B, N, L), shared by a group, or (G*D, N), one per
+    channel for every step (mamba_ssm's constant B, C); D (skip), delta_bias (G*D,) optional. With
+    ``dt = softplus(delta + delta_bias)`` (or no softplus)::
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
         y_t = (<C_t, h_t> + D * u_t) * silu(z_t)
 
     Returns y as float64 (B, G*D, L), or ``(y, h_L)`` with ``return_last_state``."""
+    (batch, channels, length), u, delta, A = u.shape, u.double(), delta.double(), A.double()
+    B, C = (t.double()[None, :, :, None].expand(batch, -1, -1, length) if t.dim() == 2 else t.double()
+            for t in (B, C))
     B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
-    channels, groups = u.shape[1], B.shape[1]
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    B, C = (t.repeat_interleave(channels // t.shape[1], dim=1) for t in (B, C))  # (B, G*D, N, L)
     delta = delta if delta_bias is None else delta + delta_bias.double()[:, None]
     dt = F.softplus(delta) if delta_softplus else delta
-    B, C = (t.repeat_interleave(channels // groups, dim=1) for t in (B, C))  # (B, G*D, N, L)
     h, ys = u.new_zeros(u.shape[0], channels, A.shape[1]), []          # (B, G*D, N)
     for dt_t, u_t, b_t, c_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
         h = torch.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t
@@ -106,12 +108,15 @@ def _shifted(t: Tensor, s: int, fill: float) -> Tensor:  # t[:, c - s] at c alon
     return F.pad(t[:, :t.shape[1] - s], (0, 0) * (t.dim() - 2) + (s, 0), value=fill)
 
 
-def _chunk_carries(P: Tensor, S: Tensor) -> Tensor:
-    """Inclusive scan of h_c = P_c * h_{c-1} + S_c along dim 1 (h_{-1} = 0), in log2 steps."""
+def _chunk_carries(E: Tensor, S: Tensor) -> Tensor:
+    """Inclusive scan of h_c = E_c^2 * h_{c-1} + S_c along dim 1 (h_{-1} = 0), in log2 steps. E, the square root of
+    a chunk's decay, is capped at float32's largest value: a product of growing chunks (dt*A > 0) may overflow where
+    the states do not, and inf times a zero carry would be NaN. A carry is multiplied by E twice, so each result is
+    exact if it fits float32, inf if it cannot (a normal nonzero float32 times 3.4e38^2 overflows)."""
     n, s = S.shape[1], 1
     while s < n:  # after this step, h_c sums the terms of chunks c-2s+1..c
-        S = torch.addcmul(S, P, _shifted(S, s, 0.0))
-        P = P * _shifted(P, s, 1.0) if 2 * s < n else P
+        S = torch.addcmul(S, E, E * _shifted(S, s, 0.0))
+        E = (E * _shifted(E, s, 1.0)).clamp_max(torch.finfo(E.dtype).max) if 2 * s < n else E
         s *= 2
     return S
 
@@ -138,11 +143,14 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     else:
         (dts, dus, Bs), a_s = (steps(t) for t in (dt.unsqueeze(-2), (dt * u).unsqueeze(-2), B.unsqueeze(-1))), None
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
-        return torch.addcmul(x_s[t], a_s[t], h) if a_s else torch.addcmul(dus[t] * Bs[t], torch.exp(dts[t] * A), h)
+        a = a_s[t] if a_s else torch.exp(dts[t] * A)
+        a = a.clamp_max(torch.finfo(a.dtype).max) if t == 0 else a  # meets chunk 0's zero entry state: not inf * 0
+        return torch.addcmul(x_s[t] if a_s else dus[t] * Bs[t], a, h)
     h = x_s[0] if a_s else dus[0] * Bs[0]                             # pass 1: exit states from zero
     for t in range(1, T):
         h = step(t, h)
-    H = _chunk_carries(torch.exp(dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * A), h)   # (B, nc, G, N, D)
+    H = _chunk_carries(torch.exp((dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2)).clamp_max(88.72)),
+                       h)   # (B, nc, G, N, D); square roots of the chunks' decays, below float32's max (3.4e38)
     h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
@@ -192,15 +200,19 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
     global _affine_combine, _affine_combine_excl, _softplus_tl, _scan_fwd_kernel, _scan_bwd_kernel, _cross_kernel
 
     @triton.jit
-    def _affine_combine(a1, b1, a2, b2):
-        """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
-        return a1 * a2, a2 * b1 + b2
+    def _affine_combine(e1, b1, e2, b2):
+        """Compose two steps of h -> e*e*h + b: first (e1, b1), then (e2, b2). e, the square root of a decay, is
+        capped at float32's largest value, so with growth (dt*A > 0) a product over many steps stays finite (inf
+        times a zero state would be NaN), and e*(e*b) is exact if it fits float32, inf if a normal b cannot."""
+        return tl.minimum(e1 * e2, 3.4028234663852886e38), e2 * (e2 * b1) + b2
 
     @triton.jit
     def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
-        """_affine_combine plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)): yields
-        h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0)."""
-        return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+        """Compose h -> a*h + b, plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)):
+        yields h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0).
+        Products of decays are capped at float32's largest value, as in _affine_combine."""
+        return (tl.minimum(a1 * a2, 3.4028234663852886e38), a2 * b1 + b2, tl.minimum(a1 * ea2, 3.4028234663852886e38),
+                ea2 * b1 + eb2)
 
     @triton.jit
     def _softplus_tl(z):
@@ -247,10 +259,10 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
             dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
             Bv = tl.load(B_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
             Cv = tl.load(C_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
+            e = tl.minimum(tl.exp(dt[:, None, :] * A[:, :, None] * 0.5), 3.4028234663852886e38)   # (BD, BN, BL)
             bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
-            pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
-            hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
+            pe, pb = tl.associative_scan((e, bx), axis=2, combine_fn=_affine_combine)
+            hs = pe * (pe * h[:, :, None]) + pb                 # h_s for every step of the chunk
             y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
             if HAS_D:
                 y += Dskip[:, None] * u
@@ -306,7 +318,7 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
             dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
             # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
             h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
+            a = tl.minimum(tl.exp(dt[:, None, :] * A[:, :, None]), 3.4028234663852886e38)   # (BD, BN, BL)
             bx = (dt * u)[:, None, :] * Bv[None, :, :]
             _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
             a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
@@ -565,19 +577,22 @@ def _check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (u, delta, A, B, C, D, z, delta_bias)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"selective_scan: {name} must be a Tensor, got {type(t).__name__}")
-    if A.is_complex():
-        raise TypeError("selective_scan: complex A is not supported; expected a real (G*D, N) tensor")
+        if t is not None and not t.is_floating_point():  # integers would be truncated, imaginary parts dropped
+            raise TypeError(f"selective_scan: {f'complex {name} is not supported; ' if t.is_complex() else ''}"
+                            f"{name} must be a real floating-point tensor, got {t.dtype}")
     if u.ndim != 3 or delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError(f"selective_scan: u, delta (and z) must all be (B, G*D, L), got {tuple(u.shape)}, "
                          f"{tuple(delta.shape)}" + ("" if z is None else f" and {tuple(z.shape)}"))
-    batch, channels, length = u.shape
-    if B.shape != C.shape or B.ndim not in (3, 4) or B.shape[0] != batch or B.shape[-1] != length:
-        raise ValueError(f"selective_scan: B and C must both be (B, N, L) or (B, G, N, L) with B={batch}, "
-                         f"L={length}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    groups = 1 if B.ndim == 3 else B.shape[1]
-    if channels % groups or A.shape != (channels, B.shape[-2]):
-        raise ValueError(f"selective_scan: A must be (G*D, N) = ({channels}, {B.shape[-2]}) with G*D "
-                         f"divisible by G={groups}, got {tuple(A.shape)}")
+    (batch, channels, length), n = u.shape, B.shape[-1] if B.ndim == 2 else B.shape[-2] if B.ndim > 2 else -1
+    for name, t in (("B", B), ("C", C)):
+        groups = 1 if t.ndim != 4 else t.shape[1]
+        if t.shape != (channels, n) and (t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-2:] != (n, length)
+                                         or groups < 1 or channels % groups):
+            raise ValueError(f"selective_scan: B and C must both be (B, N, L) or (B, G, N, L) with B={batch}, "
+                             f"L={length}, G >= 1 dividing G*D={channels} and one N, or mamba_ssm's constant "
+                             f"(G*D, N) = ({channels}, N), got {tuple(B.shape)} and {tuple(C.shape)}")
+    if A.shape != (channels, n):
+        raise ValueError(f"selective_scan: A must be (G*D, N) = ({channels}, {n}), got {tuple(A.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (channels,):
             raise ValueError(f"selective_scan: {name} must be ({channels},), got {tuple(t.shape)}")
@@ -587,19 +602,29 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, *, backend: str = "auto"):
     """mamba_ssm's ``selective_scan_fn``: same arguments, defaults and return convention. Shapes and recurrence
-    as in :func:`selective_scan_ref`; B, C may be (B, N, L) or (B, G, N, L). Computed in float32; returns y in
-    u's dtype, or ``(y, last_state)`` (last_state (B, G*D, N) float32); differentiable in every tensor input.
+    as in :func:`selective_scan_ref`; B, C may be (B, N, L), (B, G, N, L) or constant (G*D, N). Computed in float32;
+    returns y in u's dtype, or ``(y, last_state)`` (last_state (B, G*D, N) float32); differentiable in every tensor
+    input. Finite wherever the float64 reference's states fit float32, growth (dt*A > 0) included, as long as no
+    step after the first grows the state by more than float32's range (dt*A > 88); beyond, states overflow to inf.
+    An empty dimension gives empty outputs (y the D term alone when N = 0); non-float inputs are a TypeError.
     ``backend``: ``"torch"`` (any device), ``"triton"`` (CUDA, no compiler), ``"mamba_ssm"`` (CUDA, compiled
     kernel) or ``"auto"`` (fastest on the inputs' device; see :func:`set_backend`)."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     backend = _resolve_backend(backend, u.device)
-    if backend == "mamba_ssm":
+    (b, channels, L), n = u.shape, A.shape[1]
+    if backend == "mamba_ssm" and 0 not in (b, channels, L, n):
         return _mamba_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    B, C = (t.unsqueeze(1) if t.ndim == 3 else t for t in (B, C))    # (B, G, N, L)
-    if backend == "triton":
+    B, C = (t.unsqueeze(1) if t.ndim == 3 else t for t in (B, C))    # (B, G, N, L) or constant (G*D, N)
+    if B.ndim == 2 or C.ndim == 2 or B.shape[1] != C.shape[1]:  # as one group per channel: (B, G*D, N, L) each
+        B, C = (t[:, :, None].expand(b, -1, -1, L) if t.ndim == 2 else t.repeat_interleave(channels // t.shape[1], 1)
+                for t in (B, C))
+    if 0 in (b, channels, L, n):  # nothing to scan: zero states, y the D term alone, alike in every backend
+        y, last = u.new_zeros(u.shape, dtype=torch.float32), u.new_zeros((b, channels, n), dtype=torch.float32)
+        y = y if D is None else torch.addcmul(y, u.float(), D.float().unsqueeze(-1))
+    elif backend == "triton":
         y, last = _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
-        (b, channels, L), g, n, u32 = u.shape, B.shape[1], A.shape[1], u.float()   # u32: converted once
+        g, u32 = B.shape[1], u.float()   # u32: converted once
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float().unsqueeze(-1)
         dt = (_softplus(dt) if delta_softplus else dt).reshape(b, g, -1, L).permute(0, 3, 1, 2).contiguous()
         y, last = _selective_scan_torch(u32.reshape(b, g, -1, L).permute(0, 3, 1, 2), dt, A.view(g, -1, n),
@@ -702,12 +727,13 @@ def _one_of(name: str, value: Any, accepted: Sequence[Any]) -> Any:
 
 def _check_range(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False,
                  low_open: bool = False) -> None:
-    """Raise ValueError unless ``low <= value < high`` (``low < value`` with ``low_open``)."""
+    """Raise TypeError unless value is an int (or a float, unless ``integer``; a bool is neither), ValueError unless
+    ``low <= value < high`` (``low < value`` with ``low_open``; NaN and inf fail)."""
     kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool) and (value > low if low_open else value >= low) and value < high
-    if not ok:
-        bounds = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and < {high}")
+    bounds = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and < {high}")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{name} must be {kind} {bounds}, got {value!r} ({type(value).__name__})")
+    if not ((value > low if low_open else value >= low) and value < high):
         raise ValueError(f"{name} must be {kind} {bounds}, got {value!r}")
 
 
@@ -775,9 +801,17 @@ class SS2D(nn.Module):
         _check_range("ssm_d_state", d_state, 1, integer=True)
         _check_range("ssm_ratio", ssm_ratio, 0, low_open=True)
         _check_range("ssm_conv", d_conv, 1, integer=True)
+        if d_conv % 2 == 0:
+            raise ValueError(f"ssm_conv must be odd (a centred kernel keeps the map's size), got {d_conv}")
         _check_range("ssm_drop_rate", dropout, 0, 1)
         if dt_rank != "auto":
             _check_range("ssm_dt_rank", dt_rank, 1, integer=True)
+        for name, value in (("ssm_conv_bias", conv_bias), ("bias", bias), ("channel_first", channel_first)):
+            _one_of(name, value, (False, True))
+        _check_range("dt_min", dt_min, 0, low_open=True)   # log-uniform between dt_min and dt_max
+        _check_range("dt_max", dt_max, dt_min)
+        _check_range("dt_scale", dt_scale, 0)
+        _check_range("dt_init_floor", dt_init_floor, 0)
         k, d_inner = 4, int(ssm_ratio * d_model)
         if d_inner < 1:
             raise ValueError(f"ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
@@ -848,6 +882,9 @@ class VSSBlock(nn.Module):
         super().__init__()
         _one_of("mlp_act_layer", mlp_act_layer, ("gelu",))
         _one_of("gmlp", gmlp, (False,))
+        _check_range("hidden_dim", hidden_dim, 1, integer=True)
+        _one_of("channel_first", channel_first, (False, True))
+        _one_of("post_norm", post_norm, (False, True))
         _check_range("mlp_ratio", mlp_ratio, 0)
         for name, value in (("mlp_drop_rate", mlp_drop_rate), ("drop_path", drop_path)):
             _check_range(name, value, 0, 1)
@@ -1324,7 +1361,9 @@ class VSSM(nn.Module):
     ``forward_type`` "v0" | "v05" | "v05_noz"; ``patchembed_version`` "v1" | "v2"; ``downsample_version`` "v1" |
     "v2" | "v3"; ``norm_layer`` "ln" | "ln2d" (same weights and outputs); ``global_pool`` "avg" | "" (output: the
     normalised map). ``dims``: the first stage's width (doubled per stage) or one per stage. ``device``, ``dtype``:
-    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W); output: (B, num_classes)."""
+    PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W) in the model's dtype (or any
+    under autocast); output: (B, num_classes). Every argument is checked here: TypeError for a wrong type, ValueError
+    for a wrong value, and at most 1024 blocks and about 2**33 weights."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, ssm_d_state: int = 1,
@@ -1350,12 +1389,29 @@ class VSSM(nn.Module):
         _check_range("in_chans", in_chans, 1, integer=True)
         _check_range("num_classes", num_classes, 0, integer=True)
         _check_range("drop_path_rate", drop_path_rate, 0, 1)
+        _check_range("imgsize", imgsize, 1, integer=True)
+        for name, value in (("use_checkpoint", use_checkpoint), ("check_finite", check_finite)):
+            _one_of(name, value, (False, True))
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        if isinstance(depths, str) or not isinstance(depths, Sequence):
+            raise TypeError(f"depths must be a sequence of block counts, one per stage, got {depths!r}")
+        if isinstance(dims, (str, bool)) or not isinstance(dims, (int, Sequence)):
+            raise TypeError(f"dims must be an integer (the first stage's width) or one per stage, got {dims!r}")
         dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
         if len(dims) != len(depths) or not depths:
             raise ValueError(f"dims and depths must have one entry per stage, got dims={dims}, depths={list(depths)}")
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             _check_range(f"dims[{i}]", dim, 2 if patchembed_version == "v2" and i == 0 else 1, integer=True)
             _check_range(f"depths[{i}]", depth, 1, integer=True)
+        _check_range("ssm_ratio", ssm_ratio, 0, low_open=True)
+        _check_range("mlp_ratio", mlp_ratio, 0)
+        # A typo such as depths=[10**7, 2, 8, 2] would build until memory runs out: bound the model's size first.
+        weights = sum(d * c * c * (3 * ssm_ratio + 2 * mlp_ratio + 1) for c, d in zip(dims, depths))   # the Linears
+        weights += dims[-1] * num_classes
+        if sum(depths) > 1024 or weights > 2 ** 33:
+            raise ValueError(f"depths={list(depths)} with dims={dims} give {sum(depths)} blocks and about {weights:.2g}"
+                             " weights; at most 1024 blocks and 2**33 weights (32 GiB in float32) are accepted")
         self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
         self.depths, self.dims, self.num_features, self.head_hidden_size = list(depths), dims, dims[-1], dims[-1]
         self.check_finite, self.grad_checkpointing = check_finite, use_checkpoint
@@ -1440,6 +1496,10 @@ class VSSM(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected {expected}, got dtype {x.dtype}; convert with x.float() "
                             "(and normalise as in training)")
+        like = self.patch_embed[0].weight.dtype   # dtypes are static: compiled and exported graphs keep the check
+        if x.dtype != like and not torch.is_autocast_enabled(x.device.type):   # autocast casts for each op
+            raise TypeError(f"got a {x.dtype} image for a {like} model: cast the image with x.to({like}) or the model "
+                            f"with model.to({x.dtype}), or use torch.autocast")
         # operator.index keeps H, W static under torch.compile (a graph per size; symbolic ones compile ~7x slower)
         if x.shape[0] == 0 or min(operator.index(x.shape[2]), operator.index(x.shape[3])) < self.patch_size:
             raise ValueError(f"expected {expected} with batch >= 1 and H, W >= {self.patch_size}, "
@@ -1459,13 +1519,17 @@ class VSSM(nn.Module):
 
     def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
         """Stage numbers from timm's ``indices``: None (all), n (the last n) or stage numbers (< 0: from the end)."""
-        n = len(self.layers)
+        n, is_int = len(self.layers), lambda i: isinstance(i, int) and not isinstance(i, bool)
         if indices is None:
             indices = list(range(n))
-        elif isinstance(indices, int):
+        elif is_int(indices):
+            if not 1 <= indices <= n:
+                raise ValueError(f"indices={indices} asks for the last {indices} stages; expected 1 to {n}")
             indices = list(range(n - indices, n))
+        if isinstance(indices, str) or not isinstance(indices, Sequence) or not all(map(is_int, indices)):
+            raise TypeError(f"indices must be None, an int or a sequence of stage numbers, got {indices!r}")
         indices = [i % n if -n <= i < n else i for i in indices]
-        if any(not 0 <= i < n for i in indices):
+        if not indices or any(not 0 <= i < n for i in indices):
             raise ValueError(f"indices must be stage numbers in [0, {n}), got {indices}")
         return indices
 
@@ -1568,11 +1632,13 @@ class Backbone_VSSM(VSSM):
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Any = None,
                  norm_layer: str = "ln", frozen_stages: int = -1, norm_eval: bool = False,
                  init_cfg: Optional[Dict[str, Any]] = None, **kwargs: Any):
+        if (isinstance(out_indices, str) or not isinstance(out_indices, Sequence)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices)):
+            raise TypeError(f"out_indices must be a sequence of stage numbers, got {out_indices!r}")
         super().__init__(norm_layer=norm_layer, **dict(kwargs, num_classes=0))
         n = len(self.layers)
-        if (not isinstance(out_indices, Sequence) or not out_indices
-                or any(type(i) is not int or not 0 <= i < n for i in out_indices)):
-            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {out_indices!r}")
+        if not out_indices or any(not 0 <= i < n for i in out_indices):
+            raise ValueError(f"out_indices must be non-empty stage numbers in [0, {n}), got {list(out_indices)}")
         _check_range("frozen_stages", frozen_stages, -1, n + 1, integer=True)
         _one_of("norm_eval", norm_eval, (False, True))
         if init_cfg is not None and (not isinstance(init_cfg, dict) or init_cfg.get("type") != "Pretrained"
