@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.metadata
 import json
 import math
 import os
@@ -562,10 +563,12 @@ def _cmd_highres_one(args: argparse.Namespace) -> int:
     model = build().eval()
     x = torch.randn(1, 3, args.size, args.size)
     with torch.inference_mode():
-        before = _status_kib("VmRSS")
-        start = time.perf_counter()
-        out = model(x)
-        seconds = time.perf_counter() - start
+        before, times = _status_kib("VmRSS"), []
+        for _ in range(args.repeats + (args.repeats > 1)):           # repeated: one more call first, untimed
+            start = time.perf_counter()
+            out = model(x)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times[args.repeats > 1:])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss       # KiB on Linux
     print(json.dumps(dict(seconds=seconds, rss_before_kib=before, peak_rss_kib=peak,
                           finite=bool(torch.isfinite(out).all()))))
@@ -590,15 +593,22 @@ def _cmd_highres(args: argparse.Namespace) -> int:
     time per pixel against size (flat: linear cost), and with ``--out`` a .csv and a .md."""
     if args.out:
         optional_import("matplotlib", "matplotlib", "plotting")      # fail before the work
-    names = (args.model or _HIGHRES_MODELS).split(",")
+    names = args.model.split(",") if args.model else ["VSSM"] if args.config else _HIGHRES_MODELS.split(",")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"highres: {_machine()}; torch {torch.__version__}, {args.threads} threads, batch 1, "
-          f"inference mode, one call each in a fresh process")
+    try:
+        timm_version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        timm_version = "not installed"
+    setup = (f"torch {torch.__version__}, timm {timm_version}, "
+             f"{args.threads} threads, batch 1, inference mode, each model and size in a fresh process, "
+             + ("one call" if args.repeats == 1 else f"median of {args.repeats} calls after one"))
+    print(f"highres: {_machine()}; {setup}")
     rows = []
     for size in args.sizes:
         for name in names:
-            command = [sys.executable, os.path.abspath(__file__), "highres-one", "--model", name, "--size",
-                       str(size), "--threads", str(args.threads)] + (["--config", args.config] if args.config else [])
+            command = [sys.executable, os.path.abspath(__file__), "highres-one", "--size", str(size), "--threads",
+                       str(args.threads), "--repeats", str(args.repeats)] + (["--config", args.config] if args.config
+                                                                             else []) + (["--model", name] * (name != "VSSM"))
             run = subprocess.run(command, capture_output=True, text=True,
                                  env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
             row = dict(model=name, size=size, pixels=size * size)
@@ -640,13 +650,11 @@ def _cmd_highres(args: argparse.Namespace) -> int:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     command = "python tools/analysis.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("analysis.py") else ""
-    figure.suptitle(f"{_machine()}; torch {torch.__version__}, {args.threads} threads; batch 1, inference, one "
-                    f"call each; {started}", fontsize=8)
+    figure.suptitle(f"{_machine()}\n{setup}; {started}", fontsize=8)
     figure.savefig(args.out, dpi=args.dpi)
     lines = [f"# Cost against image size, {', '.join(names)}", "",
              f"Written by `{command or 'tools/analysis.py highres'}` on {started}.",
-             f"Machine: {_machine()}. torch {torch.__version__}, {args.threads} threads, batch 1, inference mode, "
-             "random weights and inputs, one forward pass per model and size, each in a fresh process. Peak: the "
+             f"Machine: {_machine()}. {setup}; random weights and inputs. Peak: the "
              "process's peak resident set; 'forward' counts what the forward pass added to it, in units of a first "
              "stage's map (size/4 squared x 96 channels x 4 bytes).", "",
              "| model | size | seconds | ns / pixel | peak RSS (GiB) | forward peak / stage-1 map |",
@@ -739,11 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 1024,2048,4096)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="intra-op threads of each run (default: this process's)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed calls per run, median, after an untimed one when more than 1 (default: 1)")
     p.set_defaults(run=_cmd_highres)
 
     p = commands.add_parser("highres-one", help=argparse.SUPPRESS)   # one run of highres, in its own process
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None)
     p.add_argument("--config", default=None)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(run=_cmd_highres_one)
