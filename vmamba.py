@@ -762,13 +762,13 @@ def _check_range(name: str, value: Any, low: float, high: float = math.inf, inte
 
 def _by_rows(fn: Callable[[Tensor], Tensor], x: Tensor, rows: int, dim: int, stride: int = 1, halo: int = 1) -> Tensor:
     """``fn(x)`` in bands of ``rows`` output rows along ``dim``, concatenated: for convolutions of total ``stride`` (and
-    position-wise layers), whose output row i sees input rows within ``halo`` output rows of i * stride. Each band
-    reads ``halo`` more output rows' worth of input on either side; their outputs, which saw the band's edge as if it
-    were the map's, are dropped."""
+    position-wise layers) whose output row i reads input rows in [(i - halo) * stride, (i + 1 + halo) * stride), or
+    only up to (i + 1) * stride when strided. Each band reads its rows and those; the outputs of the ``halo`` rows
+    above it (and below, at stride 1), which saw the band's edge as if it were the map's, are dropped."""
     size, out = x.shape[dim], []
     for o in range(0, -(-size // stride), rows):
-        start = max(o - halo, 0) * stride
-        band = fn(x.narrow(dim, start, min((o + rows + halo) * stride, size) - start))
+        start, end = max(o - halo, 0) * stride, (o + rows + (halo if stride == 1 else 0)) * stride
+        band = fn(x.narrow(dim, start, min(end, size) - start))
         skip = o - start // stride
         out.append(band.narrow(dim, skip, max(min(rows, band.shape[dim] - skip), 0)))
     return torch.cat(out, dim)
@@ -1475,7 +1475,7 @@ class VSSM(nn.Module):
 
     def _banded(self, module: nn.Module, x: Tensor, out_dim: int, stride: int, halo: int = 1) -> Tensor:
         """``module(x)`` on a (B, C, H, W) map: the stem or a downsampling, in bands of output rows when large."""
-        rows = _tile_rows(x, 4 * out_dim, forced=self.tile_rows, hw=(2, 3), stride=stride)
+        rows = _tile_rows(x, 2 * out_dim, forced=self.tile_rows, hw=(2, 3), stride=stride)   # ~ its input
         return module(x) if rows is None else _by_rows(module, x, rows, 2, stride, halo)
 
     def _embed(self, x: Tensor) -> Tensor:
