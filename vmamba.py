@@ -121,8 +121,10 @@ def _chunk_carries(E: Tensor, S: Tensor) -> Tensor:
     return S
 
 
-def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan: int) -> Tuple[Tensor, Tensor]:
-    """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D)."""
+def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan: int,
+                 h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D).
+    ``h0`` (B, G, N, D): the state before the first step (default 0), e.g. the last one of the previous tile."""
     (b, L, g, d), n, top = u.shape, A.shape[1], _CHUNK // 2 if torch.compiler.is_compiling() else _CHUNK
     T = min(L, next((t for t in range(top, top // 3, -1) if L % t == 0), top))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
@@ -146,12 +148,13 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
         a = a_s[t] if a_s else torch.exp(dts[t] * A)
         a = a.clamp_max(torch.finfo(a.dtype).max) if t == 0 else a  # meets chunk 0's zero entry state: not inf * 0
         return torch.addcmul(x_s[t] if a_s else dus[t] * Bs[t], a, h)
-    h = x_s[0] if a_s else dus[0] * Bs[0]                             # pass 1: exit states from zero
+    h0 = None if h0 is None else F.pad(h0.unsqueeze(1), (0, 0) * 3 + (0, nc - 1))   # h0 enters chunk 0 only
+    h = (x_s[0] if a_s else dus[0] * Bs[0]) if h0 is None else step(0, h0)   # pass 1: exit states from zero (h0)
     for t in range(1, T):
         h = step(t, h)
     H = _chunk_carries(torch.exp((dt.view(b, nc, T, g, d).sum(2).unsqueeze(-2) * (A / 2)).clamp_max(88.72)),
                        h)   # (B, nc, G, N, D); square roots of the chunks' decays, below float32's max (3.4e38)
-    h, hs = _shifted(H, 1, 0.0), []                                   # pass 2, from the entry states
+    h, hs = _shifted(H, 1, 0.0) if h0 is None else _shifted(H, 1, 0.0) + h0, []   # pass 2, from the entry states
     for t in range(T):
         h = step(t, h)
         if a_s:
@@ -165,6 +168,24 @@ def _plan(b: Any, L: int, g: int, n: int, d: int) -> Tuple[int, int]:   # sample
     size, states = b_plan * L * g * d, _STEP_STATES * _CHUNK   # floats in a (B, L, G, D) tensor; states per block
     blocks = max((size + _BLOCK_FLOATS - 1) // _BLOCK_FLOATS, (size * n + states - 1) // states)
     return b_plan, (d + blocks - 1) // blocks
+
+
+def _tile_rows(x: Any, width: int, n: int = 1, forced: Optional[int] = None, hw: Tuple[int, int] = (1, 2),
+               stride: int = 1) -> Optional[int]:
+    """How a large map is tiled, decided from its shape alone (the one place): for the (B, H, W) map whose sizes are
+    x.shape[hw] (columns: swap them), divided by ``stride``, with ``width`` floats a pixel, the rows per tile: the most
+    whose (B, rows, W, width) tensors hold at most _BLOCK_FLOATS floats and whose scan steps touch at most
+    _STEP_STATES states of size n, at least one; ``forced`` (a model's ``tile_rows``) in their place. None (no tiles)
+    when one tile holds the map, under autograd (tiles serve inference) or without static sizes (FX tracing)."""
+    if torch.is_grad_enabled() or not isinstance(x, Tensor):
+        return None
+    b, h, w = x.shape[0], x.shape[hw[0]], x.shape[hw[1]]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        return None
+    h, w = (h + stride - 1) // stride, (w + stride - 1) // stride
+    per_row = (b if isinstance(b, int) else 1) * w * width
+    rows = forced or min(_BLOCK_FLOATS // per_row, _STEP_STATES * _CHUNK // (per_row * n))
+    return max(rows, 1) if rows < h else None
 
 
 def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
@@ -669,14 +690,40 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
     return _from_sequences(ys.flatten(3).permute(0, 3, 1, 2), *ys.shape[3:]).permute(0, 3, 1, 2)
 
 
+def _ss2d_tiles(x: Tensor, w_proj: Tensor, w_dt: Tensor, dt_bias: Tensor, A: Tensor, rows: int, cols: int) -> Tensor:
+    """The torch scans of a large map in tiles, without autograd: direction k walks its own scan order in blocks of
+    ``rows`` rows (k = 0, 2) or ``cols`` columns (k = 1, 3), backwards for k = 2, 3, each tile's scan starting from
+    the previous one's last state; its outputs are added into the merged map, which this function allocates.
+    x (B, H, W, D); w_proj (4, R + 2N, D); w_dt (4, D, R); dt_bias (4, D); A (4, D, N) -> merged (B, H, W, D) float32."""
+    (b, h, w, d), n, r = x.shape, A.shape[2], w_dt.shape[2]
+    merged = x.new_zeros((b, h, w, d), dtype=torch.float32)
+    for k, step in enumerate((rows, cols, rows, cols)):
+        src, dst = (x, merged) if k % 2 == 0 else (x.transpose(1, 2), merged.transpose(1, 2))   # (B, lines, len, D)
+        state, starts = x.new_zeros((b, 1, n, d), dtype=torch.float32), range(0, src.shape[1], step)
+        for s in starts if k < 2 else reversed(starts):
+            seq = src[:, s:s + step].flatten(1, 2)                    # (B, l, D): the tile in scan order k
+            seq = seq.flip(1) if k >= 2 else seq
+            dts, Bs, Cs = torch.matmul(seq, w_proj[k].t()).float().split([r, n, n], dim=-1)   # (B, l, R|N|N)
+            dt = _softplus(torch.addmm(dt_bias[k].float(), dts.flatten(0, 1), w_dt[k].float().t()))   # (B*l, D)
+            y, state = _scan_chunks(seq.float().unsqueeze(2), dt.view(b, -1, 1, d), A[k:k + 1].transpose(1, 2),
+                                    Bs.unsqueeze(2), Cs.unsqueeze(2), b, state)   # (B, l, 1, D), (B, 1, N, D)
+            tile = dst[:, s:s + step]                                 # (B, lines of the tile, len, D)
+            tile += (y.flip(1) if k >= 2 else y).view(tile.shape)
+    return merged
+
+
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
-               A_logs: Tensor, Ds: Tensor, backend: str) -> Tensor:   # see ss2d_core
+               A_logs: Tensor, Ds: Tensor, backend: str, tile_rows: Optional[int] = None) -> Tensor:   # see ss2d_core
     (b, h, w, d), n, r = x.shape, A_logs.shape[1], dt_projs_weight.shape[2]
     backend = _resolve_backend(backend, x.device)
     w_proj, w_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight))   # see below; the dt bias too
+    A = -torch.exp(A_logs.float())                                    # (4*D, N)
+    if backend == "torch" and _tile_rows(x, 4 * d, n, tile_rows):   # a large map, in inference: in tiles
+        rows, cols = (_tile_rows(x, d, n, tile_rows, hw) or x.shape[hw[0]] for hw in ((1, 2), (2, 1)))
+        merged = _ss2d_tiles(x, w_proj, w_dt, dt_projs_bias, A.view(4, d, n), rows, cols)
+        return merged.addcmul_(x, Ds.float().view(4, d).sum(0)).to(x.dtype)   # the skip term, as below
     proj = _to_sequences(torch.einsum("bhwd,kcd->bhwkc", x, w_proj))  # per pixel, then (B, L, 4, R+2N)
     dts, Bs, Cs = proj.split([r, n, n], dim=-1)                       # (B, L, 4, R|N|N)
-    A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch":  # in the scan's blocks of channels, so that a large map's temporaries stay small
         low, width, parts = dts.permute(2, 0, 1, 3).flatten(1, 2), _plan(b, h * w, 4, n, d)[1], []   # (4, B*L, R)
         for xc, wc, bc, Ac in zip(x.split(width, 3), w_dt.split(width, 1), dt_projs_bias.to(x.dtype).split(width, 1),
@@ -707,11 +754,13 @@ except (AttributeError, TypeError):  # torch without the region, or without its 
 
 
 def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
-              A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
+              A_logs: Tensor, Ds: Tensor, backend: str = "auto", tile_rows: Optional[int] = None) -> Tensor:
     """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
-    (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
+    (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D).
+    Backend "torch" without autograd scans a large map in tiles of rows and columns (``tile_rows`` forces their size),
+    each direction carrying its state from tile to tile: time and memory linear in the pixels."""
     core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() and not torch.is_grad_enabled() else _ss2d_core
-    return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
+    return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend, tile_rows)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
@@ -735,6 +784,20 @@ def _check_range(name: str, value: Any, low: float, high: float = math.inf, inte
         raise TypeError(f"{name} must be {kind} {bounds}, got {value!r} ({type(value).__name__})")
     if not ((value > low if low_open else value >= low) and value < high):
         raise ValueError(f"{name} must be {kind} {bounds}, got {value!r}")
+
+
+def _by_rows(fn: Callable[[Tensor], Tensor], x: Tensor, rows: int, dim: int, stride: int = 1, halo: int = 1) -> Tensor:
+    """``fn(x)`` in bands of ``rows`` output rows along ``dim``, concatenated: for convolutions of total ``stride`` (and
+    position-wise layers) whose output row i reads input rows in [(i - halo) * stride, (i + 1 + halo) * stride), or
+    only up to (i + 1) * stride when strided. Each band reads its rows and those; the outputs of the ``halo`` rows
+    above it (and below, at stride 1), which saw the band's edge as if it were the map's, are dropped."""
+    size, out = x.shape[dim], []
+    for o in range(0, -(-size // stride), rows):
+        start, end = max(o - halo, 0) * stride, (o + rows + (halo if stride == 1 else 0)) * stride
+        band = fn(x.narrow(dim, start, min(end, size) - start))
+        skip = o - start // stride
+        out.append(band.narrow(dim, skip, max(min(rows, band.shape[dim] - skip), 0)))
+    return torch.cat(out, dim)
 
 
 class Permute(nn.Module):
@@ -784,14 +847,15 @@ FORWARD_TYPES = ("v0", "v05", "v05_noz")
 class SS2D(nn.Module):
     """2-D selective scan, VMamba's attention: (B, H, W, d_model) in and out, (B, d_model, H, W) with
     ``channel_first``. ``forward_type`` "v0"/"v05" gate the output with ``silu(z)`` from a second half of
-    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend."""
+    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend.
+    ``tile_rows``: rows (and columns) per tile of a large map's scans in inference; None: planned from its shape."""
 
     def __init__(self, d_model: int = 96, d_state: int = 16, ssm_ratio: float = 2.0,
                  dt_rank: Union[int, str] = "auto", act_layer: str = "silu", d_conv: int = 3,
                  conv_bias: bool = True, dropout: float = 0.0, bias: bool = False,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, initialize: str = "v0",
-                 forward_type: str = "v05_noz", channel_first: bool = False):
+                 forward_type: str = "v05_noz", channel_first: bool = False, tile_rows: Optional[int] = None):
         super().__init__()
         self.forward_type = _one_of("forward_type", forward_type, FORWARD_TYPES)
         _one_of("ssm_act_layer", act_layer, ("silu",))
@@ -817,6 +881,7 @@ class SS2D(nn.Module):
             raise ValueError(f"ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
         rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.channel_first = d_inner, d_state, rank, channel_first
+        self.tile_rows = tile_rows
         self.gated, self.backend = self.forward_type in ("v0", "v05"), "auto"
 
         # Per-direction projections, stacked over the K=4 scan directions.
@@ -862,7 +927,7 @@ class SS2D(nn.Module):
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
         y = ss2d_core(F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                      self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D)
+                      self.A_logs, self.Ds, self.backend, self.tile_rows)   # (B, H, W, D)
         y = self.out_norm(y)
         y = y if z is None else y * F.silu(z)
         out = self.dropout(self.out_proj(y))                          # (B, H, W, C)
@@ -878,7 +943,7 @@ class VSSBlock(nn.Module):
                  ssm_act_layer: str = "silu", ssm_conv: int = 3, ssm_conv_bias: bool = True,
                  ssm_drop_rate: float = 0.0, ssm_init: str = "v0", forward_type: str = "v05_noz",
                  mlp_ratio: float = 4.0, mlp_act_layer: str = "gelu", mlp_drop_rate: float = 0.0,
-                 gmlp: bool = False, post_norm: bool = False):
+                 gmlp: bool = False, post_norm: bool = False, tile_rows: Optional[int] = None):
         super().__init__()
         _one_of("mlp_act_layer", mlp_act_layer, ("gelu",))
         _one_of("gmlp", gmlp, (False,))
@@ -892,7 +957,7 @@ class VSSBlock(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
         self.op = SS2D(d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
                        act_layer=ssm_act_layer, d_conv=ssm_conv, conv_bias=ssm_conv_bias,
-                       dropout=ssm_drop_rate, initialize=ssm_init, forward_type=forward_type)
+                       dropout=ssm_drop_rate, initialize=ssm_init, forward_type=forward_type, tile_rows=tile_rows)
         self.drop_path = DropPath(drop_path)
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(hidden_dim)
@@ -901,6 +966,11 @@ class VSSBlock(nn.Module):
             self.norm2 = self.mlp = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (self.training or self.post_norm) and isinstance(self.op, SS2D):   # a large map in inference: tiles
+            widest = max(self.op.in_proj.out_features, 0 if self.mlp is None else self.mlp.fc1.out_features)
+            rows = _tile_rows(x, widest, forced=self.op.tile_rows, hw=(2, 3) if self.channel_first else (1, 2))
+            if rows is not None:
+                return self._forward_tiles(x, rows)
         # channel_first: branches on (B, H, W, C) views, sums on the maps (inductor lays out 4-D sums as NCHW ones)
         for norm, op in ((self.norm, self.op), (self.norm2, self.mlp)):
             if op is not None:
@@ -908,6 +978,31 @@ class VSSBlock(nn.Module):
                 h = norm(op(h)) if self.post_norm else op(norm(h))
                 x = x + self.drop_path(h.permute(0, 3, 1, 2) if self.channel_first else h)
         return x
+
+    def _forward_tiles(self, x: Tensor, rows: int) -> Tensor:
+        """forward of a large map in inference (eval, pre-norm), in bands of rows: the scans' input silu(conv(in_proj(
+        norm(x)))) with the convolution's halo rows, the scans in tiles, then per band the gate (z recomputed),
+        out_proj, the residual and the MLP, written into the output, which this forward allocates."""
+        op, d = self.op, self.op.d_inner
+        x = x.permute(0, 2, 3, 1) if self.channel_first else x       # (B, H, W, C)
+        weight, bias = op.in_proj.weight, op.in_proj.bias
+        bias_x, bias_z = (None, None) if bias is None else (bias[:d], bias[d:])
+
+        def scan_input(t: Tensor) -> Tensor:                          # (B, rows, W, C) -> (B, rows, W, D)
+            t = F.linear(self.norm(t), weight[:d], bias_x)
+            return F.silu(t if op.conv2d is None else op.conv2d(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        halo = 0 if op.conv2d is None else op.conv2d.padding[0]
+        u = _by_rows(scan_input, x, _tile_rows(x, d, forced=op.tile_rows) or x.shape[1], 1, halo=halo)
+        y = ss2d_core(u, op.x_proj_weight, op.dt_projs_weight, op.dt_projs_bias, op.A_logs, op.Ds, op.backend,
+                      op.tile_rows)                                   # (B, H, W, D)
+        del u
+        out = torch.empty_like(x)                                     # (B, H, W, C), laid out as x
+        for r in range(0, x.shape[1], rows):
+            t, o = x[:, r:r + rows], op.out_norm(y[:, r:r + rows])   # (B, rows, W, C), (B, rows, W, D)
+            o = o * F.silu(F.linear(self.norm(t), weight[d:], bias_z)) if op.gated else o
+            t = t + op.out_proj(o)                                    # dropout and drop_path: identities in eval
+            out[:, r:r + rows] = t if self.mlp is None else t + self.mlp(self.norm2(t))
+        return out.permute(0, 3, 1, 2) if self.channel_first else out
 
 
 class PatchMerging(nn.Module):
@@ -1363,7 +1458,10 @@ class VSSM(nn.Module):
     normalised map). ``dims``: the first stage's width (doubled per stage) or one per stage. ``device``, ``dtype``:
     PyTorch's factory keywords (timm passes them). Input: float (B, in_chans, H, W) in the model's dtype (or any
     under autocast); output: (B, num_classes). Every argument is checked here: TypeError for a wrong type, ValueError
-    for a wrong value, and at most 1024 blocks and about 2**33 weights."""
+    for a wrong value, and at most 1024 blocks and about 2**33 weights.
+    In inference (no autograd, eval), a large map goes through the stem, the blocks and the downsampling in bands of
+    rows and through the scans in tiles (the same values, time and memory linear in the pixels); ``tile_rows``
+    forces the rows (and columns) per tile, else each map's shape decides (maps that fit run untiled)."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, ssm_d_state: int = 1,
@@ -1374,7 +1472,7 @@ class VSSM(nn.Module):
                  norm_layer: str = "ln2d", downsample_version: str = "v3", patchembed_version: str = "v2",
                  use_checkpoint: bool = False, posembed: bool = False, imgsize: int = 224, check_finite: bool = False,
                  global_pool: str = "avg", device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None, **unknown: Any):
+                 dtype: Optional[torch.dtype] = None, tile_rows: Optional[int] = None, **unknown: Any):
         super().__init__()
         _reject_unknown(type(self), unknown)
         self.norm_layer = _one_of("norm_layer", norm_layer, ("ln", "ln2d"))
@@ -1414,7 +1512,13 @@ class VSSM(nn.Module):
                              " weights; at most 1024 blocks and 2**33 weights (32 GiB in float32) are accepted")
         self.in_chans, self.patch_size, self.num_classes = in_chans, patch_size, num_classes
         self.depths, self.dims, self.num_features, self.head_hidden_size = list(depths), dims, dims[-1], dims[-1]
-        self.check_finite, self.grad_checkpointing = check_finite, use_checkpoint
+        self.check_finite, self.grad_checkpointing, self.tile_rows = check_finite, use_checkpoint, tile_rows
+        if tile_rows is not None:
+            _check_range("tile_rows", tile_rows, 1, integer=True)
+        # The stem's stride, and the output rows by which its bands overlap: its reach (v2: two 3x3 convolutions), at
+        # least one (so that a band never ends with less than a stride of rows)
+        s = patch_size // 2
+        self._stem_rows = (patch_size, 1) if patchembed_version == "v1" else (s * s, -(-(s + 1) // (s * s)))
         # A stage's map before its downsample: the output of its last block, (B, C, H, W).
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks")
                              for i, d in enumerate(dims)]
@@ -1428,7 +1532,7 @@ class VSSM(nn.Module):
                     ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act_layer, ssm_conv=ssm_conv,
                     ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init,
                     forward_type=forward_type, mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act_layer,
-                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp) for j in range(depth)])
+                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp, tile_rows=tile_rows) for j in range(depth)])
                 downsample = (_make_downsample(downsample_version, dims[i], dims[i + 1]) if i + 1 < len(depths)
                               else nn.Identity())
                 self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
@@ -1508,6 +1612,18 @@ class VSSM(nn.Module):
             raise ValueError("input contains NaN or Inf values")  # opt-in, eager only
         return x
 
+    def _banded(self, module: nn.Module, x: Tensor, out_dim: int, stride: int, halo: int = 1) -> Tensor:
+        """``module(x)`` on a (B, C, H, W) map: the stem or a downsampling, in bands of output rows when large."""
+        rows = _tile_rows(x, 2 * out_dim, forced=self.tile_rows, hw=(2, 3), stride=stride)   # ~ its input
+        return module(x) if rows is None else _by_rows(module, x, rows, 2, stride, halo)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self._banded(self.patch_embed, self._check_input(x), self.dims[0], *self._stem_rows)
+
+    def _downsample(self, i: int, x: Tensor) -> Tensor:
+        module = self.layers[i].downsample
+        return x if isinstance(module, nn.Identity) else self._banded(module, x, self.dims[i + 1], 2)
+
     def _stage(self, i: int, x: Tensor) -> Tensor:
         """Blocks of stage i on a (B, C, H, W) map (before its downsample)."""
         blocks = self.layers[i].blocks
@@ -1543,7 +1659,7 @@ class VSSM(nn.Module):
         n = len(self.layers)
         indices = self._stage_indices(indices)
         last = max(indices) if (stop_early or intermediates_only) else n - 1
-        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
+        x = self._embed(x)                                            # (B, C0, H/4, W/4)
         intermediates = []
         for i in range(last + 1):
             x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
@@ -1551,7 +1667,7 @@ class VSSM(nn.Module):
                 o = x.permute(0, 2, 3, 1)                             # (B, H_i, W_i, C_i)
                 o = self.classifier.norm(o) if (norm and i == n - 1) else o
                 intermediates.append(o.permute(0, 3, 1, 2) if fmt == "nchw" else o)
-            x = self.layers[i].downsample(x)
+            x = self._downsample(i, x)
         if intermediates_only:
             return intermediates
         return (x if fmt == "nchw" else x.permute(0, 2, 3, 1)), intermediates
@@ -1574,9 +1690,9 @@ class VSSM(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Final stage's map, (B, num_features, H/32, W/32), before the classifier's norm."""
-        x = self.patch_embed(self._check_input(x))                    # (B, C0, H/4, W/4)
-        for i, layer in enumerate(self.layers):
-            x = layer.downsample(self._stage(i, x))
+        x = self._embed(x)                                            # (B, C0, H/4, W/4)
+        for i in range(len(self.layers)):
+            x = self._downsample(i, self._stage(i, x))
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -1675,13 +1791,13 @@ class Backbone_VSSM(VSSM):
             load_pretrained(self, self.init_cfg["checkpoint"])
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        x, outs = self.patch_embed(self._check_input(x)), []           # (B, C0, H/4, W/4)
+        x, outs = self._embed(x), []                                  # (B, C0, H/4, W/4)
         for i in range(self.out_indices[-1] + 1):
             x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
             if i in self.out_indices:
                 out = getattr(self, f"outnorm{i}")(x.permute(0, 2, 3, 1))
                 outs.append(out.permute(0, 3, 1, 2).contiguous())    # (B, C_i, H_i, W_i)
-            x = self.layers[i].downsample(x)
+            x = self._downsample(i, x)
         return outs
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -208,3 +208,18 @@ def test_scaling_runs_without_out_or_model(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "vmamba_tiny_s1l8" in out and "fitted exponents" in out
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_matplotlib
+def test_highres_command(tmp_path, capsys):
+    """Each size in a fresh process: time, time per pixel and peak memory, and the plot, .csv and .md."""
+    out = tmp_path / "highres.png"
+    assert analysis.main(["highres", "--config", json.dumps(TINY), "--sizes", "32,48", "--threads", "1",
+                          "--repeats", "2", "--out", str(out), "--dpi", str(DPI)]) == 0
+    with open(tmp_path / "highres.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["size"]) for r in rows] == [32, 48] and all(r["finite"] == "True" for r in rows)
+    assert all(float(r["seconds"]) > 0 and float(r["ns_per_pixel"]) > 0 for r in rows)
+    if sys.platform.startswith("linux"):
+        assert all(float(r["peak_rss_kib"]) >= float(r["rss_before_kib"]) > 0 for r in rows)
+    assert "| VSSM | 48 |" in (tmp_path / "highres.md").read_text() and _png_shape(out)[0] > 0

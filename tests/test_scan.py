@@ -347,3 +347,40 @@ def test_autograd_keeps_inputs_not_states():
     softplus_scan(selective_scan_ref)(*refs).square().sum().backward()
     for g, r in zip(grads, refs):
         assert rel(g, r.grad) < 2e-5
+
+
+# ----------------------------------------------------------------------------
+# Large maps in inference: the scans in tiles, each direction carrying its state
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", [0, 1, 2, 3])
+@pytest.mark.parametrize("bsz,H,W,D,N,R", [(2, 7, 5, 6, 1, 2), (1, 9, 11, 4, 16, 3), (1, 1, 6, 3, 1, 1),
+                                           (2, 13, 4, 5, 4, 2)])
+@pytest.mark.parametrize("tile_rows", [1, 2, 3, 5])
+def test_ss2d_core_in_tiles_matches_the_reference(direction, bsz, H, W, D, N, R, tile_rows):
+    """Tiles of rows (row-major scans, walked bottom-up when reversed) and of columns (column-major ones, right to
+    left when reversed) that cut the map unevenly give the float64 reference's output, for each direction on its
+    own (the other three get B = 0, so they add only the skip term) and for all four."""
+    args = ss2d_args(bsz, H, W, D, N, R)
+    xw = args[1].clone()
+    xw[[k for k in range(4) if k != direction], R:R + N] = 0             # B of the other directions
+    for case in (args[:1] + [xw] + args[2:], args):
+        with torch.no_grad():
+            got = vmamba.ss2d_core(*case, backend="torch", tile_rows=tile_rows)
+        assert rel(got, ss2d_core_ref(*[a.double() for a in case])) < 2e-5
+
+
+@pytest.mark.parametrize("N", [1, 16])
+def test_ss2d_core_plans_tiles_for_a_large_map_by_itself(N):
+    """Without a forced tile size a map too large for one tile is scanned in tiles (two of rows and two of columns
+    at N=16, one of each at N=1): the values of the untiled path (a tile size larger than the map)."""
+    args = ss2d_args(1, 160, 120, 64, N, 4)
+    with torch.no_grad():
+        untiled = vmamba.ss2d_core(*args, backend="torch", tile_rows=10 ** 6)
+        tiled = vmamba.ss2d_core(*args, backend="torch")
+    assert rel(tiled, untiled) < 1e-5
+
+
+def test_ss2d_core_in_channel_blocks_under_autograd(monkeypatch):
+    """Under autograd a large map keeps the untiled path, in blocks of channels (here three of two channels)."""
+    monkeypatch.setattr(vmamba, "_BLOCK_FLOATS", 2 * 35 * 4 * 2)
+    check_grads(ss2d_args(2, 7, 5, 6, 4, 2), lambda *a: vmamba.ss2d_core(*a, backend="torch"), ss2d_core_ref, 2e-5)

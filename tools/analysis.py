@@ -6,6 +6,7 @@ and latency, throughput and memory against resolution: as functions, and as the 
     python tools/analysis.py erf --model vmamba_tiny_s1l8,convnext_tiny --out erf.png
     python tools/analysis.py activations --model vmamba_tiny_s1l8 --image photo.jpg --out act.png
     python tools/analysis.py scaling --sizes 384,768,1536 [--out scaling.png]
+    python tools/analysis.py highres --sizes 1024,4096,8192 [--out docs/highres.png]
 
 Only torch and vmamba.py are needed to compute; plots need matplotlib, sample photographs
 scikit-image, other architectures timm, each imported when asked for. Uses vmamba's
@@ -16,10 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -541,8 +546,129 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+_HIGHRES_MODELS = "vmamba_tiny_s1l8,convnext_tiny"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cmd_highres_one(args: argparse.Namespace) -> int:
+    """One forward pass of one model at one size in inference mode, in this (fresh) process: prints
+    a JSON line with its time, and the process's resident set before it and its peak (Linux)."""
+    torch.set_num_threads(args.threads)
+    (_, build), = _analysis_models(args.model, args.config, None)
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    with torch.inference_mode():
+        before, times = _status_kib("VmRSS"), []
+        for _ in range(args.repeats + (args.repeats > 1)):           # repeated: one more call first, untimed
+            start = time.perf_counter()
+            out = model(x)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times[args.repeats > 1:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss       # KiB on Linux
+    print(json.dumps(dict(seconds=seconds, rss_before_kib=before, peak_rss_kib=peak,
+                          finite=bool(torch.isfinite(out).all()))))
+    return 0
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    memory = ""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            memory = f", {int(next(line.split()[1] for line in f if line.startswith('MemTotal'))) / 2 ** 20:.0f} GiB"
+    return f"{cpu}, {os.cpu_count()} logical CPUs{memory}, {platform.system()} {platform.release()}"
+
+
+def _cmd_highres(args: argparse.Namespace) -> int:
+    """``highres``: each model at each size in a fresh process (one forward pass in inference
+    mode): time, time per pixel, peak resident set against the first stage's map; the plot of
+    time per pixel against size (flat: linear cost), and with ``--out`` a .csv and a .md."""
+    if args.out:
+        optional_import("matplotlib", "matplotlib", "plotting")      # fail before the work
+    names = args.model.split(",") if args.model else ["VSSM"] if args.config else _HIGHRES_MODELS.split(",")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    try:
+        timm_version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        timm_version = "not installed"
+    setup = (f"torch {torch.__version__}, timm {timm_version}, "
+             f"{args.threads} threads, batch 1, inference mode, each model and size in a fresh process, "
+             + ("one call" if args.repeats == 1 else f"median of {args.repeats} calls after one"))
+    print(f"highres: {_machine()}; {setup}")
+    rows = []
+    for size in args.sizes:
+        for name in names:
+            command = [sys.executable, os.path.abspath(__file__), "highres-one", "--size", str(size), "--threads",
+                       str(args.threads), "--repeats", str(args.repeats)] + (["--config", args.config] if args.config
+                                                                             else []) + (["--model", name] * (name != "VSSM"))
+            run = subprocess.run(command, capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            row = dict(model=name, size=size, pixels=size * size)
+            if run.returncode == 0:
+                row.update(json.loads(run.stdout.strip().splitlines()[-1]))
+            else:
+                warn_once(f"{name} at {size} px failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
+                row.update(seconds=float("nan"), rss_before_kib=float("nan"), peak_rss_kib=float("nan"), finite=False)
+            stage1 = (size // 4) ** 2 * 96 * 4                       # bytes of a first stage's map (96 ch, stride 4)
+            row.update(ns_per_pixel=row["seconds"] / row["pixels"] * 1e9, peak_rss_gib=row["peak_rss_kib"] / 2 ** 20,
+                       forward_peak_per_stage1_map=(row["peak_rss_kib"] - row["rss_before_kib"]) * 1024 / stage1)
+            rows.append(row)
+            print(f"  {name:20s} {size:6d} px  {row['seconds']:9.2f} s  {row['ns_per_pixel']:8.0f} ns/px  peak "
+                  f"{row['peak_rss_gib']:6.2f} GiB  forward {row['forward_peak_per_stage1_map']:5.2f}x stage-1 map",
+                  flush=True)
+    if len(names) > 1:
+        print(f"time ratios {names[0]} / {names[1]}:")
+        for size in args.sizes:
+            a, b = (next(r["seconds"] for r in rows if r["model"] == n and r["size"] == size) for n in names[:2])
+            print(f"  {size:6d} px  {a / b:.2f}")
+    if not args.out:
+        return 0
+    columns = ["model", "size", "pixels", "seconds", "ns_per_pixel", "rss_before_kib", "peak_rss_kib",
+               "peak_rss_gib", "forward_peak_per_stage1_map", "finite"]
+    write_csv(_sibling(args.out, ".csv"), rows, columns)
+    figure = _new_figure(10, 4.2)
+    for ax, (key, title) in zip(figure.subplots(1, 2), (("ns_per_pixel", "time per pixel (ns)"),
+                                                        ("forward_peak_per_stage1_map",
+                                                         "forward's peak resident set / first stage's map"))):
+        for name in names:
+            pts = [(r["pixels"], r[key]) for r in rows if r["model"] == name and math.isfinite(r[key])]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xticks([s * s for s in args.sizes], [f"{s}²" for s in args.sizes])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("input pixels")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    command = "python tools/analysis.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("analysis.py") else ""
+    figure.suptitle(f"{_machine()}\n{setup}; {started}", fontsize=8)
+    figure.savefig(args.out, dpi=args.dpi)
+    lines = [f"# Cost against image size, {', '.join(names)}", "",
+             f"Written by `{command or 'tools/analysis.py highres'}` on {started}.",
+             f"Machine: {_machine()}. {setup}; random weights and inputs. Peak: the "
+             "process's peak resident set; 'forward' counts what the forward pass added to it, in units of a first "
+             "stage's map (size/4 squared x 96 channels x 4 bytes).", "",
+             "| model | size | seconds | ns / pixel | peak RSS (GiB) | forward peak / stage-1 map |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['size']} | {r['seconds']:.2f} | {r['ns_per_pixel']:.0f} | {r['peak_rss_gib']:.2f} "
+              f"| {r['forward_peak_per_stage1_map']:.2f} |" for r in rows]
+    with open(_sibling(args.out, ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}, {_sibling(args.out, '.csv')} and {_sibling(args.out, '.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: subcommands ``erf``, ``activations`` and ``scaling``."""
+    """The command line: subcommands ``erf``, ``activations``, ``scaling`` and ``highres``."""
     parser = argparse.ArgumentParser(
         prog="tools/analysis.py", description="What a VMamba model sees and what it costs: effective "
         "receptive fields, activation maps with SS2D's implicit attention, and cost against resolution.")
@@ -609,6 +735,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed forward passes first (default: 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.set_defaults(run=_cmd_scaling)
+
+    p = commands.add_parser(
+        "highres", help="time and peak memory of one forward pass at large sizes, beside other models",
+        description="Each model at each size in a fresh process: one forward pass in inference mode "
+        "(batch 1, random weights and input), its time, time per pixel, and the process's peak "
+        "resident set, also as a multiple of the first stage's map (size/4 squared x 96 floats). "
+        "With --out: a plot of time per pixel and memory against size, a .csv and a .md beside it.")
+    common(p, models + f" (default: {_HIGHRES_MODELS})", pretrained=False, out_required=False)
+    p.add_argument("--sizes", type=int_list, default=[1024, 2048, 4096], help="comma-separated sizes "
+                   "(default: 1024,2048,4096)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="intra-op threads of each run (default: this process's)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed calls per run, median, after an untimed one when more than 1 (default: 1)")
+    p.set_defaults(run=_cmd_highres)
+
+    p = commands.add_parser("highres-one", help=argparse.SUPPRESS)   # one run of highres, in its own process
+    p.add_argument("--model", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=_cmd_highres_one)
     return parser
 
 
