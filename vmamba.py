@@ -18,7 +18,7 @@ Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` 
 from __future__ import annotations
 
 import argparse, contextlib, difflib, hashlib, io, math, operator, os, pickle, pickletools, re, sys, time, warnings, zipfile
-import importlib.util, inspect, urllib.parse
+import functools, importlib.util, inspect, types, urllib.parse, weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,14 +38,15 @@ try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
 except Exception:  # ImportError, or an "undefined symbol" OSError from a broken build
     _mamba_selective_scan_fn = None
-# triton is imported on first use (importing it takes ~0.4 s), by _require_triton().
-_HAS_TRITON, triton, tl = importlib.util.find_spec("triton") is not None, None, None
+# triton is imported on first use (importing it takes ~0.4 s), by _triton_kernels().
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 _INSTALL_HINTS = {"mamba_ssm": "pip install mamba-ssm --no-build-isolation (needs a CUDA toolkit matching torch)",
                   "triton": "pip install triton (Linux; ships with the CUDA builds of torch)"}
 # Custom-op namespace; per module name, so "python vmamba.py" and "import vmamba" can coexist.
 _OPS_NS = "vmamba_" + re.sub(r"\W", "_", __name__)
 _forced_backend: Optional[str] = None
+_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # the SS2D layers, for set_backend
 
 
 def _warn_once(message: str, _seen: set = set()) -> None:
@@ -188,196 +189,257 @@ def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
     return block_d, block_n, block_l
 
 
-def _define_triton_kernels() -> None:  # module-level names, which every triton version resolves
-    global _affine_combine, _affine_combine_excl, _softplus_tl, _scan_fwd_kernel, _scan_bwd_kernel, _cross_kernel
+# The kernels are plain functions, jitted on first use by _triton_kernels() (below), so that importing vmamba
+# imports no triton; `tl` is a name in their own globals there.
+def _affine_combine(a1, b1, a2, b2):
+    """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
+    return a1 * a2, a2 * b1 + b2
 
-    @triton.jit
-    def _affine_combine(a1, b1, a2, b2):
-        """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
-        return a1 * a2, a2 * b1 + b2
 
-    @triton.jit
-    def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
-        """_affine_combine plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)): yields
-        h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0)."""
-        return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
+    """_affine_combine plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)): yields
+    h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0)."""
+    return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
 
-    @triton.jit
-    def _softplus_tl(z):
-        """log(1 + exp(z)) in float32, linear above 20, no log(1+x) cancellation for very negative z."""
-        ez = tl.exp(tl.minimum(z, 20.0))
-        small = ez - 0.5 * ez * ez + ez * ez * ez / 3.0  # log1p series, |error| < ez^4/4
-        return tl.where(z > 20.0, z, tl.where(ez < 1e-3, small, tl.log(1.0 + ez)))
 
-    @triton.jit
-    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, y_ptr, states_ptr,
-                         L, N, D, K, n_chunks, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L); A
-        (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states (B, K*D, n_chunks
-        + 1, N), before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s is an associative scan."""
-        pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
-        b, k = pid_bk // K, pid_bk % K
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-        d_mask, n_mask = offs_d < D, offs_n < N
-        chan = k * D + offs_d                                  # (BD,) global channel index
-        dn_mask = d_mask[:, None] & n_mask[None, :]
-        # Padded states get A = 0 and B = 0, so they stay exactly 0.
-        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+def _softplus_tl(z):
+    """log(1 + exp(z)) in float32, linear above 20, no log(1+x) cancellation for very negative z."""
+    ez = tl.exp(tl.minimum(z, 20.0))
+    small = ez - 0.5 * ez * ez + ez * ez * ez / 3.0  # log1p series, |error| < ez^4/4
+    return tl.where(z > 20.0, z, tl.where(ez < 1e-3, small, tl.log(1.0 + ez)))
+
+
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, y_ptr, states_ptr,
+                     L, N, D, K, n_chunks, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L); A
+    (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states (B, K*D, n_chunks
+    + 1, N), before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s is an associative scan."""
+    pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
+    b, k = pid_bk // K, pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
+    d_mask, n_mask = offs_d < D, offs_n < N
+    chan = k * D + offs_d                                  # (BD,) global channel index
+    dn_mask = d_mask[:, None] & n_mask[None, :]
+    # Padded states get A = 0 and B = 0, so they stay exactly 0.
+    A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    row = (b * K * D + chan).to(tl.int64) * L              # (BD,) start of each u/delta row
+    bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L    # (BN,) start of each B/C row
+    st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
+    is_last = (offs_l == BLOCK_L - 1)[None, None, :]
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for c in range(n_chunks):
+        s = c * BLOCK_L + offs_l
+        s_mask = s < L
+        dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
+        tl.store(st_ptrs + c * N, h, mask=dn_mask)
+        u = tl.load(u_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-        row = (b * K * D + chan).to(tl.int64) * L              # (BD,) start of each u/delta row
-        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L    # (BN,) start of each B/C row
-        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
-        is_last = (offs_l == BLOCK_L - 1)[None, None, :]
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        for c in range(n_chunks):
-            s = c * BLOCK_L + offs_l
-            s_mask = s < L
-            dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
-            tl.store(st_ptrs + c * N, h, mask=dn_mask)
-            u = tl.load(u_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += bias[:, None]
-            dt = _softplus_tl(dt) if SOFTPLUS else dt
-            dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
-            Bv = tl.load(B_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
-            bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
-            pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
-            hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
-            y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
-            if HAS_D:
-                y += Dskip[:, None] * u
-            tl.store(y_ptr + row[:, None] + s[None, :], y, mask=dl_mask)
-            # Padded tail steps are identities, so the last column is the state after the chunk.
-            h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
-        tl.store(st_ptrs + n_chunks * N, h, mask=dn_mask)
-
-    @triton.jit
-    def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, dy_ptr, states_ptr,
-                         du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, N, D, K, n_chunks,
-                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Selective-scan backward; grid, inputs as _scan_fwd_kernel, plus dy (B, K*D, L). Outputs (float32): du,
-        ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed by the caller, atomically summed over a group's channel
-        blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states:
-        q_s = dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s; dL/db_s = q_s, d(dt_s A): q_s a_s h_{s-1}, dC_s: dy_s h_s."""
-        pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
-        b, k = pid_bk // K, pid_bk % K
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-        d_mask, n_mask = offs_d < D, offs_n < N
-        chan = k * D + offs_d
-        dn_mask = d_mask[:, None] & n_mask[None, :]
-        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+            dt += bias[:, None]
+        dt = _softplus_tl(dt) if SOFTPLUS else dt
+        dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
+        Bv = tl.load(B_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+        a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
+        bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
+        pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
+        hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
+        y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
         if HAS_D:
-            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+            y += Dskip[:, None] * u
+        tl.store(y_ptr + row[:, None] + s[None, :], y, mask=dl_mask)
+        # Padded tail steps are identities, so the last column is the state after the chunk.
+        h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
+    tl.store(st_ptrs + n_chunks * N, h, mask=dn_mask)
+
+
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, dy_ptr, states_ptr,
+                     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, N, D, K, n_chunks,
+                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Selective-scan backward; grid, inputs as _scan_fwd_kernel, plus dy (B, K*D, L). Outputs (float32): du,
+    ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed by the caller, atomically summed over a group's channel
+    blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states:
+    q_s = dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s; dL/db_s = q_s, d(dt_s A): q_s a_s h_{s-1}, dC_s: dy_s h_s."""
+    pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
+    b, k = pid_bk // K, pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
+    d_mask, n_mask = offs_d < D, offs_n < N
+    chan = k * D + offs_d
+    dn_mask = d_mask[:, None] & n_mask[None, :]
+    A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    row = (b * K * D + chan).to(tl.int64) * L
+    bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L
+    st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
+    is_first = (offs_l == 0)[None, None, :]
+    ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_L), 1.0, tl.float32)
+    zeros = tl.zeros((BLOCK_D, BLOCK_N, BLOCK_L), dtype=tl.float32)
+    p = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)      # p at the step after this chunk
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc, dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        s = c * BLOCK_L + offs_l
+        s_mask = s < L
+        dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
+        offs_dl, offs_nl = row[:, None] + s[None, :], bc_row[:, None] + s[None, :]
+        u = tl.load(u_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+        z = tl.load(delta_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-        row = (b * K * D + chan).to(tl.int64) * L
-        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L
-        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
-        is_first = (offs_l == 0)[None, None, :]
-        ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_L), 1.0, tl.float32)
-        zeros = tl.zeros((BLOCK_D, BLOCK_N, BLOCK_L), dtype=tl.float32)
-        p = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)      # p at the step after this chunk
-        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        dD_acc, dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for i in range(n_chunks):
-            c = n_chunks - 1 - i
-            s = c * BLOCK_L + offs_l
-            s_mask = s < L
-            dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
-            offs_dl, offs_nl = row[:, None] + s[None, :], bc_row[:, None] + s[None, :]
-            u = tl.load(u_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-            z = tl.load(delta_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += bias[:, None]
-            dt = _softplus_tl(z) if SOFTPLUS else z
-            dt = tl.where(dl_mask, dt, 0.0)
-            Bv = tl.load(B_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-            # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
-            h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
-            bx = (dt * u)[:, None, :] * Bv[None, :, :]
-            _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
-            a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
-            hs = a_hprev + bx                                   # h_s
-            # Adjoint, backwards in time: exclusive reverse prefix gives p_{s+1}.
-            cdy = Cv[None, :, :] * dy[:, None, :]
-            _, _, ra, rb = tl.associative_scan((a, a * cdy, ones, zeros), axis=2,
-                                               combine_fn=_affine_combine_excl, reverse=True)
-            q = cdy + ra * p[:, :, None] + rb                  # dL/dh_s
-            p = tl.sum(tl.where(is_first, a * q, 0.0), axis=2)
-            # Parameter and input gradients (padded steps/states have q = 0 and dt = 0).
-            qa_h = q * a_hprev                                  # dL/d(dt_s * A)
-            ddt = tl.sum(qa_h * A[:, :, None] + q * Bv[None, :, :] * u[:, None, :], axis=1)
-            du = dt * tl.sum(q * Bv[None, :, :], axis=1)
-            if HAS_D:
-                du += Dskip[:, None] * dy
-                dD_acc += tl.sum(dy * u, axis=1)
-            dA_acc += tl.sum(qa_h * dt[:, None, :], axis=2)
-            ddelta = ddt * tl.sigmoid(z) if SOFTPLUS else ddt
-            if HAS_BIAS:
-                dbias_acc += tl.sum(tl.where(dl_mask, ddelta, 0.0), axis=1)
-            tl.store(du_ptr + offs_dl, du, mask=dl_mask)
-            tl.store(ddelta_ptr + offs_dl, ddelta, mask=dl_mask)
-            # B and C are shared by the group's channels: reduce this block, add atomically.
-            dB, dC = tl.sum(q * (dt * u)[:, None, :], axis=0), tl.sum(hs * dy[:, None, :], axis=0)  # (BN, BL)
-            tl.atomic_add(dB_ptr + offs_nl, dB, mask=nl_mask)
-            tl.atomic_add(dC_ptr + offs_nl, dC, mask=nl_mask)
-        part = (b * K * D + chan).to(tl.int64)
-        tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=dn_mask)
+            z += bias[:, None]
+        dt = _softplus_tl(z) if SOFTPLUS else z
+        dt = tl.where(dl_mask, dt, 0.0)
+        Bv = tl.load(B_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+        # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
+        h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
+        a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
+        bx = (dt * u)[:, None, :] * Bv[None, :, :]
+        _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
+        a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
+        hs = a_hprev + bx                                   # h_s
+        # Adjoint, backwards in time: exclusive reverse prefix gives p_{s+1}.
+        cdy = Cv[None, :, :] * dy[:, None, :]
+        _, _, ra, rb = tl.associative_scan((a, a * cdy, ones, zeros), axis=2,
+                                           combine_fn=_affine_combine_excl, reverse=True)
+        q = cdy + ra * p[:, :, None] + rb                  # dL/dh_s
+        p = tl.sum(tl.where(is_first, a * q, 0.0), axis=2)
+        # Parameter and input gradients (padded steps/states have q = 0 and dt = 0).
+        qa_h = q * a_hprev                                  # dL/d(dt_s * A)
+        ddt = tl.sum(qa_h * A[:, :, None] + q * Bv[None, :, :] * u[:, None, :], axis=1)
+        du = dt * tl.sum(q * Bv[None, :, :], axis=1)
         if HAS_D:
-            tl.store(dD_ptr + part, dD_acc, mask=d_mask)
+            du += Dskip[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        dA_acc += tl.sum(qa_h * dt[:, None, :], axis=2)
+        ddelta = ddt * tl.sigmoid(z) if SOFTPLUS else ddt
         if HAS_BIAS:
-            tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
-
-    @triton.jit
-    def _cross_kernel(src_ptr, dst_ptr, C, H, W, stride_k, MERGE: tl.constexpr, BLOCK: tl.constexpr):
-        """Cross-scan (MERGE=False) or cross-merge; grid (batch * C, cdiv(H*W, BLOCK)). Pixel p = h*W + w, t = w*H + h
-        is at p, t, L-1-p, L-1-t of sequences k = 0..3. Merge sums in float32. Contiguous, dtype of src."""
-        pid_bc, pid_l = tl.program_id(0), tl.program_id(1)
-        L, b, ch = H * W, pid_bc // C, pid_bc % C
-        p = pid_l * BLOCK + tl.arange(0, BLOCK)
-        mask, t = p < L, (p % W) * H + p // W
-        pix = pid_bc.to(tl.int64) * L + p                       # offsets into the (B, C, H, W) map
-        seq0 = (b * 4 * C + ch).to(tl.int64) * L               # start of sequence k=0 for (b, ch)
-        seq1 = seq0 + stride_k                                  # stride_k = C * L
-        seq2 = seq1 + stride_k
-        seq3 = seq2 + stride_k
-        offs = (seq0 + p, seq1 + t, seq2 + (L - 1 - p), seq3 + (L - 1 - t))
-        if MERGE:
-            acc = tl.load(src_ptr + offs[0], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.load(src_ptr + offs[1], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.load(src_ptr + offs[2], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.load(src_ptr + offs[3], mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst_ptr + pix, acc.to(dst_ptr.dtype.element_ty), mask=mask)
-        else:
-            x = tl.load(src_ptr + pix, mask=mask)
-            tl.store(dst_ptr + offs[0], x, mask=mask)
-            tl.store(dst_ptr + offs[1], x, mask=mask)
-            tl.store(dst_ptr + offs[2], x, mask=mask)
-            tl.store(dst_ptr + offs[3], x, mask=mask)
+            dbias_acc += tl.sum(tl.where(dl_mask, ddelta, 0.0), axis=1)
+        tl.store(du_ptr + offs_dl, du, mask=dl_mask)
+        tl.store(ddelta_ptr + offs_dl, ddelta, mask=dl_mask)
+        # B and C are shared by the group's channels: reduce this block, add atomically.
+        dB, dC = tl.sum(q * (dt * u)[:, None, :], axis=0), tl.sum(hs * dy[:, None, :], axis=0)  # (BN, BL)
+        tl.atomic_add(dB_ptr + offs_nl, dB, mask=nl_mask)
+        tl.atomic_add(dC_ptr + offs_nl, dC, mask=nl_mask)
+    part = (b * K * D + chan).to(tl.int64)
+    tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=dn_mask)
+    if HAS_D:
+        tl.store(dD_ptr + part, dD_acc, mask=d_mask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
 
 
-def _require_triton() -> None:
-    """Import triton and define the kernels (once), or raise saying how to install it."""
-    global triton, tl
+def _rows(ptrs, stride, n, mask, BLOCK: tl.constexpr):
+    """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below. One (BD,) load a row
+    keeps a channel per thread, the layout of the whole scan; a 2-D load would be spread over threads along
+    whichever dimension is contiguous and then need converting (shared memory or shuffles)."""
+    out = tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
+    for i in tl.static_range(BLOCK):
+        row = tl.load(ptrs + i * stride, mask=mask & (i < n), other=0.0)
+        out = tl.where(tl.arange(0, BLOCK)[:, None] == i, row[None, :], out)
+    return out
+
+
+def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, R, N, offs_d, ok, LOW_RANK: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """What direction k needs at pixel ``row`` (of B*H*W): u (BD,), the low-rank dts (BR, BD) or dt (BD,), B and
+    C (BN, BD), as stored; each thread reads the dts, B and C of the pixel. ``ok``: the pixel exists."""
+    d_ok, same = (offs_d < D) & ok, proj_ptr + (row * 4 + k) * (R + 2 * N) + offs_d * 0   # its (B, H, W, 4, R + 2N) row
+    u = tl.load(x_ptr + row * D + offs_d, mask=d_ok, other=0.0)
+    if LOW_RANK:
+        dt = _rows(same, 1, R, ok, BLOCK_R)
+    else:
+        dt = tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok, other=0.0)
+    return u, dt, _rows(same + R, 1, N, ok, BLOCK_N), _rows(same + R + N, 1, N, ok, BLOCK_N)
+
+
+def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R, N,
+                     LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks direction k
+    of one sample pixel by pixel (row-major, column-major, both reversed), its (BLOCK_N, BLOCK_D) states in registers,
+    loading the next pixel while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): per pixel and
+    direction the low-rank dts, B, C; LOW_RANK: dt = softplus(w @ dts + bias) here (w (4, R, D)), else dt (B, H, W,
+    4, D) is read, + bias (4, D); A (N, 4*D) float32. Writes y (B, H, W, 4, D), x's dtype, at the pixels read."""
+    pid, pid_d = tl.program_id(0), tl.program_id(1)
+    b, k, L = pid // 4, pid % 4, H * W
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
+    A = _rows(A_ptr + k * D + offs_d, 4 * D, N, d_mask, BLOCK_N) * 1.4426950408889634   # (BN, BD)
+    bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
+    if LOW_RANK:
+        w = _rows(w_ptr + k * R * D + offs_d, D, R, d_mask, BLOCK_R).to(tl.float32)   # (BR, BD)
+    step = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2))         # +-1 along a row, +-W down a column
+    p = (k // 2) * (L - 1)                                      # the first pixel: 0 or L - 1
+    nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, R, N, offs_d, True, LOW_RANK,
+                      BLOCK_N, BLOCK_R)
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for t in range(L):
+        u, dt, Bv, Cv = nxt
+        row = (b * L + p).to(tl.int64)
+        p += step                                               # the next pixel; past a column's end, the next column
+        p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
+        nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, R, N, offs_d, t + 1 < L,
+                          LOW_RANK, BLOCK_N, BLOCK_R)
+        if LOW_RANK:
+            dt = tl.sum(w * dt.to(tl.float32), axis=0)
+        dt = _softplus_tl(dt.to(tl.float32) + bias)
+        h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)
+        y = tl.sum(h * Cv.to(tl.float32), axis=0)
+        tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, rows, D, z_stride, eps,
+                       HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
+    BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out x's dtype."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_d < D
+    mask, rows64 = (offs_m < rows)[:, None] & col_ok[None, :], offs_m.to(tl.int64)[:, None]
+    at = rows64 * D + offs_d[None, :]
+    m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
+    for k in tl.static_range(4):
+        m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    c = tl.where(mask, m - (tl.sum(m, axis=1) / D)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+    out = c * rstd[:, None] * tl.load(w_ptr + offs_d, mask=col_ok).to(tl.float32)[None, :]
+    out += tl.load(b_ptr + offs_d, mask=col_ok).to(tl.float32)[None, :]
+    if HAS_Z:
+        z = tl.load(z_ptr + rows64 * z_stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        out *= z * tl.sigmoid(z)
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_KERNELS = ("_affine_combine", "_affine_combine_excl", "_softplus_tl", "_scan_fwd_kernel", "_scan_bwd_kernel",
+            "_rows", "_ss2d_pixel", "_ss2d_fwd_kernel", "_merge_norm_kernel")
+
+
+@functools.cache
+def _triton_kernels() -> types.SimpleNamespace:
+    """Import triton and jit the kernels above, once (with triton in their globals, so that the interpreter and
+    every triton version resolve them), or raise saying how to install it."""
     if not _HAS_TRITON:
         raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
-    if tl is None:
-        import triton
-        _define_triton_kernels()
-        import triton.language as tl  # last: a non-None tl says the kernels are defined
+    import triton, triton.language as tl
+    scope = dict(globals(), triton=triton, tl=tl)               # a kernel calling a helper gets its jitted version
+    for name in _KERNELS:
+        fn = types.FunctionType(globals()[name].__code__, scope, name)
+        fn.__annotations__ = globals()[name].__annotations__      # tl.constexpr marks
+        scope[name] = triton.jit(fn)
+    return types.SimpleNamespace(**{name.strip("_"): scope[name] for name in _KERNELS})
 
 
 # --- Selective scan: custom ops and autograd
@@ -393,10 +455,10 @@ def _scan_launch(kernel, u, delta, A, Bs, Cs, Ds, delta_bias, softplus, *rest):
     """Run a scan kernel; rest: its remaining (contiguous) pointers. An absent Ds/delta_bias gets a dummy."""
     Bsz, K, D, N, L = _scan_dims(u, A, Bs)
     block_d, block_n, block_l = _scan_blocks(D, N, L)
-    kernel[(Bsz * K, triton.cdiv(D, block_d))](
+    kernel[(Bsz * K, -(-D // block_d))](
         *(t.contiguous() for t in (u, delta, A, Bs, Cs)),
         u if Ds is None else Ds.contiguous(), u if delta_bias is None else delta_bias.contiguous(),
-        *rest, L, N, D, K, triton.cdiv(L, block_l), HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None,
+        *rest, L, N, D, K, -(-L // block_l), HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
 
 
@@ -413,9 +475,8 @@ def _scan_fwd_outputs(u, A, Bs, Cs):
 def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Optional[Tensor],
                         delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
     """Returns y (B, K*D, L) and states (B, K*D, n_chunks + 1, N), float32: before each chunk, then after L."""
-    _require_triton()
     y, states = _scan_fwd_outputs(u, A, Bs, Cs)
-    _scan_launch(_scan_fwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, y, states)
+    _scan_launch(_triton_kernels().scan_fwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, y, states)
     return y, states
 
 
@@ -429,14 +490,13 @@ def _selective_scan_bwd(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, Bs: Ten
                         Ds: Optional[Tensor], delta_bias: Optional[Tensor], states: Tensor,
                         delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias) in the inputs' dtypes; absent D, bias: (K*D,) float32 zeros."""
-    _require_triton()
     Bsz, K, D, N, L = _scan_dims(u, A, Bs)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty((Bsz, K * D, L), **f32), torch.empty((Bsz, K * D, L), **f32)
     dB, dC = torch.zeros((Bsz, K, N, L), **f32), torch.zeros((Bsz, K, N, L), **f32)  # atomic targets
     dA = torch.zeros((Bsz, K * D, N), **f32)                   # per-batch partials
     dD, dbias = torch.zeros((Bsz, K * D), **f32), torch.zeros((Bsz, K * D), **f32)
-    _scan_launch(_scan_bwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus,
+    _scan_launch(_triton_kernels().scan_bwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus,
                  dy.contiguous(), states.contiguous(), du, ddelta, dA, dB, dC, dD, dbias)
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(Bs.dtype), dC.to(Cs.dtype),
             *(g.sum(0).to(torch.float32 if t is None else t.dtype) for g, t in ((dD, Ds), (dbias, delta_bias))))
@@ -471,47 +531,6 @@ def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
     return y, states[:, :, -1]
 
 
-# --- Cross-scan / cross-merge: custom ops, each the other's backward
-def _cross_launch(src: Tensor, merge: bool) -> Tensor:
-    """Scan x (B, C, H, W) -> (B, 4, C, H*W), or merge ys (B, 4, C, H, W) -> (B, C, H, W)."""
-    _require_triton()
-    Bsz, (C, H, W), L = src.shape[0], src.shape[-3:], src.shape[-2] * src.shape[-1]
-    dst = torch.empty((Bsz, C, H, W) if merge else (Bsz, 4, C, L), device=src.device, dtype=src.dtype)
-    block = min(1024, _next_pow2(L))
-    _cross_kernel[(Bsz * C, triton.cdiv(L, block))](src.contiguous(), dst, C, H, W, C * L, MERGE=merge,
-                                                    BLOCK=block, num_warps=4)
-    return dst
-
-
-@torch.library.custom_op(f"{_OPS_NS}::cross_scan", mutates_args=())
-def _cross_scan(x: Tensor) -> Tensor:
-    return _cross_launch(x, merge=False)
-
-
-@_cross_scan.register_fake
-def _(x):
-    return x.new_empty((x.shape[0], 4, x.shape[1], x.shape[2] * x.shape[3]))
-
-
-@torch.library.custom_op(f"{_OPS_NS}::cross_merge", mutates_args=())
-def _cross_merge(ys: Tensor) -> Tensor:
-    return _cross_launch(ys, merge=True)
-
-
-@_cross_merge.register_fake
-def _(ys):
-    return ys.new_empty((ys.shape[0], *ys.shape[2:]))
-
-
-def _save_hw(ctx, inputs, output):
-    ctx.hw = inputs[0].shape[-2:]
-
-
-_cross_scan.register_autograd(lambda ctx, g: _cross_merge(g.reshape(*g.shape[:3], *ctx.hw)), setup_context=_save_hw)
-_cross_merge.register_autograd(lambda ctx, g: _cross_scan(g).reshape(g.shape[0], 4, g.shape[1], *ctx.hw),
-                               setup_context=_save_hw)
-
-
 # --- Backend choice and the public kernels.
 def _triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
@@ -527,11 +546,14 @@ def available_backends(device: Union[str, torch.device] = "cuda") -> List[str]:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``); ``None`` restores it."""
+    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``); ``None`` restores it.
+    Every SS2D layer decides its scan path again."""
     global _forced_backend
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
     _forced_backend = None if name == "auto" else name
+    for layer in list(_LAYERS):
+        layer._decide_path()
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -555,7 +577,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got tensors on {device}")
     if backend == "triton" and not _triton_usable(device):
-        _require_triton()
+        _triton_kernels()
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {device}")
     return backend
 
@@ -626,11 +648,10 @@ def _from_sequences(ys: Tensor, h: int, w: int) -> Tensor:
 
 
 def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
-    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed. Torch ops for every
+    ``backend`` (kept for compatibility): SS2D's fused Triton scan reads the map in place instead."""
     if x.ndim != 4:
         raise ValueError(f"cross_scan expects (B, C, H, W), got shape {tuple(x.shape)}")
-    if _resolve_backend(backend, x.device) == "triton":
-        return _cross_scan(x)
     return _to_sequences(x.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
 
 
@@ -639,9 +660,123 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
     order (its H, W dims are only a shape); each is mapped back to its pixels and the four are summed."""
     if ys.ndim != 5 or ys.shape[1] != 4:
         raise ValueError(f"cross_merge expects (B, 4, C, H, W), got shape {tuple(ys.shape)}")
-    if _resolve_backend(backend, ys.device) == "triton":
-        return _cross_merge(ys)
     return _from_sequences(ys.flatten(3).permute(0, 3, 1, 2), *ys.shape[3:]).permute(0, 3, 1, 2)
+
+
+# --- SS2D on the fused Triton kernels: the scan reads the map in place, one kernel merges, adds D*x and normalises.
+def _to_pixels(ys: Tensor, h: int, w: int) -> Tensor:
+    """(B, H*W, 4, X) -> (B, H, W, 4, X): the inverse of :func:`_to_sequences` (step t of k back on its pixel)."""
+    y0, y1, y2, y3 = ys.unbind(2)                                     # (B, L, X) each
+    return torch.stack([y0.unflatten(1, (h, w)), y1.unflatten(1, (w, h)).transpose(1, 2),
+                        y2.flip(1).unflatten(1, (h, w)), y3.flip(1).unflatten(1, (w, h)).transpose(1, 2)], 3)
+
+
+def _ss2d_blocks(D: int, N: int, R: int) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel: a channel per thread, 32 or 64 a program (num_warps =
+    BLOCK_D / 32); BLOCK_R = 0 for ranks above 16, whose dt a GEMM makes (in the kernel, w and dts would take
+    ~3 * next_pow2(R) registers a thread)."""
+    return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if R <= 16 else 0
+
+
+@torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
+def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A: Tensor) -> Tensor:
+    """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), w_dt (4, D, R), bias (4, D) and A (4*D, N) float32 ->
+    ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the pixels they came from, without the D term."""
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    block_d, block_n, block_r = _ss2d_blocks(d, n, r)
+    dt = proj if block_r else torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], w_dt).contiguous()   # (B, H, W, 4, D)
+    ys = x.new_empty((b, h, w, 4, d))
+    _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
+        x.contiguous(), proj.contiguous(), dt, w_dt.transpose(1, 2).contiguous(), bias.contiguous(), A.t().contiguous(),
+        ys, h, w, d, r,
+        n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+    return ys
+
+
+@_ss2d_scan.register_fake
+def _(x, proj, w_dt, bias, A):
+    return x.new_empty((*x.shape[:3], 4, x.shape[3]))
+
+
+def _ss2d_scan_backward(ctx, dys):
+    """Through the selective-scan kernels on the four sequences, recomputed (copies, and the forward scan again)."""
+    x, proj, w_dt, bias, A = ctx.saved_tensors
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    seqs = lambda t: _to_sequences(t).permute(0, 2, 3, 1).flatten(1, 2)   # (B, H, W, [4,] D) -> (B, 4*D, L)
+    dts, Bs, Cs = _to_sequences(proj).split([r, n, n], dim=-1)        # (B, L, 4, R|N|N)
+    Bs, Cs = (t.permute(0, 2, 3, 1) for t in (Bs, Cs))                # (B, 4, N, L)
+    u, delta = seqs(x), torch.einsum("blkr,kdr->bkdl", dts, w_dt).flatten(1, 2)   # (B, 4*D, L)
+    states = _selective_scan_fwd(u, delta, A, Bs, Cs, None, bias.flatten(), True)[1]
+    du, ddelta, dA, dB, dC, _, dbias = _selective_scan_bwd(seqs(dys), u, delta, A, Bs, Cs, None, bias.flatten(),
+                                                           states, True)
+    ddelta = ddelta.view(b, 4, d, -1)                                 # (B, 4, D, L)
+    dproj = torch.cat([torch.einsum("bkdl,kdr->blkr", ddelta, w_dt), dB.permute(0, 3, 1, 2),
+                       dC.permute(0, 3, 1, 2)], -1)                   # (B, L, 4, R + 2N)
+    return (_from_sequences(du.view(b, 4, d, -1).permute(0, 3, 1, 2), h, w), _to_pixels(dproj, h, w),
+            torch.einsum("bkdl,blkr->kdr", ddelta, dts), dbias.view(4, d), dA)
+
+
+_ss2d_scan.register_autograd(_ss2d_scan_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+@torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
+def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight: Tensor, bias: Tensor,
+                eps: float) -> Tensor:
+    """LayerNorm(ys.sum(3) + Dsum * x) * silu(z) (no z: no gate): ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's dtype."""
+    d, out = x.shape[-1], torch.empty_like(x, memory_format=torch.contiguous_format)
+    zs = x if z is None else z.reshape(-1, d)
+    zs = zs if zs.stride(-1) == 1 else zs.contiguous()
+    block_d, rows = _next_pow2(d), x.numel() // d
+    block_m = max(1, 2048 // block_d)
+    _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
+        ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, rows, d, zs.stride(0), eps,
+        HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+@_merge_norm.register_fake
+def _(ys, x, z, Dsum, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _merge_norm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.eps = inputs[6]
+
+
+def _merge_norm_backward(ctx, g):
+    """LayerNorm's backward on the merged map, recomputed in float32 (or x's dtype if wider)."""
+    ys, x, z, Dsum, weight, bias = ctx.saved_tensors
+    f = torch.promote_types(x.dtype, torch.float32)
+    m = torch.addcmul(ys.sum(3, dtype=f), x.to(f), Dsum)              # (B, H, W, D)
+    c = m - m.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(c.square().mean(-1, keepdim=True) + ctx.eps)
+    xhat, g, dz = c * rstd, g.to(f), None
+    if z is not None:  # out = y * silu(z): silu'(z) = s * (1 + z * (1 - s))
+        zf = z.to(f)
+        s = torch.sigmoid(zf)
+        dz = (g * (xhat * weight + bias) * s * (1 + zf * (1 - s))).to(z.dtype)
+        g = g * zf * s
+    gw = g * weight
+    dm = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+    dims = tuple(range(x.dim() - 1))
+    return (dm.to(ys.dtype).unsqueeze(3).expand(ys.shape), (dm * Dsum).to(x.dtype), dz,
+            (dm * x).sum(dims).to(Dsum.dtype), (g * xhat).sum(dims).to(weight.dtype), g.sum(dims).to(bias.dtype), None)
+
+
+_merge_norm.register_autograd(_merge_norm_backward, setup_context=_merge_norm_setup)
+
+
+def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
+                Ds: Tensor, norm: Optional[nn.LayerNorm] = None, z: Optional[Tensor] = None) -> Tensor:
+    """:func:`ss2d_core` on the fused kernels; with ``norm``, ``norm(core) * silu(z)`` (z optional) in the merge."""
+    proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight.to(x.dtype))   # (B, H, W, 4, R + 2N), per pixel
+    ys = _ss2d_scan(x, proj, dt_projs_weight.to(x.dtype), dt_projs_bias.float(), -torch.exp(A_logs.float()))
+    Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
+    if norm is None:
+        return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Dsum).to(x.dtype)   # (B, H, W, D)
+    return _merge_norm(ys, x, z, Dsum, norm.weight, norm.bias, norm.eps)
 
 
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
@@ -685,8 +820,14 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
               A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
     """SS2D's four-direction scan, ``cross_merge(selective_scan(cross_scan(x), ...))``: x (B, H, W, D); x_proj_weight
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D)."""
+    if _resolve_backend(backend, x.device) == "triton":
+        return _ss2d_fused(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
     core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() and not torch.is_grad_enabled() else _ss2d_core
     return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
+
+
+for _name in ("ss2d_core", "_ss2d_fused"):   # FX's symbolic tracing records them as calls (their shapes are plans)
+    torch.fx.wrap(_name)
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
@@ -758,7 +899,8 @@ FORWARD_TYPES = ("v0", "v05", "v05_noz")
 class SS2D(nn.Module):
     """2-D selective scan, VMamba's attention: (B, H, W, d_model) in and out, (B, d_model, H, W) with
     ``channel_first``. ``forward_type`` "v0"/"v05" gate the output with ``silu(z)`` from a second half of
-    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend."""
+    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend, resolved
+    to a path when it is set, when the layer is built or moved, and on :func:`set_backend`; never in ``forward``."""
 
     def __init__(self, d_model: int = 96, d_state: int = 16, ssm_ratio: float = 2.0,
                  dt_rank: Union[int, str] = "auto", act_layer: str = "silu", d_conv: int = 3,
@@ -783,7 +925,7 @@ class SS2D(nn.Module):
             raise ValueError(f"ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
         rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.channel_first = d_inner, d_state, rank, channel_first
-        self.gated, self.backend = self.forward_type in ("v0", "v05"), "auto"
+        self.gated = self.forward_type in ("v0", "v05")
 
         # Per-direction projections, stacked over the K=4 scan directions.
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -802,6 +944,36 @@ class SS2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._dt_init = (dt_min, dt_max, dt_scale, dt_init_floor)
         self.reset_ssm_parameters()
+        self.backend = "auto"
+        _LAYERS.add(self)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+        self._backend = name
+        self._decide_path()
+
+    def _decide_path(self) -> None:
+        """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device. A
+        choice that cannot run there raises when the layer runs, not when it is built or moved."""
+        try:
+            self._path, self._path_error = _resolve_backend(self._backend, self.Ds.device), None
+        except (RuntimeError, ValueError) as e:
+            self._path, self._path_error = "torch", e
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "SS2D":   # .to(), .cuda(), .half(), ...
+        super()._apply(fn, *args, **kwargs)
+        self._decide_path()
+        return self
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:   # copies and unpickled layers follow set_backend too
+        super().__setstate__(state)
+        _LAYERS.add(self)
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -827,10 +999,14 @@ class SS2D(nn.Module):
         x, z = x.chunk(2, dim=-1) if self.gated else (x, None)        # (B, H, W, D) each
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
-        y = ss2d_core(F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                      self.A_logs, self.Ds, backend=self.backend)     # (B, H, W, D)
-        y = self.out_norm(y)
-        y = y if z is None else y * F.silu(z)
+        if self._path_error is not None:
+            raise self._path_error
+        args = (F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+        if self._path == "triton":  # out_norm and the gate in the merge kernel
+            y = _ss2d_fused(*args, norm=self.out_norm, z=z)           # (B, H, W, D)
+        else:
+            y = self.out_norm(ss2d_core(*args, backend=self._path))
+            y = y if z is None else y * F.silu(z)
         out = self.dropout(self.out_proj(y))                          # (B, H, W, C)
         return out.permute(0, 3, 1, 2) if self.channel_first else out
 
