@@ -175,7 +175,8 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     return y, last.transpose(2, 3)                                    # (B, L, G, D), (B, G, D, N)
 
 
-# --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
+# --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1. The kernels
+# are plain functions, jitted on first use by _triton_kernels() (below), so that importing vmamba imports no triton.
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -189,8 +190,6 @@ def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
     return block_d, block_n, block_l
 
 
-# The kernels are plain functions, jitted on first use by _triton_kernels() (below), so that importing vmamba
-# imports no triton; `tl` is a name in their own globals there.
 def _affine_combine(a1, b1, a2, b2):
     """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
     return a1 * a2, a2 * b1 + b2
@@ -342,9 +341,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr,
 
 
 def _rows(ptrs, stride, n, mask, BLOCK: tl.constexpr):
-    """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below. One (BD,) load a row
-    keeps a channel per thread, the layout of the whole scan; a 2-D load would be spread over threads along
-    whichever dimension is contiguous and then need converting (shared memory or shuffles)."""
+    """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below; a load per row keeps a
+    channel per thread (a 2-D load is spread along its contiguous dim, then converted through shared memory)."""
     out = tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
     for i in tl.static_range(BLOCK):
         row = tl.load(ptrs + i * stride, mask=mask & (i < n), other=0.0)
@@ -358,44 +356,34 @@ def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, R, N, offs_d, ok, LOW_RANK: 
     C (BN, BD), as stored; each thread reads the dts, B and C of the pixel. ``ok``: the pixel exists."""
     d_ok, same = (offs_d < D) & ok, proj_ptr + (row * 4 + k) * (R + 2 * N) + offs_d * 0   # its (B, H, W, 4, R + 2N) row
     u = tl.load(x_ptr + row * D + offs_d, mask=d_ok, other=0.0)
-    if LOW_RANK:
-        dt = _rows(same, 1, R, ok, BLOCK_R)
-    else:
-        dt = tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok, other=0.0)
+    dt = _rows(same, 1, R, ok, BLOCK_R) if LOW_RANK else tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok)
     return u, dt, _rows(same + R, 1, N, ok, BLOCK_N), _rows(same + R + N, 1, N, ok, BLOCK_N)
 
 
 def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R, N,
                      LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks direction k
-    of one sample pixel by pixel (row-major, column-major, both reversed), its (BLOCK_N, BLOCK_D) states in registers,
-    loading the next pixel while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): per pixel and
-    direction the low-rank dts, B, C; LOW_RANK: dt = softplus(w @ dts + bias) here (w (4, R, D)), else dt (B, H, W,
-    4, D) is read, + bias (4, D); A (N, 4*D) float32. Writes y (B, H, W, 4, D), x's dtype, at the pixels read."""
-    pid, pid_d = tl.program_id(0), tl.program_id(1)
-    b, k, L = pid // 4, pid % 4, H * W
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel while it computes
+    this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt = softplus(w @ dts + bias) here (w
+    (4, R, D)), else read from dt (B, H, W, 4, D); A (N, 4*D). Writes y (B, H, W, 4, D), x's dtype, where it read."""
+    pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
     # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
     A = _rows(A_ptr + k * D + offs_d, 4 * D, N, d_mask, BLOCK_N) * 1.4426950408889634   # (BN, BD)
     bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
     if LOW_RANK:
         w = _rows(w_ptr + k * R * D + offs_d, D, R, d_mask, BLOCK_R).to(tl.float32)   # (BR, BD)
-    step = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2))         # +-1 along a row, +-W down a column
-    p = (k // 2) * (L - 1)                                      # the first pixel: 0 or L - 1
+    step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
     nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, R, N, offs_d, True, LOW_RANK,
                       BLOCK_N, BLOCK_R)
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for t in range(L):
-        u, dt, Bv, Cv = nxt
-        row = (b * L + p).to(tl.int64)
+        (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
         p += step                                               # the next pixel; past a column's end, the next column
         p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
         nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, R, N, offs_d, t + 1 < L,
                           LOW_RANK, BLOCK_N, BLOCK_R)
-        if LOW_RANK:
-            dt = tl.sum(w * dt.to(tl.float32), axis=0)
-        dt = _softplus_tl(dt.to(tl.float32) + bias)
+        dt = _softplus_tl((tl.sum(w * dt.to(tl.float32), axis=0) if LOW_RANK else dt.to(tl.float32)) + bias)
         h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)
         y = tl.sum(h * Cv.to(tl.float32), axis=0)
         tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
@@ -405,18 +393,16 @@ def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, ro
                        HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
     BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out x's dtype."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_d < D
-    mask, rows64 = (offs_m < rows)[:, None] & col_ok[None, :], offs_m.to(tl.int64)[:, None]
-    at = rows64 * D + offs_d[None, :]
+    offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
+    mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
     m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
     for k in tl.static_range(4):
         m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     c = tl.where(mask, m - (tl.sum(m, axis=1) / D)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
-    out = c * rstd[:, None] * tl.load(w_ptr + offs_d, mask=col_ok).to(tl.float32)[None, :]
-    out += tl.load(b_ptr + offs_d, mask=col_ok).to(tl.float32)[None, :]
+    w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
+    out = c * rstd[:, None] * w[None, :] + b[None, :]
     if HAS_Z:
         z = tl.load(z_ptr + rows64 * z_stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         out *= z * tl.sigmoid(z)
@@ -429,8 +415,7 @@ _KERNELS = ("_affine_combine", "_affine_combine_excl", "_softplus_tl", "_scan_fw
 
 @functools.cache
 def _triton_kernels() -> types.SimpleNamespace:
-    """Import triton and jit the kernels above, once (with triton in their globals, so that the interpreter and
-    every triton version resolve them), or raise saying how to install it."""
+    """Import triton and jit the kernels above (once, triton in their globals), or raise saying how to install it."""
     if not _HAS_TRITON:
         raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
     import triton, triton.language as tl
@@ -648,8 +633,7 @@ def _from_sequences(ys: Tensor, h: int, w: int) -> Tensor:
 
 
 def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
-    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed. Torch ops for every
-    ``backend`` (kept for compatibility): SS2D's fused Triton scan reads the map in place instead."""
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed (torch ops, any ``backend``)."""
     if x.ndim != 4:
         raise ValueError(f"cross_scan expects (B, C, H, W), got shape {tuple(x.shape)}")
     return _to_sequences(x.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
@@ -664,18 +648,16 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
 
 
 # --- SS2D on the fused Triton kernels: the scan reads the map in place, one kernel merges, adds D*x and normalises.
-def _to_pixels(ys: Tensor, h: int, w: int) -> Tensor:
-    """(B, H*W, 4, X) -> (B, H, W, 4, X): the inverse of :func:`_to_sequences` (step t of k back on its pixel)."""
+def _to_pixels(ys: Tensor, h: int, w: int) -> Tensor:   # (B, H*W, 4, X) -> (B, H, W, 4, X): _to_sequences inverted
     y0, y1, y2, y3 = ys.unbind(2)                                     # (B, L, X) each
     return torch.stack([y0.unflatten(1, (h, w)), y1.unflatten(1, (w, h)).transpose(1, 2),
                         y2.flip(1).unflatten(1, (h, w)), y3.flip(1).unflatten(1, (w, h)).transpose(1, 2)], 3)
 
 
 def _ss2d_blocks(D: int, N: int, R: int) -> Tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel: a channel per thread, 32 or 64 a program (num_warps =
-    BLOCK_D / 32); BLOCK_R = 0 for ranks above 16, whose dt a GEMM makes (in the kernel, w and dts would take
-    ~3 * next_pow2(R) registers a thread)."""
-    return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if R <= 16 else 0
+    """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel, a channel per thread (num_warps = BLOCK_D / 32). BLOCK_R = 0:
+    dt from a GEMM (16 more bytes an element) above ranks 32 (16 at N > 4): w and dts would hold ~200 registers."""
+    return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if R <= (32 if N <= 4 else 16) else 0
 
 
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
@@ -683,19 +665,16 @@ def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A: Tensor) -
     """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), w_dt (4, D, R), bias (4, D) and A (4*D, N) float32 ->
     ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the pixels they came from, without the D term."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
-    block_d, block_n, block_r = _ss2d_blocks(d, n, r)
+    (block_d, block_n, block_r), ys = _ss2d_blocks(d, n, r), x.new_empty((b, h, w, 4, d))
     dt = proj if block_r else torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], w_dt).contiguous()   # (B, H, W, 4, D)
-    ys = x.new_empty((b, h, w, 4, d))
-    _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
+    _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](   # w, A transposed: D contiguous in every load
         x.contiguous(), proj.contiguous(), dt, w_dt.transpose(1, 2).contiguous(), bias.contiguous(), A.t().contiguous(),
-        ys, h, w, d, r,
-        n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+        ys, h, w, d, r, n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
+        num_warps=block_d // 32)
     return ys
 
 
-@_ss2d_scan.register_fake
-def _(x, proj, w_dt, bias, A):
-    return x.new_empty((*x.shape[:3], 4, x.shape[3]))
+_ss2d_scan.register_fake(lambda x, *weights: x.new_empty((*x.shape[:3], 4, x.shape[3])))
 
 
 def _ss2d_scan_backward(ctx, dys):
@@ -706,14 +685,14 @@ def _ss2d_scan_backward(ctx, dys):
     dts, Bs, Cs = _to_sequences(proj).split([r, n, n], dim=-1)        # (B, L, 4, R|N|N)
     Bs, Cs = (t.permute(0, 2, 3, 1) for t in (Bs, Cs))                # (B, 4, N, L)
     u, delta = seqs(x), torch.einsum("blkr,kdr->bkdl", dts, w_dt).flatten(1, 2)   # (B, 4*D, L)
-    states = _selective_scan_fwd(u, delta, A, Bs, Cs, None, bias.flatten(), True)[1]
-    du, ddelta, dA, dB, dC, _, dbias = _selective_scan_bwd(seqs(dys), u, delta, A, Bs, Cs, None, bias.flatten(),
-                                                           states, True)
+    bias = bias.flatten()
+    states = _selective_scan_fwd(u, delta, A, Bs, Cs, None, bias, True)[1]
+    du, ddelta, dA, dB, dC, _, dbias = _selective_scan_bwd(seqs(dys), u, delta, A, Bs, Cs, None, bias, states, True)
     ddelta = ddelta.view(b, 4, d, -1)                                 # (B, 4, D, L)
     dproj = torch.cat([torch.einsum("bkdl,kdr->blkr", ddelta, w_dt), dB.permute(0, 3, 1, 2),
                        dC.permute(0, 3, 1, 2)], -1)                   # (B, L, 4, R + 2N)
     return (_from_sequences(du.view(b, 4, d, -1).permute(0, 3, 1, 2), h, w), _to_pixels(dproj, h, w),
-            torch.einsum("bkdl,blkr->kdr", ddelta, dts), dbias.view(4, d), dA)
+            torch.einsum("bkdl,blkr->kdr", ddelta, dts), dbias.view(4, -1), dA)
 
 
 _ss2d_scan.register_autograd(_ss2d_scan_backward,
@@ -725,47 +704,35 @@ def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight
                 eps: float) -> Tensor:
     """LayerNorm(ys.sum(3) + Dsum * x) * silu(z) (no z: no gate): ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's dtype."""
     d, out = x.shape[-1], torch.empty_like(x, memory_format=torch.contiguous_format)
-    zs = x if z is None else z.reshape(-1, d)
-    zs = zs if zs.stride(-1) == 1 else zs.contiguous()
-    block_d, rows = _next_pow2(d), x.numel() // d
-    block_m = max(1, 2048 // block_d)
+    zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
+    rows, block_d, block_m = x.numel() // d, _next_pow2(d), max(1, 2048 // _next_pow2(d))   # ~16 values a thread
     _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
         ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, rows, d, zs.stride(0), eps,
         HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out
 
 
-@_merge_norm.register_fake
-def _(ys, x, z, Dsum, weight, bias, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _merge_norm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.eps = inputs[6]
+_merge_norm.register_fake(lambda ys, x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 def _merge_norm_backward(ctx, g):
-    """LayerNorm's backward on the merged map, recomputed in float32 (or x's dtype if wider)."""
+    """Recomputes the merged map (float32, or x's dtype if wider) and runs LayerNorm's backward on it."""
     ys, x, z, Dsum, weight, bias = ctx.saved_tensors
     f = torch.promote_types(x.dtype, torch.float32)
     m = torch.addcmul(ys.sum(3, dtype=f), x.to(f), Dsum)              # (B, H, W, D)
-    c = m - m.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(c.square().mean(-1, keepdim=True) + ctx.eps)
-    xhat, g, dz = c * rstd, g.to(f), None
-    if z is not None:  # out = y * silu(z): silu'(z) = s * (1 + z * (1 - s))
-        zf = z.to(f)
-        s = torch.sigmoid(zf)
-        dz = (g * (xhat * weight + bias) * s * (1 + zf * (1 - s))).to(z.dtype)
-        g = g * zf * s
-    gw = g * weight
-    dm = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
-    dims = tuple(range(x.dim() - 1))
+    w, b = weight.to(f), bias.to(f)
+    y, mean, rstd = torch.ops.aten.native_layer_norm(m, m.shape[-1:], w, b, ctx.eps)
+    g, dz = g.to(f), None
+    if z is not None:  # out = y * silu(z); silu'(z) = s * (1 + z * (1 - s))
+        zf, s = z.to(f), torch.sigmoid(z.to(f))
+        g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype)
+    dm, dw, db = torch.ops.aten.native_layer_norm_backward(g, m, m.shape[-1:], mean, rstd, w, b, [True] * 3)
     return (dm.to(ys.dtype).unsqueeze(3).expand(ys.shape), (dm * Dsum).to(x.dtype), dz,
-            (dm * x).sum(dims).to(Dsum.dtype), (g * xhat).sum(dims).to(weight.dtype), g.sum(dims).to(bias.dtype), None)
+            (dm * x).flatten(0, -2).sum(0).to(Dsum.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
 
 
-_merge_norm.register_autograd(_merge_norm_backward, setup_context=_merge_norm_setup)
+_merge_norm.register_autograd(_merge_norm_backward, setup_context=lambda ctx, inputs, output: (
+    ctx.save_for_backward(*inputs[:6]), setattr(ctx, "eps", inputs[6])))
 
 
 def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
@@ -826,8 +793,8 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
 
 
-for _name in ("ss2d_core", "_ss2d_fused"):   # FX's symbolic tracing records them as calls (their shapes are plans)
-    torch.fx.wrap(_name)
+torch.fx.wrap("ss2d_core")   # FX's symbolic tracing records these as calls (shapes there are plans, not ops)
+torch.fx.wrap("_ss2d_fused")
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
@@ -947,24 +914,20 @@ class SS2D(nn.Module):
         self.backend = "auto"
         _LAYERS.add(self)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
+    def _set_backend(self, name: str) -> None:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
         self._backend = name
         self._decide_path()
 
+    backend = property(lambda self: self._backend, _set_backend)
+
     def _decide_path(self) -> None:
-        """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device. A
-        choice that cannot run there raises when the layer runs, not when it is built or moved."""
+        """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device."""
         try:
-            self._path, self._path_error = _resolve_backend(self._backend, self.Ds.device), None
-        except (RuntimeError, ValueError) as e:
-            self._path, self._path_error = "torch", e
+            self._path = _resolve_backend(self._backend, self.Ds.device)
+        except (RuntimeError, ValueError):   # cannot run here: forward asks again and raises the reason
+            self._path = None
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "SS2D":   # .to(), .cuda(), .half(), ...
         super()._apply(fn, *args, **kwargs)
@@ -999,13 +962,11 @@ class SS2D(nn.Module):
         x, z = x.chunk(2, dim=-1) if self.gated else (x, None)        # (B, H, W, D) each
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
-        if self._path_error is not None:
-            raise self._path_error
         args = (F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
         if self._path == "triton":  # out_norm and the gate in the merge kernel
             y = _ss2d_fused(*args, norm=self.out_norm, z=z)           # (B, H, W, D)
         else:
-            y = self.out_norm(ss2d_core(*args, backend=self._path))
+            y = self.out_norm(ss2d_core(*args, backend=self._path or self._backend))
             y = y if z is None else y * F.silu(z)
         out = self.dropout(self.out_proj(y))                          # (B, H, W, C)
         return out.permute(0, 3, 1, 2) if self.channel_first else out

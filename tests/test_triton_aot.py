@@ -5,15 +5,18 @@ machine without one: ``triton.compile`` runs the whole pipeline down to a cubin 
 The interpreter (TRITON_INTERPRET=1, set by conftest.py) replaces the jit functions, so the
 compilation runs in a subprocess without it: this file run as a script. By hand::
 
-    python tests/test_triton_aot.py [--jobs N]     # prints one JSON summary line
+    python tests/test_triton_aot.py [--jobs N] [--fused]   # prints one JSON summary line
 
 Coverage. The full product (95 tiles x 8 constexpr combinations x 2 kernels x 2 targets) is
 ~3000 compilations, over an hour on two cores, so each distinct tile is compiled once per
 kernel while the constexpr combination (HAS_D, HAS_BIAS, SOFTPLUS) and the target cycle
 along the tiles: every tile on one target, every combination on both targets for both
 kernels. The tiles VMamba runs (at any size, N=1 and N=16) are also compiled on both
-targets with float32, bfloat16 and float16 inputs, and the cross-scan kernel for each
-BLOCK, MERGE and target. Integer arguments are specialised as triton does at launch
+targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, and
+merge + LayerNorm) are compiled at every configuration their dispatcher chooses for VMamba
+(D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16) on both targets, and must
+show no spill or stack bytes under ``ptxas -v``; the fused scan also no barrier and no
+shuffle in its PTX. Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
 (1 becomes a constant, multiples of 16 are marked divisible, pointers 16-byte aligned),
 from a real (D, N, L) that selects the tile.
 """
@@ -249,7 +252,21 @@ if pytest is not None:
             f"{len(summary['failed'])} of {summary['jobs']} compilations failed:\n{failures}")
         print(f"compiled {summary['jobs']} kernels ({summary['tiles']} scan tiles): {summary['compiled']} "
               f"in {summary['seconds']} s")
-        assert summary["tiles"] > 1 and all(n["scan"] and n["cross"] for n in summary["compiled"].values())
+        assert summary["tiles"] > 1 and all(n["scan"] and n["fused"] for n in summary["compiled"].values())
+
+    @pytest.mark.triton
+    def test_fused_kernels_compile_without_spills(tmp_path):
+        """The fused SS2D kernels alone (a few minutes): see the module docstring."""
+        pytest.importorskip("triton", reason="triton is not installed")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+        proc = subprocess.run([sys.executable, __file__, "--fused"], env=env, capture_output=True, text=True,
+                              timeout=900)
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert proc.returncode == 0 and not summary["failed"], summary["failed"][:5]
+        kernels = {(r["kernel"], r["sm"]) for r in summary["fused"]}
+        assert kernels == {(k, cap) for k in FUSED for cap in TARGETS}
+        assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in summary["fused"])
 
 
 if __name__ == "__main__":
