@@ -45,8 +45,7 @@ _INSTALL_HINTS = {"mamba_ssm": "pip install mamba-ssm --no-build-isolation (need
                   "triton": "pip install triton (Linux; ships with the CUDA builds of torch)"}
 # Custom-op namespace; per module name, so "python vmamba.py" and "import vmamba" can coexist.
 _OPS_NS = "vmamba_" + re.sub(r"\W", "_", __name__)
-_forced_backend: Optional[str] = None
-_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # the SS2D layers, for set_backend
+_forced_backend, _LAYERS = None, weakref.WeakSet()   # set_backend's choice (None: restored), the SS2D layers it tells
 
 
 def _warn_once(message: str, _seen: set = set()) -> None:
@@ -343,10 +342,9 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr,
 def _rows(ptrs, stride, n, mask, BLOCK: tl.constexpr):
     """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below; a load per row keeps a
     channel per thread (a 2-D load is spread along its contiguous dim, then converted through shared memory)."""
-    out = tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
+    offs, out = tl.arange(0, BLOCK)[:, None], tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
     for i in tl.static_range(BLOCK):
-        row = tl.load(ptrs + i * stride, mask=mask & (i < n), other=0.0)
-        out = tl.where(tl.arange(0, BLOCK)[:, None] == i, row[None, :], out)
+        out = tl.where(offs == i, tl.load(ptrs + i * stride, mask=mask & (i < n), other=0.0)[None, :], out)
     return out
 
 
@@ -531,8 +529,7 @@ def available_backends(device: Union[str, torch.device] = "cuda") -> List[str]:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``); ``None`` restores it.
-    Every SS2D layer decides its scan path again."""
+    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``; layers decide again)."""
     global _forced_backend
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
@@ -684,8 +681,7 @@ def _ss2d_scan_backward(ctx, dys):
     seqs = lambda t: _to_sequences(t).permute(0, 2, 3, 1).flatten(1, 2)   # (B, H, W, [4,] D) -> (B, 4*D, L)
     dts, Bs, Cs = _to_sequences(proj).split([r, n, n], dim=-1)        # (B, L, 4, R|N|N)
     Bs, Cs = (t.permute(0, 2, 3, 1) for t in (Bs, Cs))                # (B, 4, N, L)
-    u, delta = seqs(x), torch.einsum("blkr,kdr->bkdl", dts, w_dt).flatten(1, 2)   # (B, 4*D, L)
-    bias = bias.flatten()
+    u, delta, bias = seqs(x), torch.einsum("blkr,kdr->bkdl", dts, w_dt).flatten(1, 2), bias.flatten()   # (B, 4*D, L)
     states = _selective_scan_fwd(u, delta, A, Bs, Cs, None, bias, True)[1]
     du, ddelta, dA, dB, dC, _, dbias = _selective_scan_bwd(seqs(dys), u, delta, A, Bs, Cs, None, bias, states, True)
     ddelta = ddelta.view(b, 4, d, -1)                                 # (B, 4, D, L)
@@ -720,9 +716,8 @@ def _merge_norm_backward(ctx, g):
     ys, x, z, Dsum, weight, bias = ctx.saved_tensors
     f = torch.promote_types(x.dtype, torch.float32)
     m = torch.addcmul(ys.sum(3, dtype=f), x.to(f), Dsum)              # (B, H, W, D)
-    w, b = weight.to(f), bias.to(f)
+    w, b, g, dz = weight.to(f), bias.to(f), g.to(f), None
     y, mean, rstd = torch.ops.aten.native_layer_norm(m, m.shape[-1:], w, b, ctx.eps)
-    g, dz = g.to(f), None
     if z is not None:  # out = y * silu(z); silu'(z) = s * (1 + z * (1 - s))
         zf, s = z.to(f), torch.sigmoid(z.to(f))
         g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype)
@@ -866,8 +861,7 @@ FORWARD_TYPES = ("v0", "v05", "v05_noz")
 class SS2D(nn.Module):
     """2-D selective scan, VMamba's attention: (B, H, W, d_model) in and out, (B, d_model, H, W) with
     ``channel_first``. ``forward_type`` "v0"/"v05" gate the output with ``silu(z)`` from a second half of
-    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend, resolved
-    to a path when it is set, when the layer is built or moved, and on :func:`set_backend`; never in ``forward``."""
+    ``in_proj``; "v05_noz" does not. ``backend`` (default "auto"): its scan, decided when set, built or moved."""
 
     def __init__(self, d_model: int = 96, d_state: int = 16, ssm_ratio: float = 2.0,
                  dt_rank: Union[int, str] = "auto", act_layer: str = "silu", d_conv: int = 3,
@@ -912,7 +906,6 @@ class SS2D(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_scale, dt_init_floor)
         self.reset_ssm_parameters()
         self.backend = "auto"
-        _LAYERS.add(self)
 
     def _set_backend(self, name: str) -> None:
         if name not in BACKENDS:
@@ -924,6 +917,7 @@ class SS2D(nn.Module):
 
     def _decide_path(self) -> None:
         """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device."""
+        _LAYERS.add(self)   # for set_backend
         try:
             self._path = _resolve_backend(self._backend, self.Ds.device)
         except (RuntimeError, ValueError):   # cannot run here: forward asks again and raises the reason
@@ -936,7 +930,7 @@ class SS2D(nn.Module):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:   # copies and unpickled layers follow set_backend too
         super().__setstate__(state)
-        _LAYERS.add(self)
+        self._decide_path()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
