@@ -339,26 +339,26 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr,
         tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
 
 
-def _rows(ptrs, stride, n, mask, BLOCK: tl.constexpr):
+def _rows(ptrs, stride, mask, n: tl.constexpr, BLOCK: tl.constexpr):
     """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below; a load per row keeps a
     channel per thread (a 2-D load is spread along its contiguous dim, then converted through shared memory)."""
     offs, out = tl.arange(0, BLOCK)[:, None], tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
-    for i in tl.static_range(BLOCK):
-        out = tl.where(offs == i, tl.load(ptrs + i * stride, mask=mask & (i < n), other=0.0)[None, :], out)
+    for i in tl.static_range(n):
+        out = tl.where(offs == i, tl.load(ptrs + i * stride, mask=mask, other=0.0)[None, :], out)
     return out
 
 
-def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, R, N, offs_d, ok, LOW_RANK: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, offs_d, ok, R: tl.constexpr, N: tl.constexpr,
+                LOW_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """What direction k needs at pixel ``row`` (of B*H*W): u (BD,), the low-rank dts (BR, BD) or dt (BD,), B and
     C (BN, BD), as stored; each thread reads the dts, B and C of the pixel. ``ok``: the pixel exists."""
     d_ok, same = (offs_d < D) & ok, proj_ptr + (row * 4 + k) * (R + 2 * N) + offs_d * 0   # its (B, H, W, 4, R + 2N) row
     u = tl.load(x_ptr + row * D + offs_d, mask=d_ok, other=0.0)
-    dt = _rows(same, 1, R, ok, BLOCK_R) if LOW_RANK else tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok)
-    return u, dt, _rows(same + R, 1, N, ok, BLOCK_N), _rows(same + R + N, 1, N, ok, BLOCK_N)
+    dt = _rows(same, 1, ok, R, BLOCK_R) if LOW_RANK else tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok)
+    return u, dt, _rows(same + R, 1, ok, N, BLOCK_N), _rows(same + R + N, 1, ok, N, BLOCK_N)
 
 
-def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R, N,
+def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R: tl.constexpr, N: tl.constexpr,
                      LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks direction k
     of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel while it computes
@@ -367,19 +367,19 @@ def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, 
     pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
     # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
-    A = _rows(A_ptr + k * D + offs_d, 4 * D, N, d_mask, BLOCK_N) * 1.4426950408889634   # (BN, BD)
+    A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N) * 1.4426950408889634   # (BN, BD)
     bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
     if LOW_RANK:
-        w = _rows(w_ptr + k * R * D + offs_d, D, R, d_mask, BLOCK_R).to(tl.float32)   # (BR, BD)
+        w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32)   # (BR, BD)
     step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
-    nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, R, N, offs_d, True, LOW_RANK,
+    nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
                       BLOCK_N, BLOCK_R)
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for t in range(L):
         (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
         p += step                                               # the next pixel; past a column's end, the next column
         p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
-        nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, R, N, offs_d, t + 1 < L,
+        nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, t + 1 < L, R, N,
                           LOW_RANK, BLOCK_N, BLOCK_R)
         dt = _softplus_tl((tl.sum(w * dt.to(tl.float32), axis=0) if LOW_RANK else dt.to(tl.float32)) + bias)
         h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)

@@ -75,8 +75,9 @@ def scan_job(kernel, tile, shape, combo, cap, dtype="fp32", K=4):
 def ss2d_job(vmamba, D, N, R, cap, dtype):
     """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56."""
     block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R)
-    return dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D, R=R, N=N), num_warps=block_d // 32,
-                consts=dict(LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1)),
+    return dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
+                consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
+                            BLOCK_R=max(block_r, 1)),
                 ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
 
 
@@ -95,7 +96,7 @@ SS2D_DIMS, SS2D_RANKS = (96, 192, 384, 768, 1536), (6, 12, 24, 48)
 def fused_jobs(vmamba):
     jobs, seen = [], set()
     for cap, dtype, D, N, R in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (1, 16), SS2D_RANKS):
-        key = (cap, dtype, N, *vmamba._ss2d_blocks(D, N, R))
+        key = (cap, dtype, N, R, *vmamba._ss2d_blocks(D, N, R))   # R and N are compile-time constants
         if key not in seen:
             seen.add(key)
             jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype))
@@ -144,7 +145,8 @@ def resources(ptx, cap):
     number = lambda pattern: sum(int(v) for v in re.findall(pattern, log))
     return dict(registers=number(r"Used (\d+) registers"), stack=number(r"(\d+) bytes stack frame"),
                 spill_bytes=number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
-                barriers=len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx)), shuffles=len(re.findall(r"\bshfl\.", ptx)))
+                barriers=len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx)),
+                shuffles=len(re.findall(r"\bshfl\.", ptx)))
 
 
 def compile_job(job):
@@ -218,7 +220,7 @@ def main(argv=None):
                               for kind, fused in (("scan", False), ("fused", True))}
                 for cap in TARGETS}
     fused = [dict(kernel=r["kernel"], sm=r["cap"], dtype=sorted(set(r["ptrs"].values()))[0],
-                  **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS"))},
+                  **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N"))},
                   registers=r.get("registers"), spill_bytes=r.get("spill_bytes"))
              for r in results if r["kernel"] in FUSED]
     print(json.dumps(dict(
