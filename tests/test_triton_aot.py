@@ -196,10 +196,29 @@ def compile_job(job):
     return result
 
 
+def write_markdown(path, fused, triton_version, ptxas_version, argv):
+    """The fused kernels' registers and spills, one row per configuration, as a page for docs/."""
+    import datetime
+    command = "python tests/test_triton_aot.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = ["# Registers of the fused SS2D kernels (sm_80, sm_90)", "",
+             f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
+             "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
+             "VMamba (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16 activations).", "",
+             "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z | BLOCK_D | BLOCK_M | registers | spill bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
+                                          r["BLOCK_D"], r.get("HAS_Z", False))):
+        lines.append(f"| {r['kernel']} | {r['sm']} | {r['dtype']} | {r.get('R', '')} | {r.get('N', '')} | "
+                     f"{r.get('LOW_RANK', '')} | {r.get('HAS_Z', '')} | {r['BLOCK_D']} | {r.get('BLOCK_M', '')} | "
+                     f"{r['registers']} | {r['spill_bytes']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fused", action="store_true", help="only the fused SS2D kernels (a few minutes)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the fused kernels' resources here")
     args = parser.parse_args(argv)
     _init_worker()
     import triton
@@ -223,6 +242,8 @@ def main(argv=None):
                   **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N"))},
                   registers=r.get("registers"), spill_bytes=r.get("spill_bytes"))
              for r in results if r["kernel"] in FUSED]
+    if args.markdown:
+        write_markdown(args.markdown, fused, triton.__version__, version.strip().splitlines()[-1], argv)
     print(json.dumps(dict(
         triton=triton.__version__, ptxas=f"{ptxas}: {version.strip().splitlines()[-1]}", tiles=n_tiles,
         jobs=len(jobs), compiled=compiled, failed=failed, fused=fused, slowest=sorted(results, key=lambda r: -r["seconds"])[:3],
