@@ -175,7 +175,7 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 # --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1. The kernels
-# are plain functions, jitted on first use by _triton_kernels() (below), so that importing vmamba imports no triton.
+# are defined on first use by _triton_kernels() (below), so that importing vmamba imports no triton.
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -189,240 +189,242 @@ def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
     return block_d, block_n, block_l
 
 
-def _affine_combine(a1, b1, a2, b2):
-    """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
-    return a1 * a2, a2 * b1 + b2
+def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), with triton and tl in its globals
 
+    @triton.jit
+    def _affine_combine(a1, b1, a2, b2):
+        """Compose two steps of h -> a*h + b: first (a1, b1), then (a2, b2)."""
+        return a1 * a2, a2 * b1 + b2
 
-def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
-    """_affine_combine plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)): yields
-    h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0)."""
-    return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+    @triton.jit
+    def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
+        """_affine_combine plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)): yields
+        h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0)."""
+        return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
 
+    @triton.jit
+    def _softplus_tl(z):
+        """log(1 + exp(z)) in float32, linear above 20, no log(1+x) cancellation for very negative z."""
+        ez = tl.exp(tl.minimum(z, 20.0))
+        small = ez - 0.5 * ez * ez + ez * ez * ez / 3.0  # log1p series, |error| < ez^4/4
+        return tl.where(z > 20.0, z, tl.where(ez < 1e-3, small, tl.log(1.0 + ez)))
 
-def _softplus_tl(z):
-    """log(1 + exp(z)) in float32, linear above 20, no log(1+x) cancellation for very negative z."""
-    ez = tl.exp(tl.minimum(z, 20.0))
-    small = ez - 0.5 * ez * ez + ez * ez * ez / 3.0  # log1p series, |error| < ez^4/4
-    return tl.where(z > 20.0, z, tl.where(ez < 1e-3, small, tl.log(1.0 + ez)))
-
-
-def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, y_ptr, states_ptr,
-                     L, N, D, K, n_chunks, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L); A
-    (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states (B, K*D, n_chunks
-    + 1, N), before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s is an associative scan."""
-    pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
-    b, k = pid_bk // K, pid_bk % K
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-    d_mask, n_mask = offs_d < D, offs_n < N
-    chan = k * D + offs_d                                  # (BD,) global channel index
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    # Padded states get A = 0 and B = 0, so they stay exactly 0.
-    A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    row = (b * K * D + chan).to(tl.int64) * L              # (BD,) start of each u/delta row
-    bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L    # (BN,) start of each B/C row
-    st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
-    is_last = (offs_l == BLOCK_L - 1)[None, None, :]
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for c in range(n_chunks):
-        s = c * BLOCK_L + offs_l
-        s_mask = s < L
-        dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
-        tl.store(st_ptrs + c * N, h, mask=dn_mask)
-        u = tl.load(u_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[:, None]
-        dt = _softplus_tl(dt) if SOFTPLUS else dt
-        dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
-        Bv = tl.load(B_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
-        bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
-        pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
-        hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
-        y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, y_ptr, states_ptr,
+                         L, N, D, K, n_chunks, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L); A
+        (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states (B, K*D, n_chunks
+        + 1, N), before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s is an associative scan."""
+        pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
+        b, k = pid_bk // K, pid_bk % K
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
+        d_mask, n_mask = offs_d < D, offs_n < N
+        chan = k * D + offs_d                                  # (BD,) global channel index
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+        # Padded states get A = 0 and B = 0, so they stay exactly 0.
+        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
         if HAS_D:
-            y += Dskip[:, None] * u
-        tl.store(y_ptr + row[:, None] + s[None, :], y, mask=dl_mask)
-        # Padded tail steps are identities, so the last column is the state after the chunk.
-        h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
-    tl.store(st_ptrs + n_chunks * N, h, mask=dn_mask)
-
-
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, dy_ptr, states_ptr,
-                     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, N, D, K, n_chunks,
-                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Selective-scan backward; grid, inputs as _scan_fwd_kernel, plus dy (B, K*D, L). Outputs (float32): du,
-    ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed by the caller, atomically summed over a group's channel
-    blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states:
-    q_s = dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s; dL/db_s = q_s, d(dt_s A): q_s a_s h_{s-1}, dC_s: dy_s h_s."""
-    pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
-    b, k = pid_bk // K, pid_bk % K
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-    d_mask, n_mask = offs_d < D, offs_n < N
-    chan = k * D + offs_d
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    row = (b * K * D + chan).to(tl.int64) * L
-    bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L
-    st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
-    is_first = (offs_l == 0)[None, None, :]
-    ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_L), 1.0, tl.float32)
-    zeros = tl.zeros((BLOCK_D, BLOCK_N, BLOCK_L), dtype=tl.float32)
-    p = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)      # p at the step after this chunk
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD_acc, dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i
-        s = c * BLOCK_L + offs_l
-        s_mask = s < L
-        dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
-        offs_dl, offs_nl = row[:, None] + s[None, :], bc_row[:, None] + s[None, :]
-        u = tl.load(u_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-        z = tl.load(delta_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            z += bias[:, None]
-        dt = _softplus_tl(z) if SOFTPLUS else z
-        dt = tl.where(dl_mask, dt, 0.0)
-        Bv = tl.load(B_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-        # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
-        h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
-        a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
-        bx = (dt * u)[:, None, :] * Bv[None, :, :]
-        _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
-        a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
-        hs = a_hprev + bx                                   # h_s
-        # Adjoint, backwards in time: exclusive reverse prefix gives p_{s+1}.
-        cdy = Cv[None, :, :] * dy[:, None, :]
-        _, _, ra, rb = tl.associative_scan((a, a * cdy, ones, zeros), axis=2,
-                                           combine_fn=_affine_combine_excl, reverse=True)
-        q = cdy + ra * p[:, :, None] + rb                  # dL/dh_s
-        p = tl.sum(tl.where(is_first, a * q, 0.0), axis=2)
-        # Parameter and input gradients (padded steps/states have q = 0 and dt = 0).
-        qa_h = q * a_hprev                                  # dL/d(dt_s * A)
-        ddt = tl.sum(qa_h * A[:, :, None] + q * Bv[None, :, :] * u[:, None, :], axis=1)
-        du = dt * tl.sum(q * Bv[None, :, :], axis=1)
+            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+        row = (b * K * D + chan).to(tl.int64) * L              # (BD,) start of each u/delta row
+        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L    # (BN,) start of each B/C row
+        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
+        is_last = (offs_l == BLOCK_L - 1)[None, None, :]
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for c in range(n_chunks):
+            s = c * BLOCK_L + offs_l
+            s_mask = s < L
+            dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
+            tl.store(st_ptrs + c * N, h, mask=dn_mask)
+            u = tl.load(u_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
+            dt = tl.load(delta_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias[:, None]
+            dt = _softplus_tl(dt) if SOFTPLUS else dt
+            dt = tl.where(dl_mask, dt, 0.0)                     # padded steps: identity map
+            Bv = tl.load(B_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bc_row[:, None] + s[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+            a = tl.exp(dt[:, None, :] * A[:, :, None])           # (BD, BN, BL)
+            bx = (dt * u)[:, None, :] * Bv[None, :, :]          # (BD, BN, BL)
+            pa, pb = tl.associative_scan((a, bx), axis=2, combine_fn=_affine_combine)
+            hs = pa * h[:, :, None] + pb                        # h_s for every step of the chunk
+            y = tl.sum(hs * Cv[None, :, :], axis=1)             # (BD, BL)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            tl.store(y_ptr + row[:, None] + s[None, :], y, mask=dl_mask)
+            # Padded tail steps are identities, so the last column is the state after the chunk.
+            h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
+        tl.store(st_ptrs + n_chunks * N, h, mask=dn_mask)
+
+    @triton.jit
+    def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, dy_ptr, states_ptr,
+                         du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, N, D, K, n_chunks,
+                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Selective-scan backward; grid, inputs as _scan_fwd_kernel, plus dy (B, K*D, L). Outputs (float32): du,
+        ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed by the caller, atomically summed over a group's channel
+        blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states:
+        q_s = dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s; dL/db_s = q_s, d(dt_s A): q_s a_s h_{s-1}, dC_s: dy_s h_s."""
+        pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
+        b, k = pid_bk // K, pid_bk % K
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
+        d_mask, n_mask = offs_d < D, offs_n < N
+        chan = k * D + offs_d
+        dn_mask = d_mask[:, None] & n_mask[None, :]
+        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
         if HAS_D:
-            du += Dskip[:, None] * dy
-            dD_acc += tl.sum(dy * u, axis=1)
-        dA_acc += tl.sum(qa_h * dt[:, None, :], axis=2)
-        ddelta = ddt * tl.sigmoid(z) if SOFTPLUS else ddt
+            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            dbias_acc += tl.sum(tl.where(dl_mask, ddelta, 0.0), axis=1)
-        tl.store(du_ptr + offs_dl, du, mask=dl_mask)
-        tl.store(ddelta_ptr + offs_dl, ddelta, mask=dl_mask)
-        # B and C are shared by the group's channels: reduce this block, add atomically.
-        dB, dC = tl.sum(q * (dt * u)[:, None, :], axis=0), tl.sum(hs * dy[:, None, :], axis=0)  # (BN, BL)
-        tl.atomic_add(dB_ptr + offs_nl, dB, mask=nl_mask)
-        tl.atomic_add(dC_ptr + offs_nl, dC, mask=nl_mask)
-    part = (b * K * D + chan).to(tl.int64)
-    tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=dn_mask)
-    if HAS_D:
-        tl.store(dD_ptr + part, dD_acc, mask=d_mask)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
+            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+        row = (b * K * D + chan).to(tl.int64) * L
+        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L
+        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
+        is_first = (offs_l == 0)[None, None, :]
+        ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_L), 1.0, tl.float32)
+        zeros = tl.zeros((BLOCK_D, BLOCK_N, BLOCK_L), dtype=tl.float32)
+        p = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)      # p at the step after this chunk
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc, dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(n_chunks):
+            c = n_chunks - 1 - i
+            s = c * BLOCK_L + offs_l
+            s_mask = s < L
+            dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
+            offs_dl, offs_nl = row[:, None] + s[None, :], bc_row[:, None] + s[None, :]
+            u = tl.load(u_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+            z = tl.load(delta_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += bias[:, None]
+            dt = _softplus_tl(z) if SOFTPLUS else z
+            dt = tl.where(dl_mask, dt, 0.0)
+            Bv = tl.load(B_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
+            # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
+            h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
+            a = tl.exp(dt[:, None, :] * A[:, :, None])          # (BD, BN, BL)
+            bx = (dt * u)[:, None, :] * Bv[None, :, :]
+            _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
+            a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
+            hs = a_hprev + bx                                   # h_s
+            # Adjoint, backwards in time: exclusive reverse prefix gives p_{s+1}.
+            cdy = Cv[None, :, :] * dy[:, None, :]
+            _, _, ra, rb = tl.associative_scan((a, a * cdy, ones, zeros), axis=2,
+                                               combine_fn=_affine_combine_excl, reverse=True)
+            q = cdy + ra * p[:, :, None] + rb                  # dL/dh_s
+            p = tl.sum(tl.where(is_first, a * q, 0.0), axis=2)
+            # Parameter and input gradients (padded steps/states have q = 0 and dt = 0).
+            qa_h = q * a_hprev                                  # dL/d(dt_s * A)
+            ddt = tl.sum(qa_h * A[:, :, None] + q * Bv[None, :, :] * u[:, None, :], axis=1)
+            du = dt * tl.sum(q * Bv[None, :, :], axis=1)
+            if HAS_D:
+                du += Dskip[:, None] * dy
+                dD_acc += tl.sum(dy * u, axis=1)
+            dA_acc += tl.sum(qa_h * dt[:, None, :], axis=2)
+            ddelta = ddt * tl.sigmoid(z) if SOFTPLUS else ddt
+            if HAS_BIAS:
+                dbias_acc += tl.sum(tl.where(dl_mask, ddelta, 0.0), axis=1)
+            tl.store(du_ptr + offs_dl, du, mask=dl_mask)
+            tl.store(ddelta_ptr + offs_dl, ddelta, mask=dl_mask)
+            # B and C are shared by the group's channels: reduce this block, add atomically.
+            dB, dC = tl.sum(q * (dt * u)[:, None, :], axis=0), tl.sum(hs * dy[:, None, :], axis=0)  # (BN, BL)
+            tl.atomic_add(dB_ptr + offs_nl, dB, mask=nl_mask)
+            tl.atomic_add(dC_ptr + offs_nl, dC, mask=nl_mask)
+        part = (b * K * D + chan).to(tl.int64)
+        tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=dn_mask)
+        if HAS_D:
+            tl.store(dD_ptr + part, dD_acc, mask=d_mask)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
 
+    @triton.jit
+    def _rows(ptrs, stride, mask, n: tl.constexpr, BLOCK: tl.constexpr):
+        """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below; a load per row keeps a
+        channel per thread (a 2-D load is spread along its contiguous dim, then converted through shared memory)."""
+        offs, out = tl.arange(0, BLOCK)[:, None], tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
+        for i in tl.static_range(n):
+            out = tl.where(offs == i, tl.load(ptrs + i * stride, mask=mask, other=0.0)[None, :], out)
+        return out
 
-def _rows(ptrs, stride, mask, n: tl.constexpr, BLOCK: tl.constexpr):
-    """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below; a load per row keeps a
-    channel per thread (a 2-D load is spread along its contiguous dim, then converted through shared memory)."""
-    offs, out = tl.arange(0, BLOCK)[:, None], tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
-    for i in tl.static_range(n):
-        out = tl.where(offs == i, tl.load(ptrs + i * stride, mask=mask, other=0.0)[None, :], out)
-    return out
+    @triton.jit
+    def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, offs_d, ok, R: tl.constexpr, N: tl.constexpr,
+                    LOW_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """What direction k needs at pixel ``row`` (of B*H*W): u (BD,), the low-rank dts (BR, BD) or dt (BD,), B and
+        C (BN, BD), as stored; each thread reads the dts, B and C of the pixel. ``ok``: the pixel exists."""
+        d_ok, same = (offs_d < D) & ok, proj_ptr + (row * 4 + k) * (R + 2 * N) + offs_d * 0   # its proj row
+        u = tl.load(x_ptr + row * D + offs_d, mask=d_ok, other=0.0)
+        dt = _rows(same, 1, ok, R, BLOCK_R) if LOW_RANK else tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok)
+        return u, dt, _rows(same + R, 1, ok, N, BLOCK_N), _rows(same + R + N, 1, ok, N, BLOCK_N)
 
+    @triton.jit
+    def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R: tl.constexpr,
+                         N: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+        """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks
+        direction k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel
+        while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt =
+        softplus(w @ dts + bias) here (w (4, R, D)), else read from dt (B, H, W, 4, D); A (N, 4*D). Writes y
+        (B, H, W, 4, D) in x's dtype at the pixels read."""
+        pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
+        # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
+        A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N) * 1.4426950408889634   # (BN, BD)
+        bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
+        if LOW_RANK:
+            w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32)   # (BR, BD)
+        step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
+        nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
+                          BLOCK_N, BLOCK_R)
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for t in range(L):
+            (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
+            p += step                                           # the next pixel; past a column's end, the next column
+            p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
+            nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, t + 1 < L, R, N,
+                              LOW_RANK, BLOCK_N, BLOCK_R)
+            dt = _softplus_tl((tl.sum(w * dt.to(tl.float32), axis=0) if LOW_RANK else dt.to(tl.float32)) + bias)
+            h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)
+            y = tl.sum(h * Cv.to(tl.float32), axis=0)
+            tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
 
-def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, offs_d, ok, R: tl.constexpr, N: tl.constexpr,
-                LOW_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """What direction k needs at pixel ``row`` (of B*H*W): u (BD,), the low-rank dts (BR, BD) or dt (BD,), B and
-    C (BN, BD), as stored; each thread reads the dts, B and C of the pixel. ``ok``: the pixel exists."""
-    d_ok, same = (offs_d < D) & ok, proj_ptr + (row * 4 + k) * (R + 2 * N) + offs_d * 0   # its (B, H, W, 4, R + 2N) row
-    u = tl.load(x_ptr + row * D + offs_d, mask=d_ok, other=0.0)
-    dt = _rows(same, 1, ok, R, BLOCK_R) if LOW_RANK else tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok)
-    return u, dt, _rows(same + R, 1, ok, N, BLOCK_N), _rows(same + R + N, 1, ok, N, BLOCK_N)
+    @triton.jit
+    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, rows, D, z_stride, eps,
+                           HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
+        BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out x's dtype."""
+        offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+        col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
+        mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
+        m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
+        for k in tl.static_range(4):
+            m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = tl.where(mask, m - (tl.sum(m, axis=1) / D)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+        w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
+        out = c * rstd[:, None] * w[None, :] + b[None, :]
+        if HAS_Z:
+            z = tl.load(z_ptr + rows64 * z_stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            out *= z * tl.sigmoid(z)
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-
-def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R: tl.constexpr, N: tl.constexpr,
-                     LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks direction k
-    of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel while it computes
-    this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt = softplus(w @ dts + bias) here (w
-    (4, R, D)), else read from dt (B, H, W, 4, D); A (N, 4*D). Writes y (B, H, W, 4, D), x's dtype, where it read."""
-    pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
-    # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
-    A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N) * 1.4426950408889634   # (BN, BD)
-    bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
-    if LOW_RANK:
-        w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32)   # (BR, BD)
-    step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
-    nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
-                      BLOCK_N, BLOCK_R)
-    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for t in range(L):
-        (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
-        p += step                                               # the next pixel; past a column's end, the next column
-        p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
-        nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, t + 1 < L, R, N,
-                          LOW_RANK, BLOCK_N, BLOCK_R)
-        dt = _softplus_tl((tl.sum(w * dt.to(tl.float32), axis=0) if LOW_RANK else dt.to(tl.float32)) + bias)
-        h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)
-        y = tl.sum(h * Cv.to(tl.float32), axis=0)
-        tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
-
-
-def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, rows, D, z_stride, eps,
-                       HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
-    BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out x's dtype."""
-    offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
-    col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
-    mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
-    m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
-    for k in tl.static_range(4):
-        m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    c = tl.where(mask, m - (tl.sum(m, axis=1) / D)[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
-    w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
-    out = c * rstd[:, None] * w[None, :] + b[None, :]
-    if HAS_Z:
-        z = tl.load(z_ptr + rows64 * z_stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        out *= z * tl.sigmoid(z)
-    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-_KERNELS = ("_affine_combine", "_affine_combine_excl", "_softplus_tl", "_scan_fwd_kernel", "_scan_bwd_kernel",
-            "_rows", "_ss2d_pixel", "_ss2d_fwd_kernel", "_merge_norm_kernel")
+    return locals()
 
 
 @functools.cache
 def _triton_kernels() -> types.SimpleNamespace:
-    """Import triton and jit the kernels above (once, triton in their globals), or raise saying how to install it."""
+    """Import triton and define the kernels (once), or raise saying how to install it. The definitions run with
+    triton and tl in a globals dict of their own, where the interpreter also finds the helpers a kernel calls."""
     if not _HAS_TRITON:
         raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
     import triton, triton.language as tl
-    scope = dict(globals(), triton=triton, tl=tl)               # a kernel calling a helper gets its jitted version
-    for name in _KERNELS:
-        fn = types.FunctionType(globals()[name].__code__, scope, name)
-        fn.__annotations__ = globals()[name].__annotations__      # tl.constexpr marks
-        scope[name] = triton.jit(fn)
-    return types.SimpleNamespace(**{name.strip("_"): scope[name] for name in _KERNELS})
+    scope = dict(globals(), triton=triton, tl=tl)
+    kernels = types.FunctionType(_define_triton_kernels.__code__, scope)()
+    scope.update(kernels)
+    return types.SimpleNamespace(**{name.strip("_"): fn for name, fn in kernels.items()})
 
 
 # --- Selective scan: custom ops and autograd
