@@ -17,7 +17,8 @@ Run ``python vmamba.py`` for an offline smoke test, ``python vmamba.py --help`` 
 
 from __future__ import annotations
 
-import argparse, contextlib, difflib, hashlib, json, math, operator, os, pickle, re, sys, time, warnings, zipfile
+import argparse, contextlib, difflib, functools, hashlib, json, math, operator, os, pickle, re, sys, time, types
+import warnings, weakref, zipfile
 import importlib.util, inspect, urllib.parse, urllib.request
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -38,14 +39,14 @@ try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
 except Exception:  # ImportError, or an "undefined symbol" OSError from a broken build
     _mamba_selective_scan_fn = None
-# triton is imported on first use (importing it takes ~0.4 s), by _require_triton().
-_HAS_TRITON, triton, tl = importlib.util.find_spec("triton") is not None, None, None
+# triton is imported on first use (importing it takes ~0.4 s), by _triton_kernels().
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 _INSTALL_HINTS = {"mamba_ssm": "pip install mamba-ssm --no-build-isolation (needs a CUDA toolkit matching torch)",
                   "triton": "pip install triton (Linux; ships with the CUDA builds of torch)"}
 # Custom-op namespace; per module name, so "python vmamba.py" and "import vmamba" can coexist.
 _OPS_NS = "vmamba_" + re.sub(r"\W", "_", __name__)
-_forced_backend: Optional[str] = None
+_forced_backend, _LAYERS = None, weakref.WeakSet()   # set_backend's choice (None: restored), the SS2D layers it tells
 
 
 def _warn_once(message: str, _seen: set = set()) -> None:
@@ -203,7 +204,8 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     return y, last.transpose(2, 3)                                    # (B, L, G, D), (B, G, D, N)
 
 
-# --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1.
+# --- Triton kernels and custom ops (with fakes and autograd, for torch.compile); CPU: TRITON_INTERPRET=1. The kernels
+# are defined on first use by _triton_kernels() (below), so that importing vmamba imports no triton.
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -217,8 +219,7 @@ def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
     return block_d, block_n, block_l
 
 
-def _define_triton_kernels() -> None:  # module-level names, which every triton version resolves
-    global _affine_combine, _affine_combine_excl, _softplus_tl, _scan_fwd_kernel, _scan_bwd_kernel, _cross_kernel
+def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), with triton and tl in its globals
 
     @triton.jit
     def _affine_combine(e1, b1, e2, b2):
@@ -375,42 +376,89 @@ def _define_triton_kernels() -> None:  # module-level names, which every triton 
             tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
 
     @triton.jit
-    def _cross_kernel(src_ptr, dst_ptr, C, H, W, stride_k, MERGE: tl.constexpr, BLOCK: tl.constexpr):
-        """Cross-scan (MERGE=False) or cross-merge; grid (batch * C, cdiv(H*W, BLOCK)). Pixel p = h*W + w, t = w*H + h
-        is at p, t, L-1-p, L-1-t of sequences k = 0..3. Merge sums in float32. Contiguous, dtype of src."""
-        pid_bc, pid_l = tl.program_id(0), tl.program_id(1)
-        L, b, ch = H * W, pid_bc // C, pid_bc % C
-        p = pid_l * BLOCK + tl.arange(0, BLOCK)
-        mask, t = p < L, (p % W) * H + p // W
-        pix = pid_bc.to(tl.int64) * L + p                       # offsets into the (B, C, H, W) map
-        seq0 = (b * 4 * C + ch).to(tl.int64) * L               # start of sequence k=0 for (b, ch)
-        seq1 = seq0 + stride_k                                  # stride_k = C * L
-        seq2 = seq1 + stride_k
-        seq3 = seq2 + stride_k
-        offs = (seq0 + p, seq1 + t, seq2 + (L - 1 - p), seq3 + (L - 1 - t))
-        if MERGE:
-            acc = tl.load(src_ptr + offs[0], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.load(src_ptr + offs[1], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.load(src_ptr + offs[2], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.load(src_ptr + offs[3], mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst_ptr + pix, acc.to(dst_ptr.dtype.element_ty), mask=mask)
-        else:
-            x = tl.load(src_ptr + pix, mask=mask)
-            tl.store(dst_ptr + offs[0], x, mask=mask)
-            tl.store(dst_ptr + offs[1], x, mask=mask)
-            tl.store(dst_ptr + offs[2], x, mask=mask)
-            tl.store(dst_ptr + offs[3], x, mask=mask)
+    def _rows(ptrs, stride, mask, n: tl.constexpr, BLOCK: tl.constexpr):
+        """(BLOCK, BD): row i < n loaded from ptrs + i * stride (ptrs, mask (BD,)), zeros below; a load per row keeps a
+        channel per thread (a 2-D load is spread along its contiguous dim, then converted through shared memory)."""
+        offs, out = tl.arange(0, BLOCK)[:, None], tl.zeros((BLOCK, ptrs.shape[0]), dtype=ptrs.dtype.element_ty)
+        for i in tl.static_range(n):
+            out = tl.where(offs == i, tl.load(ptrs + i * stride, mask=mask, other=0.0)[None, :], out)
+        return out
+
+    @triton.jit
+    def _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, offs_d, ok, R: tl.constexpr, N: tl.constexpr,
+                    LOW_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """What direction k needs at pixel ``row`` (of B*H*W): u (BD,), the low-rank dts (BR, BD) or dt (BD,), B and
+        C (BN, BD), as stored; each thread reads the dts, B and C of the pixel. ``ok``: the pixel exists."""
+        d_ok, same = (offs_d < D) & ok, proj_ptr + (row * 4 + k) * (R + 2 * N) + offs_d * 0   # its proj row
+        u = tl.load(x_ptr + row * D + offs_d, mask=d_ok, other=0.0)
+        dt = _rows(same, 1, ok, R, BLOCK_R) if LOW_RANK else tl.load(dt_ptr + (row * 4 + k) * D + offs_d, mask=d_ok)
+        return u, dt, _rows(same + R, 1, ok, N, BLOCK_N), _rows(same + R + N, 1, ok, N, BLOCK_N)
+
+    @triton.jit
+    def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R: tl.constexpr,
+                         N: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+        """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks
+        direction k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel
+        while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt =
+        softplus(w @ dts + bias) here (w (4, R, D)), else read from dt (B, H, W, 4, D); A (N, 4*D). Writes y
+        (B, H, W, 4, D) in x's dtype at the pixels read."""
+        pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
+        # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
+        A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N) * 1.4426950408889634   # (BN, BD)
+        bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
+        if LOW_RANK:
+            w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32)   # (BR, BD)
+        step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
+        nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
+                          BLOCK_N, BLOCK_R)
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for t in range(L):
+            (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
+            p += step                                           # the next pixel; past a column's end, the next column
+            p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
+            nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, t + 1 < L, R, N,
+                              LOW_RANK, BLOCK_N, BLOCK_R)
+            dt = _softplus_tl((tl.sum(w * dt.to(tl.float32), axis=0) if LOW_RANK else dt.to(tl.float32)) + bias)
+            h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)
+            y = tl.sum(h * Cv.to(tl.float32), axis=0)
+            tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
+
+    @triton.jit
+    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, rows, D, z_stride, eps,
+                           HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
+        BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out x's dtype."""
+        offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+        col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
+        mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
+        m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
+        for k in tl.static_range(4):
+            m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = tl.where(mask, m - (tl.sum(m, axis=1) / D)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+        w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
+        out = c * rstd[:, None] * w[None, :] + b[None, :]
+        if HAS_Z:
+            z = tl.load(z_ptr + rows64 * z_stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            out *= z * tl.sigmoid(z)
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return locals()
 
 
-def _require_triton() -> None:
-    """Import triton and define the kernels (once), or raise saying how to install it."""
-    global triton, tl
+@functools.cache
+def _triton_kernels() -> types.SimpleNamespace:
+    """Import triton and define the kernels (once), or raise saying how to install it. The definitions run with
+    triton and tl in a globals dict of their own, where the interpreter also finds the helpers a kernel calls."""
     if not _HAS_TRITON:
         raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
-    if tl is None:
-        import triton
-        _define_triton_kernels()
-        import triton.language as tl  # last: a non-None tl says the kernels are defined
+    import triton, triton.language as tl
+    scope = dict(globals(), triton=triton, tl=tl)
+    kernels = types.FunctionType(_define_triton_kernels.__code__, scope)()
+    scope.update(kernels)
+    return types.SimpleNamespace(**{name.strip("_"): fn for name, fn in kernels.items()})
 
 
 # --- Selective scan: custom ops and autograd
@@ -426,10 +474,10 @@ def _scan_launch(kernel, u, delta, A, Bs, Cs, Ds, delta_bias, softplus, *rest):
     """Run a scan kernel; rest: its remaining (contiguous) pointers. An absent Ds/delta_bias gets a dummy."""
     Bsz, K, D, N, L = _scan_dims(u, A, Bs)
     block_d, block_n, block_l = _scan_blocks(D, N, L)
-    kernel[(Bsz * K, triton.cdiv(D, block_d))](
+    kernel[(Bsz * K, -(-D // block_d))](
         *(t.contiguous() for t in (u, delta, A, Bs, Cs)),
         u if Ds is None else Ds.contiguous(), u if delta_bias is None else delta_bias.contiguous(),
-        *rest, L, N, D, K, triton.cdiv(L, block_l), HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None,
+        *rest, L, N, D, K, -(-L // block_l), HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
 
 
@@ -446,9 +494,8 @@ def _scan_fwd_outputs(u, A, Bs, Cs):
 def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Optional[Tensor],
                         delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
     """Returns y (B, K*D, L) and states (B, K*D, n_chunks + 1, N), float32: before each chunk, then after L."""
-    _require_triton()
     y, states = _scan_fwd_outputs(u, A, Bs, Cs)
-    _scan_launch(_scan_fwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, y, states)
+    _scan_launch(_triton_kernels().scan_fwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, y, states)
     return y, states
 
 
@@ -462,14 +509,13 @@ def _selective_scan_bwd(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, Bs: Ten
                         Ds: Optional[Tensor], delta_bias: Optional[Tensor], states: Tensor,
                         delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias) in the inputs' dtypes; absent D, bias: (K*D,) float32 zeros."""
-    _require_triton()
     Bsz, K, D, N, L = _scan_dims(u, A, Bs)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty((Bsz, K * D, L), **f32), torch.empty((Bsz, K * D, L), **f32)
     dB, dC = torch.zeros((Bsz, K, N, L), **f32), torch.zeros((Bsz, K, N, L), **f32)  # atomic targets
     dA = torch.zeros((Bsz, K * D, N), **f32)                   # per-batch partials
     dD, dbias = torch.zeros((Bsz, K * D), **f32), torch.zeros((Bsz, K * D), **f32)
-    _scan_launch(_scan_bwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus,
+    _scan_launch(_triton_kernels().scan_bwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus,
                  dy.contiguous(), states.contiguous(), du, ddelta, dA, dB, dC, dD, dbias)
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(Bs.dtype), dC.to(Cs.dtype),
             *(g.sum(0).to(torch.float32 if t is None else t.dtype) for g, t in ((dD, Ds), (dbias, delta_bias))))
@@ -504,47 +550,6 @@ def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
     return y, states[:, :, -1]
 
 
-# --- Cross-scan / cross-merge: custom ops, each the other's backward
-def _cross_launch(src: Tensor, merge: bool) -> Tensor:
-    """Scan x (B, C, H, W) -> (B, 4, C, H*W), or merge ys (B, 4, C, H, W) -> (B, C, H, W)."""
-    _require_triton()
-    Bsz, (C, H, W), L = src.shape[0], src.shape[-3:], src.shape[-2] * src.shape[-1]
-    dst = torch.empty((Bsz, C, H, W) if merge else (Bsz, 4, C, L), device=src.device, dtype=src.dtype)
-    block = min(1024, _next_pow2(L))
-    _cross_kernel[(Bsz * C, triton.cdiv(L, block))](src.contiguous(), dst, C, H, W, C * L, MERGE=merge,
-                                                    BLOCK=block, num_warps=4)
-    return dst
-
-
-@torch.library.custom_op(f"{_OPS_NS}::cross_scan", mutates_args=())
-def _cross_scan(x: Tensor) -> Tensor:
-    return _cross_launch(x, merge=False)
-
-
-@_cross_scan.register_fake
-def _(x):
-    return x.new_empty((x.shape[0], 4, x.shape[1], x.shape[2] * x.shape[3]))
-
-
-@torch.library.custom_op(f"{_OPS_NS}::cross_merge", mutates_args=())
-def _cross_merge(ys: Tensor) -> Tensor:
-    return _cross_launch(ys, merge=True)
-
-
-@_cross_merge.register_fake
-def _(ys):
-    return ys.new_empty((ys.shape[0], *ys.shape[2:]))
-
-
-def _save_hw(ctx, inputs, output):
-    ctx.hw = inputs[0].shape[-2:]
-
-
-_cross_scan.register_autograd(lambda ctx, g: _cross_merge(g.reshape(*g.shape[:3], *ctx.hw)), setup_context=_save_hw)
-_cross_merge.register_autograd(lambda ctx, g: _cross_scan(g).reshape(g.shape[0], 4, g.shape[1], *ctx.hw),
-                               setup_context=_save_hw)
-
-
 # --- Backend choice and the public kernels.
 def _triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
@@ -560,11 +565,13 @@ def available_backends(device: Union[str, torch.device] = "cuda") -> List[str]:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``); ``None`` restores it."""
+    """Force the backend ``"auto"`` resolves to, process-wide (over ``VMAMBA_BACKEND``; layers decide again)."""
     global _forced_backend
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
     _forced_backend = None if name == "auto" else name
+    for layer in list(_LAYERS):
+        layer._decide_path()
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -588,7 +595,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got tensors on {device}")
     if backend == "triton" and not _triton_usable(device):
-        _require_triton()
+        _triton_kernels()
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {device}")
     return backend
 
@@ -672,11 +679,9 @@ def _from_sequences(ys: Tensor, h: int, w: int) -> Tensor:
 
 
 def cross_scan(x: Tensor, backend: str = "auto") -> Tensor:
-    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed (torch ops, any ``backend``)."""
     if x.ndim != 4:
         raise ValueError(f"cross_scan expects (B, C, H, W), got shape {tuple(x.shape)}")
-    if _resolve_backend(backend, x.device) == "triton":
-        return _cross_scan(x)
     return _to_sequences(x.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
 
 
@@ -685,8 +690,6 @@ def cross_merge(ys: Tensor, backend: str = "auto") -> Tensor:
     order (its H, W dims are only a shape); each is mapped back to its pixels and the four are summed."""
     if ys.ndim != 5 or ys.shape[1] != 4:
         raise ValueError(f"cross_merge expects (B, 4, C, H, W), got shape {tuple(ys.shape)}")
-    if _resolve_backend(backend, ys.device) == "triton":
-        return _cross_merge(ys)
     return _from_sequences(ys.flatten(3).permute(0, 3, 1, 2), *ys.shape[3:]).permute(0, 3, 1, 2)
 
 
@@ -710,6 +713,103 @@ def _ss2d_tiles(x: Tensor, w_proj: Tensor, w_dt: Tensor, dt_bias: Tensor, A: Ten
             tile = dst[:, s:s + step]                                 # (B, lines of the tile, len, D)
             tile += (y.flip(1) if k >= 2 else y).view(tile.shape)
     return merged
+
+
+# --- SS2D on the fused Triton kernels: the scan reads the map in place, one kernel merges, adds D*x and normalises.
+def _to_pixels(ys: Tensor, h: int, w: int) -> Tensor:   # (B, H*W, 4, X) -> (B, H, W, 4, X): _to_sequences inverted
+    y0, y1, y2, y3 = ys.unbind(2)                                     # (B, L, X) each
+    return torch.stack([y0.unflatten(1, (h, w)), y1.unflatten(1, (w, h)).transpose(1, 2),
+                        y2.flip(1).unflatten(1, (h, w)), y3.flip(1).unflatten(1, (w, h)).transpose(1, 2)], 3)
+
+
+def _ss2d_blocks(D: int, N: int, R: int) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel, a channel per thread (num_warps = BLOCK_D / 32). BLOCK_R = 0:
+    dt from a GEMM (16 more bytes an element) above ranks 32 (16 at N > 4): w and dts would hold ~200 registers."""
+    return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if R <= (32 if N <= 4 else 16) else 0
+
+
+@torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
+def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A: Tensor) -> Tensor:
+    """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), w_dt (4, D, R), bias (4, D) and A (4*D, N) float32 ->
+    ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the pixels they came from, without the D term."""
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    (block_d, block_n, block_r), ys = _ss2d_blocks(d, n, r), x.new_empty((b, h, w, 4, d))
+    dt = proj if block_r else torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], w_dt).contiguous()   # (B, H, W, 4, D)
+    _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](   # w, A transposed: D contiguous in every load
+        x.contiguous(), proj.contiguous(), dt, w_dt.transpose(1, 2).contiguous(), bias.contiguous(), A.t().contiguous(),
+        ys, h, w, d, r, n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
+        num_warps=block_d // 32)
+    return ys
+
+
+_ss2d_scan.register_fake(lambda x, *weights: x.new_empty((*x.shape[:3], 4, x.shape[3])))
+
+
+def _ss2d_scan_backward(ctx, dys):
+    """Through the selective-scan kernels on the four sequences, recomputed (copies, and the forward scan again)."""
+    x, proj, w_dt, bias, A = ctx.saved_tensors
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    seqs = lambda t: _to_sequences(t).permute(0, 2, 3, 1).flatten(1, 2)   # (B, H, W, [4,] D) -> (B, 4*D, L)
+    dts, Bs, Cs = _to_sequences(proj).split([r, n, n], dim=-1)        # (B, L, 4, R|N|N)
+    Bs, Cs = (t.permute(0, 2, 3, 1) for t in (Bs, Cs))                # (B, 4, N, L)
+    u, delta, bias = seqs(x), torch.einsum("blkr,kdr->bkdl", dts, w_dt).flatten(1, 2), bias.flatten()   # (B, 4*D, L)
+    states = _selective_scan_fwd(u, delta, A, Bs, Cs, None, bias, True)[1]
+    du, ddelta, dA, dB, dC, _, dbias = _selective_scan_bwd(seqs(dys), u, delta, A, Bs, Cs, None, bias, states, True)
+    ddelta = ddelta.view(b, 4, d, -1)                                 # (B, 4, D, L)
+    dproj = torch.cat([torch.einsum("bkdl,kdr->blkr", ddelta, w_dt), dB.permute(0, 3, 1, 2),
+                       dC.permute(0, 3, 1, 2)], -1)                   # (B, L, 4, R + 2N)
+    return (_from_sequences(du.view(b, 4, d, -1).permute(0, 3, 1, 2), h, w), _to_pixels(dproj, h, w),
+            torch.einsum("bkdl,blkr->kdr", ddelta, dts), dbias.view(4, -1), dA)
+
+
+_ss2d_scan.register_autograd(_ss2d_scan_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+@torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
+def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight: Tensor, bias: Tensor,
+                eps: float) -> Tensor:
+    """LayerNorm(ys.sum(3) + Dsum * x) * silu(z) (no z: no gate): ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's dtype."""
+    d, out = x.shape[-1], torch.empty_like(x, memory_format=torch.contiguous_format)
+    zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
+    rows, block_d, block_m = x.numel() // d, _next_pow2(d), max(1, 2048 // _next_pow2(d))   # ~16 values a thread
+    _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
+        ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, rows, d, zs.stride(0), eps,
+        HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+_merge_norm.register_fake(lambda ys, x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _merge_norm_backward(ctx, g):
+    """Recomputes the merged map (float32, or x's dtype if wider) and runs LayerNorm's backward on it."""
+    ys, x, z, Dsum, weight, bias = ctx.saved_tensors
+    f = torch.promote_types(x.dtype, torch.float32)
+    m = torch.addcmul(ys.sum(3, dtype=f), x.to(f), Dsum)              # (B, H, W, D)
+    w, b, g, dz = weight.to(f), bias.to(f), g.to(f), None
+    y, mean, rstd = torch.ops.aten.native_layer_norm(m, m.shape[-1:], w, b, ctx.eps)
+    if z is not None:  # out = y * silu(z); silu'(z) = s * (1 + z * (1 - s))
+        zf, s = z.to(f), torch.sigmoid(z.to(f))
+        g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype)
+    dm, dw, db = torch.ops.aten.native_layer_norm_backward(g, m, m.shape[-1:], mean, rstd, w, b, [True] * 3)
+    return (dm.to(ys.dtype).unsqueeze(3).expand(ys.shape), (dm * Dsum).to(x.dtype), dz,
+            (dm * x).flatten(0, -2).sum(0).to(Dsum.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
+
+
+_merge_norm.register_autograd(_merge_norm_backward, setup_context=lambda ctx, inputs, output: (
+    ctx.save_for_backward(*inputs[:6]), setattr(ctx, "eps", inputs[6])))
+
+
+def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
+                Ds: Tensor, norm: Optional[nn.LayerNorm] = None, z: Optional[Tensor] = None) -> Tensor:
+    """:func:`ss2d_core` on the fused kernels; with ``norm``, ``norm(core) * silu(z)`` (z optional) in the merge."""
+    proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight.to(x.dtype))   # (B, H, W, 4, R + 2N), per pixel
+    ys = _ss2d_scan(x, proj, dt_projs_weight.to(x.dtype), dt_projs_bias.float(), -torch.exp(A_logs.float()))
+    Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
+    if norm is None:
+        return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Dsum).to(x.dtype)   # (B, H, W, D)
+    return _merge_norm(ys, x, z, Dsum, norm.weight, norm.bias, norm.eps)
 
 
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
@@ -759,8 +859,14 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D).
     Backend "torch" without autograd scans a large map in tiles of rows and columns (``tile_rows`` forces their size),
     each direction carrying its state from tile to tile: time and memory linear in the pixels."""
+    if _resolve_backend(backend, x.device) == "triton":
+        return _ss2d_fused(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
     core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() and not torch.is_grad_enabled() else _ss2d_core
     return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend, tile_rows)
+
+
+torch.fx.wrap("ss2d_core")   # FX's symbolic tracing records these as calls (shapes there are plans, not ops)
+torch.fx.wrap("_ss2d_fused")
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
@@ -847,7 +953,7 @@ FORWARD_TYPES = ("v0", "v05", "v05_noz")
 class SS2D(nn.Module):
     """2-D selective scan, VMamba's attention: (B, H, W, d_model) in and out, (B, d_model, H, W) with
     ``channel_first``. ``forward_type`` "v0"/"v05" gate the output with ``silu(z)`` from a second half of
-    ``in_proj``; "v05_noz" does not. ``backend`` (attribute, default "auto"): this layer's scan backend.
+    ``in_proj``; "v05_noz" does not. ``backend`` (default "auto"): its scan, decided when set, built or moved.
     ``tile_rows``: rows (and columns) per tile of a large map's scans in inference; None: planned from its shape."""
 
     def __init__(self, d_model: int = 96, d_state: int = 16, ssm_ratio: float = 2.0,
@@ -882,7 +988,7 @@ class SS2D(nn.Module):
         rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.channel_first = d_inner, d_state, rank, channel_first
         self.tile_rows = tile_rows
-        self.gated, self.backend = self.forward_type in ("v0", "v05"), "auto"
+        self.gated = self.forward_type in ("v0", "v05")
 
         # Per-direction projections, stacked over the K=4 scan directions.
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -901,6 +1007,32 @@ class SS2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._dt_init = (dt_min, dt_max, dt_scale, dt_init_floor)
         self.reset_ssm_parameters()
+        self.backend = "auto"
+
+    def _set_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+        self._backend = name
+        self._decide_path()
+
+    backend = property(lambda self: self._backend, _set_backend)
+
+    def _decide_path(self) -> None:
+        """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device."""
+        _LAYERS.add(self)   # for set_backend
+        try:
+            self._path = _resolve_backend(self._backend, self.Ds.device)
+        except (RuntimeError, ValueError):   # cannot run here: forward asks again and raises the reason
+            self._path = None
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "SS2D":   # .to(), .cuda(), .half(), ...
+        super()._apply(fn, *args, **kwargs)
+        self._decide_path()
+        return self
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:   # copies and unpickled layers follow set_backend too
+        super().__setstate__(state)
+        self._decide_path()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -926,10 +1058,13 @@ class SS2D(nn.Module):
         x, z = x.chunk(2, dim=-1) if self.gated else (x, None)        # (B, H, W, D) each
         if self.conv2d is not None:
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)   # (B, H, W, D)
-        y = ss2d_core(F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                      self.A_logs, self.Ds, self.backend, self.tile_rows)   # (B, H, W, D)
-        y = self.out_norm(y)
-        y = y if z is None else y * F.silu(z)
+        args = (F.silu(x), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+        if self._path == "triton":  # out_norm and the gate in the merge kernel
+            y = _ss2d_fused(*args, norm=self.out_norm, z=z)           # (B, H, W, D)
+        else:
+            y = self.out_norm(ss2d_core(*args, backend=self._path or self._backend,
+                                            tile_rows=self.tile_rows))
+            y = y if z is None else y * F.silu(z)
         out = self.dropout(self.out_proj(y))                          # (B, H, W, C)
         return out.permute(0, 3, 1, 2) if self.channel_first else out
 

@@ -31,8 +31,9 @@ def test_small_mode_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["ok"] and data["info"]["small"]
+    assert data["info"]["bytes_model"]["new"]["model_gb"] < data["info"]["bytes_model"]["old"]["model_gb"]
     names = " ".join(c["name"] for c in data["checks"])
-    for part in ("scan triton", "scan torch", "cross_scan/merge", "model vanilla_vmamba_tiny",
+    for part in ("scan triton", "scan torch", "SS2D fused v05_noz", "SS2D fused v0", "model vanilla_vmamba_tiny",
                  "model vmamba_tiny_s1l8", "torch.compile"):
         assert part in names, part
     # Throughput runs what fits in the budget; each (model, mode) is measured or noted as skipped.

@@ -11,14 +11,6 @@ from vmamba import _selective_scan_triton as selective_scan_triton  # noqa: E402
 pytestmark = pytest.mark.triton
 
 
-def cross_scan_triton(x):
-    return vmamba.cross_scan(x, "triton")
-
-
-def cross_merge_triton(ys):
-    return vmamba.cross_merge(ys, "triton")
-
-
 def ref_scan(inputs, softplus=True):
     """float64 (y, last_state) of vmamba.selective_scan_ref, inputs as make_inputs gives them."""
     u, delta, A, Bs, Cs, Ds, bias = inputs
@@ -132,52 +124,8 @@ def test_selective_scan_compiles_without_graph_break():
         torch.testing.assert_close(g, t.grad)
 
 
-def ref_cross_scan(x):
-    seqs = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)  # (B, 2, C, L)
-    return torch.cat([seqs, seqs.flip(-1)], dim=1)
-
-
-def ref_cross_merge(ys):
-    """Index construction of the adjoint, summed in the kernel's order (k = 0, 1, 2, 3)."""
-    Bsz, _, C, H, W = ys.shape
-    y = ys.flatten(3)
-    row = lambda s: s.reshape(Bsz, C, H, W)
-    col = lambda s: s.reshape(Bsz, C, W, H).transpose(2, 3)
-    return row(y[:, 0]) + col(y[:, 1]) + row(y[:, 2].flip(-1)) + col(y[:, 3].flip(-1))
-
-
-@pytest.mark.parametrize("H,W", [(5, 7), (7, 5), (1, 6), (4, 4)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cross_scan_and_merge_exact(H, W, dtype):
-    x = torch.randn(2, 3, H, W).to(dtype).requires_grad_()
-    ys = cross_scan_triton(x)
-    assert ys.shape == (2, 4, 3, H * W) and ys.dtype == dtype
-    assert torch.equal(ys, ref_cross_scan(x))
-
-    g = torch.randn(2, 4, 3, H, W).to(dtype).requires_grad_()
-    merged = cross_merge_triton(g)
-    # The kernel sums in float32 and rounds once; compare with the same rounding.
-    assert torch.equal(merged, ref_cross_merge(g.float()).to(dtype))
-
-    # Adjoint pair: scan's backward is merge, merge's backward is scan.
-    ys.backward(g.reshape(2, 4, 3, H * W))
-    assert torch.equal(x.grad, merged)
-    gx = torch.randn(2, 3, H, W).to(dtype)
-    merged.backward(gx)
-    assert torch.equal(g.grad, ref_cross_scan(gx).reshape(2, 4, 3, H, W))
-
-
-def test_cross_ops_compile_without_graph_break():
-    x = torch.randn(1, 2, 3, 5, requires_grad=True)
-    f = lambda x: cross_merge_triton(cross_scan_triton(x).reshape(1, 4, 2, 3, 5) * 2.0)
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, 8.0 * x)
-    torch.testing.assert_close(x.grad, torch.full_like(x, 8.0))
-
-
 def test_custom_op_registrations():
-    """Schema, fake (meta) implementations and autograd registration of all four ops."""
+    """Schema, fake (meta) implementations and autograd registration of the scan ops."""
     ops = getattr(torch.ops, vmamba._OPS_NS)
     u, delta, A, Bs, Cs, Ds, bias = make_inputs(1, 4, 2, 2, 9, torch.float32, True, True)
     y, states = ops.selective_scan_fwd(u, delta, A, Bs, Cs, Ds, bias, True)
@@ -193,8 +141,6 @@ def test_custom_op_registrations():
         (ops.selective_scan_bwd, (torch.randn_like(y), *[t.detach().mT.contiguous().mT for t in (u, delta)], A.detach(),
                                   *[t.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) for t in (Bs, Cs)],
                                   None, None, states.detach(), True)),
-        (ops.cross_scan, (torch.randn(1, 2, 3, 5, requires_grad=True),)),
-        (ops.cross_merge, (torch.randn(1, 4, 2, 3, 5, requires_grad=True),)),
     ]
     for op, args in calls:
         torch.library.opcheck(op.default, args,
@@ -202,7 +148,7 @@ def test_custom_op_registrations():
 
 
 def test_public_api_and_model_use_triton():
-    """selective_scan(backend="triton") and a whole SS2D layer agree with the torch backend."""
+    """selective_scan(backend="triton") and a whole SS2D layer (its fused path) agree with the torch backend."""
     u, delta, A, Bs, Cs, Ds, bias = make_inputs(1, 4, 3, 2, 23, torch.float32, True, True)
     z = torch.randn_like(u)
     kw = dict(D=Ds, z=z, delta_bias=bias, delta_softplus=True)

@@ -5,15 +5,18 @@ machine without one: ``triton.compile`` runs the whole pipeline down to a cubin 
 The interpreter (TRITON_INTERPRET=1, set by conftest.py) replaces the jit functions, so the
 compilation runs in a subprocess without it: this file run as a script. By hand::
 
-    python tests/test_triton_aot.py [--jobs N]     # prints one JSON summary line
+    python tests/test_triton_aot.py [--jobs N] [--fused]   # prints one JSON summary line
 
 Coverage. The full product (95 tiles x 8 constexpr combinations x 2 kernels x 2 targets) is
 ~3000 compilations, over an hour on two cores, so each distinct tile is compiled once per
 kernel while the constexpr combination (HAS_D, HAS_BIAS, SOFTPLUS) and the target cycle
 along the tiles: every tile on one target, every combination on both targets for both
 kernels. The tiles VMamba runs (at any size, N=1 and N=16) are also compiled on both
-targets with float32, bfloat16 and float16 inputs, and the cross-scan kernel for each
-BLOCK, MERGE and target. Integer arguments are specialised as triton does at launch
+targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, and
+merge + LayerNorm) are compiled at every configuration their dispatcher chooses for VMamba
+(D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16) on both targets, and must
+show no spill or stack bytes under ``ptxas -v``; the fused scan also no barrier and no
+shuffle in its PTX. Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
 (1 becomes a constant, multiples of 16 are marked divisible, pointers 16-byte aligned),
 from a real (D, N, L) that selects the tile.
 """
@@ -69,12 +72,37 @@ def scan_job(kernel, tile, shape, combo, cap, dtype="fp32", K=4):
                 ptrs={name: dtype for name in low})
 
 
-def cross_job(block, merge, cap, dtype="fp32"):
-    H = max(1, math.isqrt(block)) if block < 1024 else 56
-    W = block // H if block < 1024 else 56  # L = H*W selects this BLOCK: min(1024, next_pow2(L))
-    C = 96
-    return dict(kernel="_cross_kernel", cap=cap, ints=dict(C=C, H=H, W=W, stride_k=C * H * W),
-                consts=dict(MERGE=merge, BLOCK=block), ptrs=dict(src_ptr=dtype, dst_ptr=dtype))
+def ss2d_job(vmamba, D, N, R, cap, dtype):
+    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56."""
+    block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R)
+    return dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
+                consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
+                            BLOCK_R=max(block_r, 1)),
+                ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
+
+
+def merge_norm_job(vmamba, D, gated, cap, dtype):
+    block_d = vmamba._next_pow2(D)
+    return dict(kernel="_merge_norm_kernel", cap=cap, ints=dict(rows=128 * 56 * 56, D=D, z_stride=2 * D),
+                floats=("eps",), consts=dict(HAS_Z=gated, BLOCK_M=max(1, 2048 // block_d), BLOCK_D=block_d),
+                ptrs={name: dtype for name in ("ys_ptr", "x_ptr", "z_ptr", "out_ptr")})
+
+
+# What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1 and 16, ranks 6..48, float32
+# and bfloat16): every (BLOCK_D, BLOCK_N, BLOCK_R) tile and both merge-norm variants, on both targets.
+SS2D_DIMS, SS2D_RANKS = (96, 192, 384, 768, 1536), (6, 12, 24, 48)
+
+
+def fused_jobs(vmamba):
+    jobs, seen = [], set()
+    for cap, dtype, D, N, R in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (1, 16), SS2D_RANKS):
+        key = (cap, dtype, N, R, *vmamba._ss2d_blocks(D, N, R))   # R and N are compile-time constants
+        if key not in seen:
+            seen.add(key)
+            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype))
+    for cap, dtype, D, gated in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True)):
+        jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
+    return jobs
 
 
 def all_jobs(vmamba):
@@ -88,19 +116,37 @@ def all_jobs(vmamba):
             TARGETS, [(192, 1, 3136), (192, 16, 3136)], ("fp32", "bf16", "fp16"),
             ("_scan_fwd_kernel", "_scan_bwd_kernel")):
         jobs.append(scan_job(kernel, vmamba._scan_blocks(D, N, L), (D, N, L), COMBOS[0], cap, dtype))
-    blocks = sorted({min(1024, vmamba._next_pow2(L)) for L in range(1, 65537)})
-    for cap, block, merge in itertools.product(TARGETS, blocks, (False, True)):
-        jobs.append(cross_job(block, merge, cap))
-    for cap, dtype, merge in itertools.product(TARGETS, ("bf16", "fp16"), (False, True)):
-        jobs.append(cross_job(1024, merge, cap, dtype))
-    return jobs, len(tiles)
+    return jobs + fused_jobs(vmamba), len(tiles)
 
 
 def _init_worker():
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
     import vmamba
-    vmamba._require_triton()  # imports triton and defines the kernels (done lazily on first use)
+    vmamba._triton_kernels()  # imports triton and jits the kernels (done lazily on first use)
+
+
+FUSED = ("_ss2d_fwd_kernel", "_merge_norm_kernel")  # the kernels that must not spill
+
+
+def resources(ptx, cap):
+    """Registers, spill and stack bytes per thread from the ptxas that ships with triton (``ptxas -v``), and the
+    barriers and shuffles in the PTX."""
+    import re
+    import tempfile
+    import triton
+    ptxas = os.environ.get("TRITON_PTXAS_PATH") or str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(path), "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    number = lambda pattern: sum(int(v) for v in re.findall(pattern, log))
+    return dict(registers=number(r"Used (\d+) registers"), stack=number(r"(\d+) bytes stack frame"),
+                spill_bytes=number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+                barriers=len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx)),
+                shuffles=len(re.findall(r"\bshfl\.", ptx)))
 
 
 def compile_job(job):
@@ -109,7 +155,7 @@ def compile_job(job):
     from triton.compiler import ASTSource
 
     import vmamba
-    kernel = getattr(vmamba, job["kernel"])
+    kernel = getattr(vmamba._triton_kernels(), job["kernel"].strip("_"))
     signature, constexprs, attrs = {}, dict(job["consts"]), {}
     for index, param in enumerate(kernel.params):
         name = param.name
@@ -118,6 +164,8 @@ def compile_job(job):
         elif name.endswith("_ptr"):
             signature[name] = "*" + job["ptrs"].get(name, "fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in job.get("floats", ()):
+            signature[name] = "fp32"
         else:
             signature[name], divisible = arg_type(job["ints"][name])
             if signature[name] == "constexpr":
@@ -128,13 +176,18 @@ def compile_job(job):
     result = dict(job, ok=False, error=None)
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", job["cap"], 32), options={"num_warps": NUM_WARPS})
+                                  target=GPUTarget("cuda", job["cap"], 32),
+                                  options={"num_warps": job.get("num_warps", NUM_WARPS)})
         cubin, shared = compiled.asm.get("cubin"), compiled.metadata.shared
-        result.update(cubin_bytes=len(cubin or b""), shared=shared)
+        result.update(cubin_bytes=len(cubin or b""), shared=shared, **resources(compiled.asm["ptx"], job["cap"]))
         if not cubin:
             result["error"] = "no cubin produced"
         elif shared > SHARED_MEMORY[job["cap"]]:
             result["error"] = f"needs {shared} bytes of shared memory"
+        elif job["kernel"] in FUSED and (result["spill_bytes"] or result["stack"]):
+            result["error"] = f"spills: {result['spill_bytes']} bytes, stack {result['stack']} bytes"
+        elif job["kernel"] == "_ss2d_fwd_kernel" and (result["barriers"] or result["shuffles"]):
+            result["error"] = f"{result['barriers']} barriers and {result['shuffles']} shuffles in the PTX"
         else:
             result["ok"] = True
     except Exception as exc:  # a compiler error is a result, reported with its job
@@ -143,9 +196,29 @@ def compile_job(job):
     return result
 
 
+def write_markdown(path, fused, triton_version, ptxas_version, argv):
+    """The fused kernels' registers and spills, one row per configuration, as a page for docs/."""
+    import datetime
+    command = "python tests/test_triton_aot.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = ["# Registers of the fused SS2D kernels (sm_80, sm_90)", "",
+             f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
+             "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
+             "VMamba (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16 activations).", "",
+             "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z | BLOCK_D | BLOCK_M | registers | spill bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
+                                          r["BLOCK_D"], r.get("HAS_Z", False))):
+        lines.append(f"| {r['kernel']} | {r['sm']} | {r['dtype']} | {r.get('R', '')} | {r.get('N', '')} | "
+                     f"{r.get('LOW_RANK', '')} | {r.get('HAS_Z', '')} | {r['BLOCK_D']} | {r.get('BLOCK_M', '')} | "
+                     f"{r['registers']} | {r['spill_bytes']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--fused", action="store_true", help="only the fused SS2D kernels (a few minutes)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the fused kernels' resources here")
     args = parser.parse_args(argv)
     _init_worker()
     import triton
@@ -155,19 +228,25 @@ def main(argv=None):
     # the assembler triton runs (it ships one; TRITON_PTXAS_PATH overrides it)
     ptxas = os.environ.get("TRITON_PTXAS_PATH") or str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
-    jobs, n_tiles = all_jobs(vmamba)
+    jobs, n_tiles = (fused_jobs(vmamba), 0) if args.fused else all_jobs(vmamba)
     jobs.sort(key=lambda job: job["kernel"] != "_scan_bwd_kernel")  # the slowest first
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(compile_job, jobs))
     failed = [r for r in results if not r["ok"]]
-    compiled = {f"sm_{cap}": {kind: sum(r["ok"] and r["cap"] == cap and (r["kernel"] == "_cross_kernel") == cross
+    compiled = {f"sm_{cap}": {kind: sum(r["ok"] and r["cap"] == cap and (r["kernel"] in FUSED) == fused
                                         for r in results)
-                              for kind, cross in (("scan", False), ("cross", True))}
+                              for kind, fused in (("scan", False), ("fused", True))}
                 for cap in TARGETS}
+    fused = [dict(kernel=r["kernel"], sm=r["cap"], dtype=sorted(set(r["ptrs"].values()))[0],
+                  **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N"))},
+                  registers=r.get("registers"), spill_bytes=r.get("spill_bytes"))
+             for r in results if r["kernel"] in FUSED]
+    if args.markdown:
+        write_markdown(args.markdown, fused, triton.__version__, version.strip().splitlines()[-1], argv)
     print(json.dumps(dict(
         triton=triton.__version__, ptxas=f"{ptxas}: {version.strip().splitlines()[-1]}", tiles=n_tiles,
-        jobs=len(jobs), compiled=compiled, failed=failed, slowest=sorted(results, key=lambda r: -r["seconds"])[:3],
+        jobs=len(jobs), compiled=compiled, failed=failed, fused=fused, slowest=sorted(results, key=lambda r: -r["seconds"])[:3],
         seconds=round(time.perf_counter() - start, 1))))
     return 1 if failed else 0
 
@@ -186,7 +265,7 @@ if pytest is not None:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, every time
         proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                              timeout=900)
+                              timeout=1800)   # ~100 more compilations since the fused kernels came
         lines = proc.stdout.strip().splitlines()
         assert lines, f"no output (status {proc.returncode}):\n{proc.stderr[-4000:]}"
         summary = json.loads(lines[-1])
@@ -196,7 +275,21 @@ if pytest is not None:
             f"{len(summary['failed'])} of {summary['jobs']} compilations failed:\n{failures}")
         print(f"compiled {summary['jobs']} kernels ({summary['tiles']} scan tiles): {summary['compiled']} "
               f"in {summary['seconds']} s")
-        assert summary["tiles"] > 1 and all(n["scan"] and n["cross"] for n in summary["compiled"].values())
+        assert summary["tiles"] > 1 and all(n["scan"] and n["fused"] for n in summary["compiled"].values())
+
+    @pytest.mark.triton
+    def test_fused_kernels_compile_without_spills(tmp_path):
+        """The fused SS2D kernels alone (a few minutes): see the module docstring."""
+        pytest.importorskip("triton", reason="triton is not installed")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+        proc = subprocess.run([sys.executable, __file__, "--fused"], env=env, capture_output=True, text=True,
+                              timeout=900)
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert proc.returncode == 0 and not summary["failed"], summary["failed"][:5]
+        kernels = {(r["kernel"], r["sm"]) for r in summary["fused"]}
+        assert kernels == {(k, cap) for k in FUSED for cap in TARGETS}
+        assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in summary["fused"])
 
 
 if __name__ == "__main__":

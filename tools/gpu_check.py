@@ -13,10 +13,11 @@ script; its numbers mean nothing.
 
 1. Correctness at VMamba-T sizes, float32 and bfloat16 inputs: selective_scan with the
    triton and torch backends against the float64 selective_scan_ref (y, last state and the
-   gradients of every input); cross_scan / cross_merge, triton against torch (values and
-   gradients); one small model of each zoo family, forward and backward, triton against
-   torch on the same weights (logits in float32; logits and every weight gradient in a
-   float64 copy of the model, where only the scans round to float32).
+   gradients of every input); SS2D layers at VMamba-T's stage shapes on the fused Triton path
+   (the scan reading the map in place; merge, D term, out_norm and gate in one kernel) against
+   the torch backend (output and all gradients); one small model of each zoo family, forward
+   and backward, triton against torch on the same weights (logits in float32; logits and every
+   weight gradient in a float64 copy of the model, where only the scans round to float32).
 2. torch.compile(vmamba_tiny_s1l8(), fullgraph=True) against eager.
 3. Throughput at batch 128, 224 px, eager and compiled: vmamba_tiny_s1l8 and
    vmamba_small_s1l20 (triton, and mamba_ssm when it is installed) beside timm's
@@ -28,6 +29,8 @@ script; its numbers mean nothing.
    same interleaved rounds ("NAME (baseline)"), so that two versions compare within one run.
 4. --profile (section "profile"): the CUDA kernels of the first zoo model's eager bfloat16
    inference and training step, by the torch profiler: the top kernels by GPU time.
+   The bytes the first zoo model's eager bfloat16 step should move (tools/bytes_model.py) are
+   noted beside the timings, for the fused path and the one before it.
 5. Writes gpu_check.json and gpu_check.md to --out (default gpu_check_out/) and prints the
    tables. Exit status: 0 when every correctness check passed, 1 when one failed, 2 when
    there is no CUDA device (and --small was not given). Tolerances are those of the CPU
@@ -60,13 +63,15 @@ TOL = {"y32": 1e-5, "grad32": 1e-4, "low": 1e-2, "exact": 0.0}
 FAMILIES = ("vanilla_vmamba_tiny", "vmamba_tiny_s2l5", "vmamba_tiny_s1l8")
 ZOO = ("vmamba_tiny_s1l8", "vmamba_small_s1l20")
 MODES = ("infer_fp32_tf32", "infer_bf16", "train_bf16")
-SECTIONS = ("scan", "cross", "families", "compile", "throughput")
+SECTIONS = ("scan", "ss2d", "families", "compile", "throughput")
 
 FULL = dict(
     # (batch, K, D, N, L, with the gate z): stage 1 and stage 3 of VMamba-T
     scan=[(2, 4, 192, 1, 56 * 56, False), (2, 4, 192, 16, 56 * 56, False), (2, 4, 96, 1, 56 * 56, False),
           (2, 4, 96, 16, 56 * 56, False), (2, 4, 384, 1, 14 * 14, True), (2, 4, 384, 16, 14 * 14, True)],
-    cross=[(2, 192, 56, 56), (2, 384, 14, 14)],
+    # (forward type, N, ssm_ratio, batch, H, W, C): VMamba-T stages; dt made in the kernel (ranks 6, 24) or by a GEMM (48)
+    ss2d=[("v05_noz", 1, 1.0, 2, 56, 56, 96), ("v0", 16, 2.0, 2, 56, 56, 96), ("v05_noz", 1, 1.0, 2, 14, 14, 384),
+          ("v05_noz", 1, 1.0, 2, 7, 7, 768)],
     family_arch=dict(depths=[1, 1, 2, 1], dims=32), family_input=(2, 3, 224, 224), max_state=16,
     families=FAMILIES, compile_input=(2, 3, 224, 224), zoo=ZOO, zoo_arch={},
     batch=128, img=224, timm={"swin_tiny_patch4_window7_224": {}, "convnext_tiny": {}},
@@ -74,7 +79,7 @@ FULL = dict(
 )
 SMALL = dict(
     scan=[(1, 4, 2, 1, 37, False), (1, 4, 3, 4, 21, True), (1, 2, 2, 2, 21, False)],
-    cross=[(1, 3, 5, 7)],
+    ss2d=[("v05_noz", 1, 1.0, 1, 5, 7, 4), ("v0", 2, 2.0, 1, 5, 7, 4)],
     family_arch=dict(depths=[1, 1], dims=[4, 4]), family_input=(1, 3, 16, 16), max_state=2,
     families=FAMILIES[::2], compile_input=(1, 3, 16, 16),
     zoo=ZOO[:1], zoo_arch=dict(depths=[1, 1], dims=[4, 4]),
@@ -225,27 +230,34 @@ def check_scans(run, torch, vmamba, cfg, device):
             del y_ref, ref_grads, ref_in
 
 
-def check_cross(run, torch, vmamba, cfg, device):
-    for shape in cfg["cross"]:
+def check_ss2d(run, torch, vmamba, cfg, device):
+    """One SS2D layer per shape, its fused Triton path (scan reading the map in place, then merge, D term,
+    out_norm and gate in one kernel) against the torch backend on the same weights: output, and the gradients of
+    the input and of every parameter. bfloat16 under autocast, where the fused path rounds each direction's
+    output to bfloat16 before the merge: 3e-2 on the output, 5e-2 on gradients."""
+    for forward_type, n, ratio, b, h, w, c in cfg["ss2d"]:
         for dtype in (torch.float32, torch.bfloat16):
-            name = f"cross_scan/merge {str(dtype)[6:]} {tuple(shape)}"
+            low = dtype != torch.float32
+            name = f"SS2D fused {forward_type} N{n} {str(dtype)[6:]} (B, H, W, C) = {(b, h, w, c)}"
             try:
                 start = time.perf_counter()
-                tol = TOL["low"] if dtype != torch.float32 else TOL["y32"]
-                b, c, h, w = shape
-                x = torch.randn(shape, device=device).to(dtype)
-                ys = torch.randn(b, 4, c, h, w, device=device).to(dtype)
-                out = {}
+                torch.manual_seed(0)
+                layer = vmamba.SS2D(d_model=c, d_state=n, ssm_ratio=ratio, forward_type=forward_type).to(device)
+                x = torch.randn(b, h, w, c, device=device)
+                res = {}
                 for backend in ("triton", "torch"):
-                    xi, yi = x.clone().requires_grad_(), ys.clone().requires_grad_()
-                    s = vmamba.cross_scan(xi, backend=backend)
-                    m = vmamba.cross_merge(yi, backend=backend)
-                    gx, = torch.autograd.grad(s, xi, ys.reshape(b, 4, c, h * w))
-                    gy, = torch.autograd.grad(m, yi, x)
-                    out[backend] = (s, m, gx, gy)
-                t, r = out["triton"], out["torch"]
-                parts = {"scan": (rel_err(t[0], r[0]), TOL["exact"]), "merge": (rel_err(t[1], r[1]), tol),
-                         "grad scan": (rel_err(t[2], r[2]), tol), "grad merge": (rel_err(t[3], r[3]), tol)}
+                    layer.backend = backend
+                    xi = x.clone().requires_grad_()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+                        out = layer(xi)
+                    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, out.dtype)
+                    res[backend] = (out, torch.autograd.grad(out, [xi, *layer.parameters()], g))
+                (out, grads), (ref, ref_grads) = res["triton"], res["torch"]
+                parts = {"y": (rel_err(out, ref), 3e-2 if low else TOL["y32"])}
+                if out.dtype != ref.dtype:
+                    parts["y dtype"] = (1.0, 0.0)
+                for pname, got, want in zip(["x"] + [k for k, _ in layer.named_parameters()], grads, ref_grads):
+                    parts[f"grad {pname}"] = (rel_err(got, want), 5e-2 if low else TOL["grad32"])
                 run.check(name, parts, time.perf_counter() - start)
             except Exception as exc:
                 run.failed(name, exc)
@@ -604,6 +616,15 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                 backends=vmamba.available_backends(device), small=args.small, budget_s=cfg["budget"])
     run = Run(args.out, cfg["budget"], info)
+    try:  # what the step should move, beside what it takes (see tools/bytes_model.py)
+        sys.path.insert(0, str(ROOT / "tools"))
+        import bytes_model
+        info["bytes_model"] = bytes_model.report(cfg["zoo"][0], cfg["batch"], cfg["img"])["totals"]
+        run.note("bytes model of {} eager bf16, batch {}: ".format(cfg["zoo"][0], cfg["batch"]) + "; ".join(
+            f"{path} path SS2D {t['ss2d_per_element']:.0f} B/element, model {t['model_gb']:.1f} GB/step "
+            f"({t['model_ms_at_bandwidth']:.1f} ms at 4 TB/s)" for path, t in info["bytes_model"].items()))
+    except Exception as exc:  # a note, not a failed check
+        run.note(f"bytes model unavailable: {type(exc).__name__}: {exc}")
     info["section_s"] = {"start-up": round(time.perf_counter() - START, 1)}
 
     def watchdog():
@@ -621,7 +642,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     if vmamba.available_backends(device).count("triton") == 0:
         run.failed("triton backend available", RuntimeError(f"available: {vmamba.available_backends(device)}"))
-    for key, section, fn in (("scan", "selective_scan", check_scans), ("cross", "cross_scan/merge", check_cross),
+    for key, section, fn in (("scan", "selective_scan", check_scans), ("ss2d", "fused SS2D", check_ss2d),
                              ("families", "model families", check_families), ("compile", "torch.compile", check_compile)):
         if key not in sections:
             continue

@@ -1,0 +1,23 @@
+"""tools/bytes_model.py: HBM bytes per step of VMamba-T's bfloat16 inference, kernel by kernel, for SS2D's fused
+Triton path and the one before it (a model from the real launch shapes, not a measurement)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "bytes_model.py"
+
+
+def test_bytes_model_runs_and_meets_the_ss2d_target(tmp_path):
+    out = tmp_path / "bytes.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SS2D layer:" in proc.stdout and "Whole model:" in proc.stdout
+    data = json.loads(out.read_text())
+    old, new = data["totals"]["old"], data["totals"]["new"]
+    assert data["ss2d_layers"] == 14 and round(data["map_elements"] / 1e6) == 202   # VMamba-T, batch 128, 224 px
+    assert 120 < old["ss2d_per_element"] < 160 and 40 < old["model_gb"] < 50          # the path before (~143, ~45)
+    assert new["ss2d_per_element"] <= 60 and new["model_gb"] < old["model_gb"] - 15
+    kernels = {r["kernel"]: r for r in data["kernels"]}
+    assert kernels["fused SS2D scan kernel"]["new_calls"] == 14 and kernels["cross-scan kernel"]["new_calls"] == 0

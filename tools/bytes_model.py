@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""HBM bytes per step of VMamba's eager inference under bfloat16 autocast on a CUDA GPU, kernel by kernel, for
+SS2D's fused Triton path (this vmamba.py) and the path before it (cross-scan copies, the chunked scan kernel
+writing float32, a cross-merge kernel, torch ops for the D term and out_norm).
+
+    python tools/bytes_model.py [--model vmamba_tiny_s1l8] [--batch 128] [--img 224] [--json PATH] [--markdown PATH]
+
+The launch shapes come from the model itself: it is built on the meta device and run once at the given batch and
+size, with hooks recording the input of every SS2D layer, block, downsampling layer and the stem; the fused scan's
+variant (dt made inside, or by a GEMM for large ranks) is the one vmamba's dispatcher picks. Each kernel is counted
+as reading its inputs and writing its outputs once, in the dtypes autocast gives them on CUDA: matmuls and
+convolutions in bfloat16 (a float32 input costs a cast kernel first), LayerNorm in float32 (a bfloat16 input is
+cast up), the residual stream in float32. Weights, the scan's chunk states and reductions are left out (under 1%).
+"Per element" divides by the SS2D map elements of a step (batch x pixels x inner channels, summed over blocks).
+A model, not a measurement: caches, GEMM re-reads and launch overheads are not in it.
+"""
+import argparse
+import datetime
+import json
+import platform
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vmamba  # noqa: E402
+
+F32, BF16 = 4, 2
+BANDWIDTH = 4.0e12   # bytes/s an H200 sustains on streaming kernels (~0.05 ms per byte/element at VMamba-T b128)
+
+
+class Tally:
+    """Bytes read and written per kernel name, and launches, for one path."""
+
+    def __init__(self):
+        self.bytes, self.calls, self.ss2d = defaultdict(float), defaultdict(int), set()
+
+    def add(self, name, read, write, ss2d=False):
+        self.bytes[name] += read + write
+        self.calls[name] += 1
+        if ss2d:
+            self.ss2d.add(name)
+
+    def total(self, ss2d_only=False):
+        return sum(v for k, v in self.bytes.items() if k in self.ss2d or not ss2d_only)
+
+
+def layer_norm(t, name, rows, c, in_bytes, ss2d=False):
+    """LayerNorm under CUDA autocast: float32 compute and output; a bfloat16 input is cast up first."""
+    if in_bytes != F32:
+        t.add(f"cast to float32 ({name})", rows * c * in_bytes, rows * c * F32, ss2d)
+    t.add(f"LayerNorm ({name})", rows * c * F32, rows * c * F32, ss2d)
+
+
+def matmul(t, name, rows, c_in, c_out, in_bytes, ss2d=False):
+    """nn.Linear / 1x1 GEMM in bfloat16; a float32 input is cast down first."""
+    if in_bytes != BF16:
+        t.add(f"cast to bfloat16 ({name})", rows * c_in * in_bytes, rows * c_in * BF16, ss2d)
+    t.add(f"GEMM ({name})", rows * c_in * BF16, rows * c_out * BF16, ss2d)
+
+
+def ss2d_front(t, m, layer):
+    """in_proj, depthwise conv, SiLU and x_proj: the same in both paths. Returns (D, N, R, P)."""
+    c, d, n, r = layer.in_proj.in_features, layer.d_inner, layer.d_state, layer.dt_rank
+    matmul(t, "in_proj", m, c, layer.in_proj.out_features, F32, True)   # the block's norm hands float32 over
+    t.add("depthwise conv2d", m * d * BF16, m * d * BF16, True)
+    t.add("SiLU", m * d * BF16, m * d * BF16, True)
+    t.add("GEMM (x_proj)", m * d * BF16, m * 4 * (r + 2 * n) * BF16, True)
+    return d, n, r, r + 2 * n
+
+
+def ss2d_old(t, m, layer):
+    """The path before the fusion (commit 10c46f9), kernel by kernel."""
+    d, n, r, p = ss2d_front(t, m, layer)
+    t.add("copy: x_proj output to sequences", m * 4 * p * BF16, m * 4 * p * BF16, True)
+    t.add("copy: dts for the dt GEMM", m * 4 * r * BF16, m * 4 * r * BF16, True)
+    t.add("GEMM (dt_projs)", m * 4 * r * BF16, m * 4 * d * BF16, True)
+    t.add("cross-scan kernel", m * d * BF16, 4 * m * d * BF16, True)
+    t.add("copy: B, C contiguous", 2 * m * 4 * n * BF16, 2 * m * 4 * n * BF16, True)
+    t.add("selective-scan kernel", 2 * 4 * m * d * BF16 + 2 * 4 * m * n * BF16, 4 * m * d * F32, True)
+    t.add("cross-merge kernel", 4 * m * d * F32, m * d * F32, True)
+    t.add("addcmul (D term)", m * d * (F32 + BF16), m * d * F32, True)
+    t.add("cast to bfloat16 (core output)", m * d * F32, m * d * BF16, True)
+    layer_norm(t, "out_norm", m, d, BF16, True)
+    if layer.gated:
+        t.add("SiLU (gate)", m * d * BF16, m * d * BF16, True)
+        t.add("mul (gate)", m * d * (F32 + BF16), m * d * F32, True)
+    matmul(t, "out_proj", m, d, layer.out_proj.out_features, F32, True)
+
+
+def ss2d_new(t, m, layer):
+    """The fused path: the scan reads the map in place; one kernel merges, adds D*x, normalises and gates."""
+    d, n, r, p = ss2d_front(t, m, layer)
+    if vmamba._ss2d_blocks(d, n, r)[2]:   # dt made inside the scan
+        t.add("fused SS2D scan kernel", 4 * m * d * BF16 + m * 4 * p * BF16, 4 * m * d * BF16, True)
+    else:                                 # dt (B, H, W, 4, D) from a GEMM, read by the scan
+        t.add("GEMM (dt_projs, channels-last)", m * 4 * r * BF16, m * 4 * d * BF16, True)
+        t.add("fused SS2D scan kernel", 4 * m * d * BF16 * 2 + m * 4 * p * BF16, 4 * m * d * BF16, True)
+    t.add("merge + D + out_norm (+ gate) kernel", 4 * m * d * BF16 + m * d * BF16 * (2 if layer.gated else 1),
+          m * d * BF16, True)
+    matmul(t, "out_proj", m, d, layer.out_proj.out_features, BF16, True)
+
+
+def block_rest(t, m, block):
+    """A VSSBlock around its SS2D: norm, residual adds, norm2 and the MLP."""
+    c = block.norm.normalized_shape[0]
+    layer_norm(t, "block norms", m, c, F32)
+    t.add("residual add", m * c * (F32 + BF16), m * c * F32)
+    if block.mlp is not None:
+        hidden = block.mlp.fc1.out_features
+        layer_norm(t, "block norms", m, c, F32)
+        matmul(t, "fc1", m, c, hidden, F32)
+        t.add("GELU", m * hidden * BF16, m * hidden * BF16)
+        matmul(t, "fc2", m, hidden, c, BF16)
+        t.add("residual add", m * c * (F32 + BF16), m * c * F32)
+
+
+def record_shapes(model, batch, img):
+    """Run the model on the meta device at batch 1; returns [(kind, module, input shape, output shape)] in call
+    order, the batch dimension set to ``batch`` (every shape is linear in it)."""
+    calls, hooks = [], []
+    kinds = {vmamba.SS2D: "ss2d", vmamba.VSSBlock: "block"}
+    for module in model.modules():
+        kind = kinds.get(type(module))
+        if kind is None and isinstance(module, torch.nn.Conv2d) and module.groups == 1:
+            kind = "conv"   # the stem's and the downsampling convolutions
+        if kind is not None:
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out, kind=kind: calls.append(
+                    (kind, mod, (batch, *args[0].shape[1:]), (batch, *out.shape[1:])))))
+    with torch.no_grad():
+        model(torch.empty(1, 3, img, img, device="meta"))
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+def model_bytes(name, batch, img):
+    with torch.device("meta"):
+        model = vmamba.create_model(name).eval()
+    calls = record_shapes(model, batch, img)
+    tallies, elements = {"old": Tally(), "new": Tally()}, 0
+    for kind, module, shape, out in calls:
+        for path, t in tallies.items():
+            if kind == "ss2d":   # (B, H, W, C) in
+                (ss2d_new if path == "new" else ss2d_old)(t, shape[0] * shape[1] * shape[2], module)
+            elif kind == "block":   # (B, C, H, W) or (B, H, W, C) in
+                block_rest(t, shape[0] * (shape[2] * shape[3] if module.channel_first else shape[1] * shape[2]), module)
+            else:   # a convolution with its following LayerNorm (stem, downsampling): float32 in, out
+                rows_in, rows_out = shape[0] * shape[2] * shape[3], out[0] * out[2] * out[3]
+                t.add("cast to bfloat16 (convs)", rows_in * shape[1] * F32, rows_in * shape[1] * BF16)
+                t.add("conv2d (stem, downsampling)", rows_in * shape[1] * BF16, rows_out * out[1] * BF16)
+                layer_norm(t, "stem and downsampling norms", rows_out, out[1], BF16)
+        if kind == "ss2d":
+            elements += shape[0] * shape[1] * shape[2] * module.d_inner
+    return tallies, elements, len([c for c in calls if c[0] == "ss2d"])
+
+
+def report(name, batch, img):
+    tallies, elements, layers = model_bytes(name, batch, img)
+    rows = []
+    for kernel in sorted(set(tallies["old"].bytes) | set(tallies["new"].bytes),
+                         key=lambda k: -max(tallies["old"].bytes.get(k, 0), tallies["new"].bytes.get(k, 0))):
+        row = dict(kernel=kernel, ss2d=kernel in tallies["old"].ss2d | tallies["new"].ss2d)
+        for path, t in tallies.items():
+            row[f"{path}_calls"], row[f"{path}_gb"] = t.calls.get(kernel, 0), t.bytes.get(kernel, 0.0) / 1e9
+            row[f"{path}_per_element"] = t.bytes.get(kernel, 0.0) / elements
+        rows.append(row)
+    totals = {path: dict(ss2d_per_element=t.total(True) / elements, model_gb=t.total() / 1e9,
+                         model_per_element=t.total() / elements, model_ms_at_bandwidth=t.total() / BANDWIDTH * 1e3,
+                         launches=sum(t.calls.values()))
+              for path, t in tallies.items()}
+    return dict(model=name, batch=batch, img=img, dtype="bfloat16 autocast", ss2d_layers=layers,
+                map_elements=elements, kernels=rows, totals=totals)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write them as a page (docs/)")
+    args = parser.parse_args(argv)
+    data = report(args.model, args.batch, args.img)
+    old, new = data["totals"]["old"], data["totals"]["new"]
+    lines = [f"{data['model']}, batch {data['batch']}, {data['img']} px, {data['dtype']}: {data['ss2d_layers']} SS2D "
+             f"layers, {data['map_elements'] / 1e6:.0f}M map elements a step. Old: the path before the fused "
+             "kernels; new: this vmamba.py. * marks the SS2D layer's kernels.", "",
+             "| kernel | old GB | old B/element | new GB | new B/element | calls old/new |", "|---|---|---|---|---|---|"]
+    lines += [f"| {('* ' if r['ss2d'] else '') + r['kernel']} | {r['old_gb']:.2f} | {r['old_per_element']:.1f} | "
+              f"{r['new_gb']:.2f} | {r['new_per_element']:.1f} | {r['old_calls']}/{r['new_calls']} |"
+              for r in data["kernels"]]
+    lines += ["", f"SS2D layer: {old['ss2d_per_element']:.1f} -> {new['ss2d_per_element']:.1f} bytes per element.",
+              f"Whole model: {old['model_gb']:.1f} -> {new['model_gb']:.1f} GB per step "
+              f"({old['model_per_element']:.0f} -> {new['model_per_element']:.0f} bytes per element; "
+              f"{old['model_ms_at_bandwidth']:.1f} -> {new['model_ms_at_bandwidth']:.1f} ms at {BANDWIDTH / 1e12:.0f} TB/s; "
+              f"{old['launches']} -> {new['launches']} kernel launches)."]
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1))
+    if args.markdown:
+        command = "python tools/bytes_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        head = ["# HBM bytes per step: SS2D's fused Triton path against the one before it", "",
+                f"`{command.strip()}` on {datetime.date.today()}, torch {torch.__version__}, Python "
+                f"{platform.python_version()} (a model from the launch shapes, no GPU involved; see the script's "
+                "docstring for what it counts).", ""]
+        args.markdown.write_text("\n".join(head + lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
