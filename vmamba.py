@@ -643,9 +643,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if backend == "mamba_ssm" and 0 not in (b, channels, L, n):
         return _mamba_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     B, C = (t.unsqueeze(1) if t.ndim == 3 else t for t in (B, C))    # (B, G, N, L) or constant (G*D, N)
-    if B.ndim == 2 or C.ndim == 2 or B.shape[1] != C.shape[1]:  # as one group per channel: (B, G*D, N, L) each
-        B, C = (t[:, :, None].expand(b, -1, -1, L) if t.ndim == 2 else t.repeat_interleave(channels // t.shape[1], 1)
-                for t in (B, C))
+    if B.ndim == 2 or C.ndim == 2 or B.shape[1] != C.shape[1]:  # as one group per channel, (B, G*D, N, L) each
+        B, C = (t.float()[:, :, None].expand(b, -1, -1, L) if t.ndim == 2   # float32: their gradients summed unrounded
+                else t.float().repeat_interleave(channels // t.shape[1], 1) for t in (B, C))
     if 0 in (b, channels, L, n):  # nothing to scan: zero states, y the D term alone, alike in every backend
         y, last = u.new_zeros(u.shape, dtype=torch.float32), u.new_zeros((b, channels, n), dtype=torch.float32)
         y = y if D is None else torch.addcmul(y, u.float(), D.float().unsqueeze(-1))
