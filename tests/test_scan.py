@@ -106,23 +106,6 @@ def test_strided_inputs(N):
     assert all(torch.equal(t, b) for t, b in zip((u, delta, z, B, C), before))
 
 
-@pytest.mark.parametrize("b, L, N, D, width", [
-    (1, 3136, 1, 96, 96),     # VMamba-T's first stage at 224 px: one block (1.2M floats per tensor)
-    (8, 3136, 1, 96, 32),     # ... at batch 8: three even blocks (tensors of 12 MiB), not 83 + 13 channels
-    (1, 16384, 1, 96, 48),    # ... at 512 px
-    (1, 3136, 16, 192, 64),   # N=16: three blocks, so that a step touches at most _STEP_STATES states
-    (2, 1 << 22, 1, 8, 1),    # a single channel larger than the budget: one channel per block
-])
-def test_channel_block_plan(b, L, N, D, width):
-    """The torch scan splits channels into the fewest even blocks whose (B, L, 4, width)
-    tensors hold at most _BLOCK_FLOATS floats and whose steps touch at most _STEP_STATES
-    states (glibc maps larger tensors anew, page-faulting, at every call)."""
-    assert vmamba._plan(b, L, 4, N, D) == (b, width)
-    assert width == 1 or b * L * 4 * width <= vmamba._BLOCK_FLOATS
-    assert width == 1 or b * L // vmamba._CHUNK * 4 * N * width <= vmamba._STEP_STATES
-    assert vmamba._plan(torch.tensor(b).sum(), L, 4, N, D)[0] == 1   # a batch that is not an int: plan for one
-
-
 @pytest.mark.parametrize("states", [40, 100, 200])
 @pytest.mark.parametrize("N", [1, 4])
 def test_channel_blocks(states, N, monkeypatch):
@@ -138,30 +121,6 @@ def test_channel_blocks(states, N, monkeypatch):
         y, last = scan_torch(u, delta, A, B, C, Dv, None, bias, True, True)
     yr, lr = selective_scan_ref(u, delta, A, B, C, Dv, None, bias, True, True)
     assert rel(y, yr) < 1e-5 and rel(last, lr) < 1e-5
-
-
-@pytest.mark.compile
-def test_compiled_scan_unrolls_half_length_chunks():
-    """torch.compile unrolls every step of a chunk into the graph, so compiled code cuts the sequence into chunks of
-    at most _CHUNK // 2 steps (a shorter compile at the same speed): at L = 64 and N=1 one multiply-add per step of
-    each pass, T - 1 + T, one per level of the scan over the chunks and one for the D term: T = 8 gives 19 (T = 16
-    would give 34)."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    u, delta, A, B, C, Dv, bias = make_inputs(1, 2, 3, 1, 64, seed=3)
-    torch.compiler.reset()
-    scan = torch.compile(lambda *a: scan_torch(*a, Dv, None, bias, True), backend=capture, fullgraph=True)
-    with torch.no_grad():
-        y = scan(u, delta, A, B, C)
-    torch.compiler.reset()
-    steps = sum(node.target in (torch.addcmul, torch.Tensor.addcmul) for gm in graphs for node in gm.graph.nodes)
-    T = vmamba._CHUNK // 2
-    assert steps == (T - 1) + T + math.ceil(math.log2(64 // T)) + 1, steps
-    assert rel(y, selective_scan_ref(u, delta, A, B, C, Dv, None, bias, True)) < 1e-5
 
 
 @pytest.mark.compile
