@@ -63,7 +63,7 @@ def timm_model(name: str, size: int) -> nn.Module:
 
 
 def _skip_term_only(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
-                    A_logs: Tensor, Ds: Tensor, backend: str = "auto") -> Tensor:
+                    A_logs: Tensor, Ds: Tensor, backend: str = "auto", tile_rows: Optional[int] = None) -> Tensor:
     """What :func:`vmamba.ss2d_core` returns when the scan outputs are zero: its skip term, sum_k D_k * x."""
     return x * Ds.float().view(4, -1).sum(0).to(x.dtype)
 
