@@ -10,6 +10,7 @@ import http.server
 import os
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 # One intra-op thread unless OMP_NUM_THREADS says otherwise (set before torch starts, so that
@@ -19,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))   # in case torch was imported first
 
@@ -50,6 +52,30 @@ def serve_folder(root):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class PeakBytes(TorchFunctionMode):
+    """Counts the storages that torch functions return while active, except those of ``given`` tensors, each until
+    it is freed: ``peak`` is the most bytes alive at once (exact, unlike the process's resident set)."""
+
+    def __init__(self, *given):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, {t.untyped_storage().data_ptr() for t in given}
+
+    def _freed(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage.data_ptr() not in self.seen:
+                self.seen.add(storage.data_ptr())
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
+        return out
 
 
 def pytest_collection_modifyitems(config, items):

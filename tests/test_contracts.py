@@ -12,14 +12,13 @@
 """
 import functools
 import gc
-import weakref
 
 import pytest
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 import vmamba
+from conftest import PeakBytes
 
 SMALL = dict(depths=[1, 1, 1, 1], dims=8)
 # The zoo's two architecture families, each in its smallest useful form.
@@ -393,30 +392,6 @@ def test_nothing_is_kept_between_calls(family):
     assert not kept, f"modules hold tensors besides parameters and buffers: {kept}"
 
 
-class _PeakBytes(TorchFunctionMode):
-    """Counts the storages that torch functions return while active, except those of ``given`` tensors, each until
-    it is freed: ``peak`` is the most bytes alive at once (exact, unlike the process's resident set)."""
-
-    def __init__(self, *given):
-        super().__init__()
-        self.live, self.peak, self.seen = 0, 0, {t.untyped_storage().data_ptr() for t in given}
-
-    def _freed(self, key, nbytes):
-        self.live -= nbytes
-        self.seen.discard(key)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
-            if storage is not None and storage.data_ptr() not in self.seen:
-                self.seen.add(storage.data_ptr())
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
-        return out
-
-
 @pytest.mark.parametrize("d_state", [1, 4])
 @pytest.mark.parametrize("tile_rows", [None, 5])
 def test_ss2d_holds_few_full_size_tensors_at_once(d_state, tile_rows):
@@ -431,7 +406,7 @@ def test_ss2d_holds_few_full_size_tensors_at_once(d_state, tile_rows):
     tiled.load_state_dict(layer.state_dict())
     with torch.no_grad():
         ref = layer(x)
-        with _PeakBytes(x, *tiled.parameters()) as counter:
+        with PeakBytes(x, *tiled.parameters()) as counter:
             out = tiled(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)   # the same values in tiles
     full, most = 4 * x.numel() * 4, (6.5 if tile_rows is None else 1.25)

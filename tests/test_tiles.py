@@ -1,14 +1,12 @@
 """Large maps in inference: the stem, the blocks and the downsampling run in bands of rows and the scans in tiles
 (issue #44). The same values as the untiled path, at sizes that cut every band and tile unevenly, and memory that
 grows with the pixels alone."""
-import sys
-import weakref
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import vmamba
+from conftest import PeakBytes
 
 FAMILIES = ["vanilla_vmamba_tiny", "vmamba_tiny_s2l5", "vmamba_tiny_s1l8"]   # v0 gated N=16 ln, v05_noz N=1 ln2d
 
@@ -81,29 +79,6 @@ def test_torch_compile_and_export_of_the_tiled_path_match_eager():
         assert _rel(exported(x), ref) < 1e-4
 
 
-class _PeakBytes(TorchFunctionMode):
-    """The most bytes of tensor storage alive at once among those that torch functions return (exact)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.seen = 0, 0, set()
-
-    def _freed(self, key, nbytes):
-        self.live -= nbytes
-        self.seen.discard(key)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
-            if storage is not None and storage.data_ptr() not in self.seen:
-                self.seen.add(storage.data_ptr())
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
-        return out
-
-
 def test_memory_per_pixel_does_not_grow_with_the_image():
     """A VMamba-T (one block a stage) forward in inference mode at 512 and 1024 px, counting every tensor its torch
     functions return (exact and deterministic, unlike the process's resident set): no more per pixel at the larger
@@ -114,7 +89,7 @@ def test_memory_per_pixel_does_not_grow_with_the_image():
     per_map = []
     for size in (512, 1024):
         x = torch.randn(1, 3, size, size)
-        with torch.inference_mode(), _PeakBytes() as counter:
+        with torch.inference_mode(), PeakBytes() as counter:
             model(x)
         per_map.append(counter.peak / ((size // 4) ** 2 * 96 * 4))
     assert per_map[1] <= 7, per_map
