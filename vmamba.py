@@ -123,9 +123,10 @@ def _chunk_carries(E: Tensor, S: Tensor) -> Tensor:
 
 
 def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan: int,
-                 h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                 h0: Optional[Tensor] = None, growth: bool = True) -> Tuple[Tensor, Tensor]:
     """The chunked scan of float32 channels-last inputs, dt final, A (G, N, D): y (B, L, G, D), last (B, G, N, D).
-    ``h0`` (B, G, N, D): the state before the first step (default 0), e.g. the last one of the previous tile."""
+    ``h0`` (B, G, N, D): the state before the first step (default 0), e.g. the last one of the previous tile.
+    ``growth=False`` where no step can grow (the model's dt >= 0, A < 0): its decays skip their cap."""
     (b, L, g, d), n, top = u.shape, A.shape[1], _CHUNK // 2 if torch.compiler.is_compiling() else _CHUNK
     T = min(L, next((t for t in range(top, top // 3, -1) if L % t == 0), top))
     nc = (L + T - 1) // T  # not -(-L // T): the legacy ONNX exporter mis-traces that form
@@ -138,16 +139,18 @@ def _scan_chunks(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, b_plan:
     # Decays a_t and inputs x_t: at once when they fit in cache (for b_plan samples) or at N=1 under autograd (a
     # small graph); else at N=1 once per step, kept for pass 2, which drops them as it goes; else (N > 1, or compiled,
     # where the passes fuse them) in each pass's step, reading only dt, dt*u and B.
+    # Decays are capped at float32's max: a zero state times a step's growth beyond it (dt*A > 88.7) stays 0, not NaN.
+    decay = (lambda z: torch.exp(z).clamp_max(torch.finfo(z.dtype).max)) if growth else torch.exp
     if 2 * b_plan * L * g * d * n <= _STEP_STATES or (n == 1 and dt.requires_grad):
-        a_s, x_s = list(steps(torch.exp(dt.unsqueeze(-2) * A))), list(steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1)))
+        a_s = list(steps(decay(dt.unsqueeze(-2) * A)))
+        x_s = list(steps((dt * u).unsqueeze(-2) * B.unsqueeze(-1)))
     elif n == 1 and not torch.compiler.is_compiling():
         dts, us, Bs = steps(dt.unsqueeze(-2)), steps(u.unsqueeze(-2)), steps(B.unsqueeze(-1))
-        a_s, x_s = [torch.exp(t * A) for t in dts], [t * v * w for t, v, w in zip(dts, us, Bs)]
+        a_s, x_s = [decay(t * A) for t in dts], [t * v * w for t, v, w in zip(dts, us, Bs)]
     else:
         (dts, dus, Bs), a_s = (steps(t) for t in (dt.unsqueeze(-2), (dt * u).unsqueeze(-2), B.unsqueeze(-1))), None
     def step(t: int, h: Tensor) -> Tensor:                            # h_t = a_t * h_{t-1} + x_t, (B, nc, G, N, D)
-        a = a_s[t] if a_s else torch.exp(dts[t] * A)
-        a = a.clamp_max(torch.finfo(a.dtype).max) if t == 0 else a  # meets chunk 0's zero entry state: not inf * 0
+        a = a_s[t] if a_s else decay(dts[t] * A)
         return torch.addcmul(x_s[t] if a_s else dus[t] * Bs[t], a, h)
     h0 = None if h0 is None else F.pad(h0.unsqueeze(1), (0, 0) * 3 + (0, nc - 1))   # h0 enters chunk 0 only
     h = (x_s[0] if a_s else dus[0] * Bs[0]) if h0 is None else step(0, h0)   # pass 1: exit states from zero (h0)
@@ -189,7 +192,8 @@ def _tile_rows(x: Any, width: int, n: int = 1, forced: Optional[int] = None, hw:
     return max(rows, 1) if rows < h else None
 
 
-def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                          growth: bool = True) -> Tuple[Tensor, Tensor]:
     """Backend "torch", channels-last: u, dt (B, L, G, D), dt final (bias and softplus applied); A (G, D, N);
     B, C (B, L, G, N). Returns y (B, L, G, D) without the D term and the last state (B, G, D, N), float32."""
     (b, L, g, d), n = u.shape, A.shape[-1]
@@ -198,8 +202,9 @@ def _selective_scan_torch(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     blocks = zip(u.split(width, 3), dt.split(width, 3), A.split(width, 2))   # channel blocks of u, dt, A
     # N > 1 under autograd: each block's steps are recomputed in backward (kept, they would hold ~4 floats a state)
     recompute = n > 1 and torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    ys, lasts = zip(*[torch.utils.checkpoint.checkpoint(_scan_chunks, *t, B, C, b_plan, use_reentrant=False)
-                      if recompute else _scan_chunks(*t, B, C, b_plan) for t in blocks])
+    ys, lasts = zip(*[torch.utils.checkpoint.checkpoint(_scan_chunks, *t, B, C, b_plan, None, growth,
+                                                        use_reentrant=False)
+                      if recompute else _scan_chunks(*t, B, C, b_plan, None, growth) for t in blocks])
     y, last = (ys[0], lasts[0]) if len(ys) == 1 else (torch.cat(ys, 3), torch.cat(lasts, 3))   # channel blocks
     return y, last.transpose(2, 3)                                    # (B, L, G, D), (B, G, D, N)
 
@@ -574,8 +579,10 @@ def set_backend(name: Optional[str]) -> None:
         layer._decide_path()
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn a requested backend into the one that runs, or raise saying how to get it."""
+def _resolve_backend(backend: str, device: torch.device, ss2d: bool = False) -> str:
+    """Turn a requested backend into the one that runs, or raise saying how to get it. ``"auto"`` on CUDA: the
+    fastest of :func:`available_backends`; for SS2D (``ss2d``) Triton first, whose fused scans read the map in place
+    (mamba_ssm's kernel needs the four copies of cross_scan, and cross_merge after it)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
@@ -583,7 +590,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"VMAMBA_BACKEND={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        best = available_backends(device)[0] if device.type == "cuda" else "torch"
+        names = available_backends(device) if device.type == "cuda" else ["torch"]
+        best = "triton" if ss2d and "triton" in names else names[0]
         if best == "torch" and device.type == "cuda":
             _warn_once("vmamba: CUDA tensors are using the pure-PyTorch selective scan, which is slow on GPU. "
                        f"For speed: {_INSTALL_HINTS['triton']}, or {_INSTALL_HINTS['mamba_ssm']}.")
@@ -709,7 +717,7 @@ def _ss2d_tiles(x: Tensor, w_proj: Tensor, w_dt: Tensor, dt_bias: Tensor, A: Ten
             dts, Bs, Cs = torch.matmul(seq, w_proj[k].t()).float().split([r, n, n], dim=-1)   # (B, l, R|N|N)
             dt = _softplus(torch.addmm(dt_bias[k].float(), dts.flatten(0, 1), w_dt[k].float().t()))   # (B*l, D)
             y, state = _scan_chunks(seq.float().unsqueeze(2), dt.view(b, -1, 1, d), A[k:k + 1].transpose(1, 2),
-                                    Bs.unsqueeze(2), Cs.unsqueeze(2), b, state)   # (B, l, 1, D), (B, 1, N, D)
+                                    Bs.unsqueeze(2), Cs.unsqueeze(2), b, state, False)   # (B, l, 1, D), (B, 1, N, D)
             tile = dst[:, s:s + step]                                 # (B, lines of the tile, len, D)
             tile += (y.flip(1) if k >= 2 else y).view(tile.shape)
     return merged
@@ -815,7 +823,7 @@ def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pr
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
                A_logs: Tensor, Ds: Tensor, backend: str, tile_rows: Optional[int] = None) -> Tensor:   # see ss2d_core
     (b, h, w, d), n, r = x.shape, A_logs.shape[1], dt_projs_weight.shape[2]
-    backend = _resolve_backend(backend, x.device)
+    backend = _resolve_backend(backend, x.device, ss2d=True)
     w_proj, w_dt = (t.to(x.dtype) for t in (x_proj_weight, dt_projs_weight))   # see below; the dt bias too
     A = -torch.exp(A_logs.float())                                    # (4*D, N)
     if backend == "torch" and _tile_rows(x, 4 * d, n, tile_rows):   # a large map, in inference: in tiles
@@ -830,7 +838,7 @@ def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pro
                                   A.view(4, d, n).split(width, 1)):   # (B, H, W, Dc), (4, Dc, R), (4, Dc), (4, Dc, N)
             dt = torch.bmm(low, wc.transpose(1, 2)) + bc.unsqueeze(1)   # (4, B*L, Dc); compiled, the bias fuses
             dt = _softplus(dt.float()).view(4, b, -1, xc.shape[3]).permute(1, 2, 0, 3)   # (B, L, 4, Dc)
-            parts.append(_from_sequences(_selective_scan_torch(_to_sequences(xc), dt, Ac, Bs, Cs)[0], h, w))
+            parts.append(_from_sequences(_selective_scan_torch(_to_sequences(xc), dt, Ac, Bs, Cs, False)[0], h, w))
         merged = parts[0] if len(parts) == 1 else torch.cat(parts, 3)   # (B, H, W, D)
     else:  # the kernels' layout (B, 4*D, L), made directly; the scan adds the bias and takes the softplus
         dts = torch.matmul(w_dt, dts.permute(0, 2, 3, 1)).flatten(1, 2)   # (4, D, R) @ (B, 4, R, L): (B, 4*D, L)
@@ -859,7 +867,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,) -> (B, H, W, D).
     Backend "torch" without autograd scans a large map in tiles of rows and columns (``tile_rows`` forces their size),
     each direction carrying its state from tile to tile: time and memory linear in the pixels."""
-    if _resolve_backend(backend, x.device) == "triton":
+    if _resolve_backend(backend, x.device, ss2d=True) == "triton":
         return _ss2d_fused(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
     core = _ss2d_core_region if torch.compiler.is_dynamo_compiling() and not torch.is_grad_enabled() else _ss2d_core
     return core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend, tile_rows)
@@ -1021,7 +1029,7 @@ class SS2D(nn.Module):
         """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device."""
         _LAYERS.add(self)   # for set_backend
         try:
-            self._path = _resolve_backend(self._backend, self.Ds.device)
+            self._path = _resolve_backend(self._backend, self.Ds.device, ss2d=True)
         except (RuntimeError, ValueError):   # cannot run here: forward asks again and raises the reason
             self._path = None
 

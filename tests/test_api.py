@@ -128,6 +128,25 @@ def test_backend_selection_errors():
     assert vmamba.available_backends("cpu")[-1] == "torch"
 
 
+def test_auto_prefers_the_fused_path_for_ss2d(monkeypatch):
+    """On CUDA with both kernels installed, "auto" gives selective_scan mamba_ssm's kernel and SS2D the fused
+    Triton path (no cross-scan copies); VMAMBA_BACKEND and set_backend still win over it. No GPU is needed: the
+    choice depends only on the device type and what is installed."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setattr(vmamba, "_mamba_selective_scan_fn", lambda *args, **kwargs: None)
+    monkeypatch.delenv("VMAMBA_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert vmamba.available_backends(cuda) == ["mamba_ssm", "triton", "torch"]
+    assert vmamba._resolve_backend("auto", cuda) == "mamba_ssm"
+    assert vmamba._resolve_backend("auto", cuda, ss2d=True) == "triton"
+    monkeypatch.setenv("VMAMBA_BACKEND", "mamba_ssm")
+    assert vmamba._resolve_backend("auto", cuda, ss2d=True) == "mamba_ssm"
+    monkeypatch.setattr(vmamba, "_triton_usable", lambda device: False)
+    monkeypatch.delenv("VMAMBA_BACKEND")
+    assert vmamba._resolve_backend("auto", cuda, ss2d=True) == "mamba_ssm"
+    assert vmamba._resolve_backend("auto", torch.device("cpu"), ss2d=True) == "torch"
+
+
 def test_every_parameter_gets_a_gradient_and_checkpointing_matches():
     for cfg in (dict(forward_type="v0", mlp_ratio=0.0, downsample_version="v1", patchembed_version="v1",
                      ssm_d_state=4, ssm_ratio=2.0), dict(forward_type="v05")):

@@ -49,6 +49,10 @@ def growth_cases():
     first = delta.abs() * 0.3
     first[..., 0] = -200.0
     cases.append(("huge first step", [u, first, A.clamp(max=-1.0), B, C, D], {}))
+    # a zero state (no inputs yet), then one step in mid-chunk grows by e^200 or more: 0 * e^200 is 0
+    u2, mid = u.clone(), delta.abs() * 0.3
+    u2[..., :37], mid[..., 37] = 0, -200.0
+    cases.append(("huge step on a zero state", [u2, mid, A.clamp(max=-1.0), B, C, D], {}))
     # growth of 2 per step, no input for 280 steps: e^560 in every product that spans them
     u1 = u.clone()
     u1[..., :280] = 0
