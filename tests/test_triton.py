@@ -169,21 +169,29 @@ def test_public_api_and_model_use_triton():
 
 
 @pytest.mark.compile
-def test_inductor_compiled_training_step_with_triton():
+@pytest.mark.parametrize("batches", [(2,), (2, 3)], ids=["static", "dynamic"])
+def test_inductor_compiled_training_step_with_triton(batches):
     """A mixed-precision training step of a model compiled by inductor with the Triton ops, as
-    on a GPU: inductor asserts each custom op's output strides against its fake implementation."""
+    on a GPU: inductor asserts each custom op's output strides against its fake implementation.
+    "dynamic": a second batch size makes the batch symbolic (torch.compile's automatic dynamic
+    shapes), the step a GPU run once failed to compile; the last batch's step is compared."""
     torch.manual_seed(0)
-    model = vmamba.vmamba_tiny_s1l8(depths=[1, 1], dims=[4, 4], num_classes=5)
-    x = torch.randn(2, 3, 32, 32)
+    model = vmamba.vmamba_tiny_s1l8(depths=[1, 1], dims=[4, 4], num_classes=5, drop_path_rate=0.0)   # no RNG
     torch.compiler.reset()
     losses, grads = [], []
     vmamba.set_backend("triton")
     try:
-        for m in (model, torch.compile(model, fullgraph=True)):
+        compiled = torch.compile(model, fullgraph=True)
+        for b in batches:
+            x = torch.randn(b, 3, 32, 32)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = m(x).float().square().sum()
-            losses.append(loss)
-            grads.append(torch.autograd.grad(loss, list(model.parameters())))
+                loss = compiled(x).float().square().sum()
+            grad = torch.autograd.grad(loss, list(model.parameters()))
+        losses.append(loss)
+        grads.append(grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.insert(0, model(x).float().square().sum())
+        grads.insert(0, torch.autograd.grad(losses[0], list(model.parameters())))
     finally:
         vmamba.set_backend(None)
         torch.compiler.reset()
