@@ -34,7 +34,7 @@ def test_small_mode_runs_every_section(tmp_path):
     assert data["info"]["bytes_model"]["new"]["model_gb"] < data["info"]["bytes_model"]["old"]["model_gb"]
     names = " ".join(c["name"] for c in data["checks"])
     for part in ("scan triton", "scan torch", "SS2D fused v05_noz", "SS2D fused v0", "model vanilla_vmamba_tiny",
-                 "model vmamba_tiny_s1l8", "torch.compile"):
+                 "model vmamba_tiny_s1l8", "torch.compile", "compiled bf16 training step, batch 2 then 3"):
         assert part in names, part
     # Throughput runs what fits in the budget; each (model, mode) is measured or noted as skipped.
     assert "throughput" in data["info"]["section_s"]

@@ -18,7 +18,8 @@ script; its numbers mean nothing.
    the torch backend (output and all gradients); one small model of each zoo family, forward
    and backward, triton against torch on the same weights (logits in float32; logits and every
    weight gradient in a float64 copy of the model, where only the scans round to float32).
-2. torch.compile(vmamba_tiny_s1l8(), fullgraph=True) against eager.
+2. torch.compile(vmamba_tiny_s1l8(), fullgraph=True) against eager: inference, and a bfloat16
+   training step at batch 2, then 3 (the batch becomes dynamic), loss and gradients.
 3. Throughput at batch 128, 224 px, eager and compiled: vmamba_tiny_s1l8 and
    vmamba_small_s1l20 (triton, and mamba_ssm when it is installed) beside timm's
    swin_tiny_patch4_window7_224 and convnext_tiny; inference in float32 (TF32 on) and
@@ -27,6 +28,8 @@ script; its numbers mean nothing.
    skipped with a note; a watchdog ends the run at budget + 20 s whatever it is doing.
    With --baseline PATH, the zoo models of that other vmamba.py are timed too (eager), in the
    same interleaved rounds ("NAME (baseline)"), so that two versions compare within one run.
+   Training memory per image, eager (CUDA only): what the forward keeps for the backward
+   (allocated after the forward, less before it) and the step's peak above its start.
 4. --profile (section "profile"): the CUDA kernels of the first zoo model's eager bfloat16
    inference and training step, by the torch profiler: the top kernels by GPU time.
    The bytes the first zoo model's eager bfloat16 step should move (tools/bytes_model.py) are
@@ -137,8 +140,8 @@ class Run:
             err = "-" if c["error"] is None else f"{c['error']:.2e}"
             tol = "-" if c["tol"] is None else f"{c['tol']:.0e}"
             lines.append(f"| {c['name']} | {c['worst']} | {err} | {tol} | {'ok' if c['ok'] else '**FAIL**'} |")
-        lines += ["", "| model | backend | mode | eager img/s | compiled img/s | compile s |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| model | backend | mode | eager img/s | compiled img/s | compile s | train MiB/img: saved, peak |",
+                  "|---|---|---|---|---|---|---|"]
         rows = {}
         for b in self.bench:
             rows.setdefault((b["model"], b["backend"], b["mode"]), {})[b["compiled"]] = b
@@ -146,7 +149,10 @@ class Run:
         for (model, backend, mode), r in rows.items():
             comp = r.get(True)
             secs = "-" if comp is None or comp.get("compile_s") is None else f"{comp['compile_s']:.0f}"
-            lines.append(f"| {model} | {backend} | {mode} | {fmt(r.get(False))} | {fmt(comp)} | {secs} |")
+            eager = r.get(False) or {}
+            mem = f"{eager['saved_mib_per_img']:.1f}, {eager['peak_mib_per_img']:.1f}" if "saved_mib_per_img" in eager \
+                else "-"
+            lines.append(f"| {model} | {backend} | {mode} | {fmt(r.get(False))} | {fmt(comp)} | {secs} | {mem} |")
         for title, rows in self.info.get("profile", {}).items():
             lines += ["", f"Kernels of {title} (GPU time per step, top {len(rows)}):", "",
                       "| kernel | ms per step | share | calls per step |", "|---|---|---|---|"]
@@ -349,6 +355,41 @@ def check_compile(run, torch, vmamba, cfg, device):
         run.failed(name, exc)
     finally:
         vmamba.set_backend(None)
+    check_compiled_training(run, torch, vmamba, cfg, device)
+
+
+def check_compiled_training(run, torch, vmamba, cfg, device):
+    """A bfloat16 training step of a small VMamba-T (family_arch: compiling is what is checked)
+    compiled at batch 2, then 3 (torch.compile makes the batch dynamic on the second size),
+    against eager at batch 3: loss and every weight gradient
+    (no drop path, so both draw no random numbers; bfloat16 rounding differs where inductor
+    fuses, hence twice the bfloat16 tolerance)."""
+    name = f"compiled bf16 training step, batch 2 then 3 (dynamic), backend={cfg['compile_backend']} vs eager"
+    try:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        model = vmamba.vmamba_tiny_s1l8(**dict(cfg["family_arch"], drop_path_rate=0.0)).to(device).train()
+        params = list(model.parameters())
+        vmamba.set_backend("triton")
+        torch.compiler.reset()
+        compiled = compile_model(torch, model, fullgraph=True, backend=cfg["compile_backend"])
+        results = []
+        for m, batches in ((compiled, (2, 3)), (model, (3,))):
+            for b in batches:
+                x = torch.randn(b, *cfg["compile_input"][1:], generator=torch.Generator().manual_seed(b)).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = m(x).float().square().mean()
+                grads = torch.autograd.grad(loss, params)
+            results.append((loss, torch.cat([g.float().flatten() for g in grads])))
+        (loss, grads), (loss_ref, grads_ref) = results
+        run.check(name, {"loss": (rel_err(loss, loss_ref.double()), 2 * TOL["low"]),
+                         "gradients": (rel_err(grads, grads_ref.double()), 2 * TOL["low"])},
+                  time.perf_counter() - start)
+    except Exception as exc:
+        run.failed(name, exc)
+    finally:
+        vmamba.set_backend(None)
+        torch.compiler.reset()
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,6 +459,27 @@ def prepare(run, torch, entry, mode, step, compiled, cuda, cfg):
         return None
 
 
+def train_memory(torch, F, entry, model, step, x, target):
+    """MiB per image of an eager bfloat16 training step (CUDA): kept by the forward for the
+    backward, and the step's peak above what was allocated when it began."""
+    try:
+        step()  # sets the backend; the optimizer's state exists from here on
+    except Exception as exc:  # timing will report it
+        return dict(memory_error=f"{type(exc).__name__}: {exc}"[:300])
+    entry.opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), target)
+    saved = torch.cuda.memory_allocated() - base
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    entry.opt.zero_grad(set_to_none=True)
+    mib = 2.0 ** 20 * x.shape[0]
+    return dict(saved_mib_per_img=saved / mib, peak_mib_per_img=peak / mib)
+
+
 def bench(run, torch, F, vmamba, cfg, device):
     import timm
     cuda = device.type == "cuda"
@@ -474,7 +536,9 @@ def bench(run, torch, F, vmamba, cfg, device):
                 if got is not None:
                     if compiled:
                         guess[e.label] = max(guess.get(e.label, 0.0), got[0] / factor)
-                    ready.append(dict(entry=e, step=step, samples=[], warm_s=got[0], per_step=got[1]))
+                    memory = train_memory(torch, F, e, model, step, x, target) \
+                        if cuda and mode == "train_bf16" and not compiled else {}
+                    ready.append(dict(entry=e, step=step, samples=[], warm_s=got[0], per_step=got[1], memory=memory))
             # Interleaved repeats: one sample of every entry per round, while time allows.
             for r in range(cfg["repeats"]):
                 round_s = sum(item["per_step"] for item in ready) * cfg["iters"]
@@ -497,7 +561,7 @@ def bench(run, torch, F, vmamba, cfg, device):
                            batch=cfg["batch"], img=cfg["img"], samples_s=samples,
                            ms_per_step=None if med is None else med * 1e3,
                            img_per_s=None if med is None else cfg["batch"] / med,
-                           compile_s=round(item["warm_s"], 1) if compiled else None)
+                           compile_s=round(item["warm_s"], 1) if compiled else None, **item["memory"])
                 with run.lock:
                     run.bench.append(row)
                 rate = "-" if med is None else f"{row['img_per_s']:.1f} img/s"
