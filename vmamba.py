@@ -986,6 +986,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
 
 torch.fx.wrap("ss2d_core")   # FX's symbolic tracing records these as calls (shapes there are plans, not ops)
 torch.fx.wrap("_ss2d_fused")
+torch.fx.wrap("_fused_norm")
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as

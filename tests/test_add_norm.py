@@ -108,9 +108,9 @@ def triton_copy(module):
 
 
 def counting_add_norm(monkeypatch):
-    calls = []
-    op = vmamba._add_norm
-    monkeypatch.setattr(vmamba, "_add_norm", lambda *args: calls.append(args[1] is not None) or op(*args))
+    """Records (with h, n's dtype) of each call of the add_norm op."""
+    calls, op = [], vmamba._add_norm
+    monkeypatch.setattr(vmamba, "_add_norm", lambda *args: calls.append((args[1] is not None, args[5])) or op(*args))
     return calls
 
 
@@ -140,9 +140,9 @@ def test_block_on_the_fused_norms_matches_torch(monkeypatch, channel_first, auto
     with torch.autocast("cpu", dtype=BF16, enabled=autocast):
         ref, ref_grads = outputs_and_grads(block, x)
         out, out_grads = outputs_and_grads(fused, x)
-    assert calls == [False, True]                                 # norm, then add_norm; in the backward no call
+    low = autocast or model_dtype == BF16                       # n in what in_proj and fc1 consume
+    assert calls == [(False, BF16 if low else F32), (True, BF16 if low else F32)]   # norm, then add + norm2
     assert out.dtype == ref.dtype and out.shape == ref.shape and out.stride() == ref.stride()
-    low = autocast or model_dtype == BF16
     assert rel(out, ref) < (3e-2 if low else 1e-5)
     names = ["x"] + [name for name, _ in block.named_parameters()]
     for name, got, want in zip(names, out_grads, ref_grads):
@@ -171,7 +171,8 @@ def test_small_vssm_on_the_fused_norms_matches_torch(monkeypatch, autocast):
     with torch.autocast("cpu", dtype=BF16, enabled=autocast):
         ref, ref_grads = outputs_and_grads(model, x)
         out, out_grads = outputs_and_grads(fused, x)
-    assert len(calls) == 4 and out.dtype == ref.dtype
+    act = BF16 if autocast else F32
+    assert calls == [(False, act), (True, act)] * 2 and out.dtype == ref.dtype   # two blocks
     assert rel(out, ref) < (3e-2 if autocast else 1e-5)
     for (name, _), got, want in zip([("x", None)] + list(model.named_parameters()), out_grads, ref_grads):
         assert rel(got, want) < (6e-2 if autocast else 1e-4), name
@@ -190,3 +191,13 @@ def test_compiled_block_traces_the_fused_norms(monkeypatch):
     torch.testing.assert_close(out, ref)
     aot = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(torch.autograd.grad(aot.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_fx_traces_the_fused_norms_as_calls():
+    """FX's symbolic tracing (timm's feature extraction) records the fused norms as calls and reproduces the block."""
+    fused = triton_copy(trained_block(channel_first=True))
+    x = torch.randn(1, 6, 4, 3).to(memory_format=torch.channels_last)
+    traced = torch.fx.symbolic_trace(fused)
+    assert traced.code.count("_fused_norm(") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), fused(x), rtol=0, atol=0)
