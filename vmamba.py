@@ -1226,8 +1226,8 @@ class VSSBlock(nn.Module):
             rows = _tile_rows(x, widest, forced=self.op.tile_rows, hw=(2, 3) if self.channel_first else (1, 2))
             if rows is not None:
                 return self._forward_tiles(x, rows)
-        if self.op._path == "triton" and not self.post_norm and self.mlp is not None:   # norms in Triton kernels
-            t = x.permute(0, 2, 3, 1) if self.channel_first else x   # (B, H, W, C)
+        if isinstance(self.op, SS2D) and self.op._path == "triton" and self.mlp is not None and not self.post_norm:
+            t = x.permute(0, 2, 3, 1) if self.channel_first else x   # (B, H, W, C); the norms in Triton kernels
             t, n = _fused_norm(t, self.norm2, self.drop_path(self.op(_fused_norm(t, self.norm)[1])))
             t = t + self.drop_path(self.mlp(n))
             return t.permute(0, 3, 1, 2) if self.channel_first else t
