@@ -450,6 +450,53 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             out *= z * tl.sigmoid(z)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _norm_rows(s, mask, C, eps):
+        """(s_hat, rstd): each row of s (BLOCK_M, BLOCK_C) float32 normalised over its C columns (0 where masked)."""
+        c = tl.where(mask, s - (tl.sum(s, axis=1) / C)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / C + eps)
+        return c * rstd[:, None], rstd
+
+    @triton.jit
+    def _add_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, s_ptr, n_ptr, rows, C, eps, HAS_H: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """s = x + h, written in s's dtype (HAS_H; else s = x), and n = LayerNorm(s) over C in n's dtype, BLOCK_M rows
+        a program; grid cdiv(rows, BLOCK_M). x, h, s, n (rows, C) contiguous; float32 inside."""
+        offs_m, offs_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_C)
+        mask, at = (offs_m < rows)[:, None] & (offs_c < C)[None, :], offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+        s = tl.load(x_ptr + at, mask=mask, other=0.0)
+        if HAS_H:   # s as stored, which the backward normalises again
+            s = (s.to(tl.float32) + tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+            tl.store(s_ptr + at, s, mask=mask)
+        s_hat = _norm_rows(s.to(tl.float32), mask, C, eps)[0]
+        w, b = tl.load(w_ptr + offs_c, mask=offs_c < C).to(tl.float32), tl.load(b_ptr + offs_c, mask=offs_c < C)
+        tl.store(n_ptr + at, (s_hat * w[None, :] + b.to(tl.float32)[None, :]).to(n_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_norm_bwd_kernel(s_ptr, dn_ptr, ds_ptr, w_ptr, dx_ptr, dh_ptr, dwb_ptr, rows, C, rows_per_program, eps,
+                             HAS_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Backward of _add_norm_kernel, rows_per_program rows (a multiple of BLOCK_M) a program: the gradient of s
+        (the norm's, plus ds with HAS_H) written as dx (and dh) in their dtypes; the program's sums of dn * s_hat and
+        of dn (its dw, db) in dwb[program] (programs, 2, C) float32, which the caller adds up."""
+        offs_c = tl.arange(0, BLOCK_C)
+        col_ok = offs_c < C
+        w = tl.load(w_ptr + offs_c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        dw, db = tl.zeros((BLOCK_M, BLOCK_C), tl.float32), tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+        for i in range(0, rows_per_program, BLOCK_M):
+            offs_m = tl.program_id(0) * rows_per_program + i + tl.arange(0, BLOCK_M)
+            mask, at = (offs_m < rows)[:, None] & col_ok[None, :], offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+            s_hat, rstd = _norm_rows(tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+            dn = tl.load(dn_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            dw, db, g = dw + dn * s_hat, db + dn, dn * w
+            ds = (g - (tl.sum(g, axis=1)[:, None] + s_hat * tl.sum(g * s_hat, axis=1)[:, None]) / C) * rstd[:, None]
+            if HAS_H:   # the gradient of s from its other uses
+                ds += tl.load(ds_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dh_ptr + at, ds.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + at, ds.to(dx_ptr.dtype.element_ty), mask=mask)
+        at = tl.program_id(0) * 2 * C + offs_c
+        tl.store(dwb_ptr + at, tl.sum(dw, axis=0), mask=col_ok)
+        tl.store(dwb_ptr + at + C, tl.sum(db, axis=0), mask=col_ok)
+
     return locals()
 
 
@@ -809,6 +856,78 @@ _merge_norm.register_autograd(_merge_norm_backward, setup_context=lambda ctx, in
     ctx.save_for_backward(*inputs[:6]), setattr(ctx, "eps", inputs[6])))
 
 
+def _norm_blocks(c: int) -> Tuple[int, int]:   # (BLOCK_M, BLOCK_C) of the add_norm kernels: ~16 values a thread
+    return max(1, 2048 // _next_pow2(c)), _next_pow2(c)
+
+
+def _add_norm_outputs(x, h, weight, bias, eps, dtype):   # (s, n) as _add_norm returns them; also its fake
+    s_dtype = x.dtype if h is None else torch.promote_types(x.dtype, h.dtype)   # that of x + h
+    return x.new_empty(0 if h is None else x.shape, dtype=s_dtype), x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op(f"{_OPS_NS}::add_norm", mutates_args=())
+def _add_norm(x: Tensor, h: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
+              dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(s, n): s = x + h in their promoted dtype and n = LayerNorm(s) over the last dim in ``dtype``, both contiguous
+    (..., C); without h, n = LayerNorm(x) and s is empty."""
+    (s, n), c = _add_norm_outputs(x, h, weight, bias, eps, dtype), x.shape[-1]
+    block_m, block_c = _norm_blocks(c)
+    _triton_kernels().add_norm_kernel[(-(-n.numel() // c // block_m),)](
+        x.contiguous(), x if h is None else h.contiguous(), weight, bias, s, n, n.numel() // c, c, eps,
+        HAS_H=h is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return s, n
+
+
+def _add_norm_grads(s, dn, ds, weight, eps, x_dtype, h_dtype):   # as _add_norm_bwd returns them; its fake
+    return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape if h_dtype else 0, dtype=h_dtype or x_dtype),
+            s.new_empty((2, s.shape[1]), dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_OPS_NS}::add_norm_bwd", mutates_args=())
+def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], weight: Tensor, eps: float, x_dtype: torch.dtype,
+                  h_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
+    """_add_norm's gradients from s (rows, C), the normalised input: dx, dh (empty without h) and (dw, db) float32, in
+    one kernel. dw and db are partial sums of at most ~4096 programs, added here: deterministic, unlike float atomics,
+    and a few rows of C a program against the map's millions."""
+    (rows, c), (block_m, block_c) = s.shape, _norm_blocks(s.shape[1])
+    per_program = -(-rows // min(-(-rows // block_m), 4096) // block_m) * block_m   # rows, a multiple of block_m
+    dx, dh, _ = _add_norm_grads(s, dn, ds, weight, eps, x_dtype, h_dtype)
+    dwb = s.new_empty((-(-rows // per_program), 2, c), dtype=torch.float32)   # each program's dw, db
+    _triton_kernels().add_norm_bwd_kernel[(len(dwb),)](
+        s, dn.contiguous(), dn if ds is None else ds.contiguous(), weight, dx, dx if ds is None else dh, dwb, rows, c,
+        per_program, eps, HAS_H=ds is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return dx, dh, dwb.sum(0)
+
+
+_add_norm_bwd.register_fake(_add_norm_grads)
+
+
+def _add_norm_setup_context(ctx, inputs, output):
+    (x, h, weight, _, ctx.eps, _), ctx.shape = inputs, inputs[0].shape
+    ctx.dtypes = x.dtype, None if h is None else h.dtype
+    ctx.save_for_backward((x if h is None else output[0]).reshape(-1, x.shape[-1]).contiguous(), weight)
+
+
+def _add_norm_backward(ctx, ds, dn):
+    s, weight = ctx.saved_tensors                                     # the normalised input, (rows, C)
+    has_h = ctx.dtypes[1] is not None
+    dx, dh, dwb = _add_norm_bwd(s, dn, ds if has_h else None, weight, ctx.eps, *ctx.dtypes)
+    dw, db = dwb.to(weight.dtype)
+    return dx.view(ctx.shape), dh.view(ctx.shape) if has_h else None, dw, db, None, None
+
+
+_add_norm.register_fake(_add_norm_outputs)
+_add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
+
+
+def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(x + h, norm(x + h)) on the Triton kernels: the sum in the residual stream's dtype, the norm in what a Linear
+    consumes: h's dtype, or without h autocast's dtype when it is on, else x's."""
+    on = torch.is_autocast_enabled(x.device.type)
+    dtype = h.dtype if h is not None else torch.get_autocast_dtype(x.device.type) if on else x.dtype
+    return _add_norm(x, h, norm.weight, norm.bias, norm.eps, dtype)
+
+
 def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
                 Ds: Tensor, norm: Optional[nn.LayerNorm] = None, z: Optional[Tensor] = None) -> Tensor:
     """:func:`ss2d_core` on the fused kernels; with ``norm``, ``norm(core) * silu(z)`` (z optional) in the merge."""
@@ -875,6 +994,7 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
 
 torch.fx.wrap("ss2d_core")   # FX's symbolic tracing records these as calls (shapes there are plans, not ops)
 torch.fx.wrap("_ss2d_fused")
+torch.fx.wrap("_fused_norm")
 
 
 # --- Layers. Between VSSM's modules, maps are (B, C, H, W) in channels-last memory; each module views them as
@@ -1114,6 +1234,11 @@ class VSSBlock(nn.Module):
             rows = _tile_rows(x, widest, forced=self.op.tile_rows, hw=(2, 3) if self.channel_first else (1, 2))
             if rows is not None:
                 return self._forward_tiles(x, rows)
+        if isinstance(self.op, SS2D) and self.op._path == "triton" and self.mlp is not None and not self.post_norm:
+            t = x.permute(0, 2, 3, 1) if self.channel_first else x   # (B, H, W, C); the norms in Triton kernels
+            t, n = _fused_norm(t, self.norm2, self.drop_path(self.op(_fused_norm(t, self.norm)[1])))
+            t = t + self.drop_path(self.mlp(n))
+            return t.permute(0, 3, 1, 2) if self.channel_first else t
         # channel_first: branches on (B, H, W, C) views, sums on the maps (inductor lays out 4-D sums as NCHW ones)
         for norm, op in ((self.norm, self.op), (self.norm2, self.mlp)):
             if op is not None:

@@ -21,3 +21,8 @@ def test_bytes_model_runs_and_meets_the_ss2d_target(tmp_path):
     assert new["ss2d_per_element"] <= 60 and new["model_gb"] < old["model_gb"] - 15
     kernels = {r["kernel"]: r for r in data["kernels"]}
     assert kernels["fused SS2D scan kernel"]["new_calls"] == 14 and kernels["cross-scan kernel"]["new_calls"] == 0
+    # the block norms: two add + LayerNorm kernels a block (norm; add and norm2), no torch LayerNorm, no casts
+    norms = kernels["add + LayerNorm kernel (block norms)"]
+    assert norms["new_calls"] == 28 and norms["old_calls"] == 0 and kernels["LayerNorm (block norms)"]["new_calls"] == 0
+    assert kernels["cast to bfloat16 (in_proj)"]["new_calls"] == kernels["cast to bfloat16 (fc1)"]["new_calls"] == 0
+    assert kernels["residual add"]["new_calls"] == 14 and new["model_gb"] < 27                   # ~26.4

@@ -16,7 +16,8 @@ targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan,
 merge + LayerNorm) are compiled at every configuration their dispatcher chooses for VMamba
 (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16) on both targets, and must
 show no spill or stack bytes under ``ptxas -v``; the fused scan also no barrier and no
-shuffle in its PTX. Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
+shuffle in its PTX. So must the blocks' add + LayerNorm kernels, forward and backward, at
+C = 48..1536, with and without the residual, float32, bfloat16 and float16 activations. Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
 (1 becomes a constant, multiples of 16 are marked divisible, pointers 16-byte aligned),
 from a real (D, N, L) that selects the tile.
 """
@@ -88,9 +89,21 @@ def merge_norm_job(vmamba, D, gated, cap, dtype):
                 ptrs={name: dtype for name in ("ys_ptr", "x_ptr", "z_ptr", "out_ptr")})
 
 
+def add_norm_job(vmamba, kernel, C, has_h, cap, dtype):
+    """The block's add + LayerNorm (forward or backward) at C channels: residual stream float32, activations dtype."""
+    block_m, block_c = vmamba._norm_blocks(C)
+    ints = dict(rows=128 * 56 * 56, C=C) if kernel == "_add_norm_kernel" else dict(rows=128 * 56 * 56, C=C,
+                                                                                  rows_per_program=4 * block_m)
+    return dict(kernel=kernel, cap=cap, ints=ints, floats=("eps",),
+                consts=dict(HAS_H=has_h, BLOCK_M=block_m, BLOCK_C=block_c),
+                ptrs={name: dtype for name in ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")})
+
+
 # What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1 and 16, ranks 6..48, float32
 # and bfloat16): every (BLOCK_D, BLOCK_N, BLOCK_R) tile and both merge-norm variants, on both targets.
 SS2D_DIMS, SS2D_RANKS = (96, 192, 384, 768, 1536), (6, 12, 24, 48)
+# The block norms' widths (VMamba-T/S 96..768, B 128..1024), d_inner widths up to 1536, and the stem's 48.
+NORM_DIMS = (48, 96, 128, 192, 384, 768, 1024, 1536)
 
 
 def fused_jobs(vmamba):
@@ -102,6 +115,9 @@ def fused_jobs(vmamba):
             jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype))
     for cap, dtype, D, gated in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True)):
         jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
+    for cap, dtype, C, has_h, kernel in itertools.product(TARGETS, ("fp32", "bf16", "fp16"), NORM_DIMS, (False, True),
+                                                          ("_add_norm_kernel", "_add_norm_bwd_kernel")):
+        jobs.append(add_norm_job(vmamba, kernel, C, has_h, cap, dtype))
     return jobs
 
 
@@ -126,7 +142,7 @@ def _init_worker():
     vmamba._triton_kernels()  # imports triton and jits the kernels (done lazily on first use)
 
 
-FUSED = ("_ss2d_fwd_kernel", "_merge_norm_kernel")  # the kernels that must not spill
+FUSED = ("_ss2d_fwd_kernel", "_merge_norm_kernel", "_add_norm_kernel", "_add_norm_bwd_kernel")   # must not spill
 
 
 def resources(ptx, cap):
@@ -200,16 +216,19 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
     """The fused kernels' registers and spills, one row per configuration, as a page for docs/."""
     import datetime
     command = "python tests/test_triton_aot.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = ["# Registers of the fused SS2D kernels (sm_80, sm_90)", "",
+    lines = ["# Registers of the fused kernels (sm_80, sm_90)", "",
              f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
              "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
-             "VMamba (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16 activations).", "",
-             "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z | BLOCK_D | BLOCK_M | registers | spill bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "VMamba (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
+             "blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations float32, "
+             "bfloat16 or float16).", "",
+             "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z / HAS_H | C | BLOCK_D / BLOCK_C | BLOCK_M | registers | "
+             "spill bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
-                                          r["BLOCK_D"], r.get("HAS_Z", False))):
+                                          r.get("C", 0), r.get("BLOCK_D", 0), r.get("HAS_Z", r.get("HAS_H")))):
         lines.append(f"| {r['kernel']} | {r['sm']} | {r['dtype']} | {r.get('R', '')} | {r.get('N', '')} | "
-                     f"{r.get('LOW_RANK', '')} | {r.get('HAS_Z', '')} | {r['BLOCK_D']} | {r.get('BLOCK_M', '')} | "
+                     f"{r.get('LOW_RANK', '')} | {r.get('HAS_Z', r.get('HAS_H', ''))} | {r.get('C', '')} | "
+                     f"{r.get('BLOCK_D', r.get('BLOCK_C'))} | {r.get('BLOCK_M', '')} | "
                      f"{r['registers']} | {r['spill_bytes']} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -240,6 +259,7 @@ def main(argv=None):
                 for cap in TARGETS}
     fused = [dict(kernel=r["kernel"], sm=r["cap"], dtype=sorted(set(r["ptrs"].values()))[0],
                   **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N"))},
+                  **({"C": r["ints"]["C"]} if "C" in r["ints"] else {}),
                   registers=r.get("registers"), spill_bytes=r.get("spill_bytes"))
              for r in results if r["kernel"] in FUSED]
     if args.markdown:

@@ -10,7 +10,8 @@ size, with hooks recording the input of every SS2D layer, block, downsampling la
 variant (dt made inside, or by a GEMM for large ranks) is the one vmamba's dispatcher picks. Each kernel is counted
 as reading its inputs and writing its outputs once, in the dtypes autocast gives them on CUDA: matmuls and
 convolutions in bfloat16 (a float32 input costs a cast kernel first), LayerNorm in float32 (a bfloat16 input is
-cast up), the residual stream in float32. Weights, the scan's chunk states and reductions are left out (under 1%).
+cast up), the residual stream in float32. On the new path the blocks' norms are the add + LayerNorm kernels, which
+read the float32 stream (and the bfloat16 branch output) and write n in bfloat16 (and the sum in float32). Weights, the scan's chunk states and reductions are left out (under 1%).
 "Per element" divides by the SS2D map elements of a step (batch x pixels x inner channels, summed over blocks).
 A model, not a measurement: caches, GEMM re-reads and launch overheads are not in it.
 """
@@ -61,10 +62,11 @@ def matmul(t, name, rows, c_in, c_out, in_bytes, ss2d=False):
     t.add(f"GEMM ({name})", rows * c_in * BF16, rows * c_out * BF16, ss2d)
 
 
-def ss2d_front(t, m, layer):
-    """in_proj, depthwise conv, SiLU and x_proj: the same in both paths. Returns (D, N, R, P)."""
+def ss2d_front(t, m, layer, in_bytes=F32):
+    """in_proj, depthwise conv, SiLU and x_proj: the same in both paths, but for in_proj's input, which torch's
+    LayerNorm hands over in float32 and the fused block norms in bfloat16. Returns (D, N, R, P)."""
     c, d, n, r = layer.in_proj.in_features, layer.d_inner, layer.d_state, layer.dt_rank
-    matmul(t, "in_proj", m, c, layer.in_proj.out_features, F32, True)   # the block's norm hands float32 over
+    matmul(t, "in_proj", m, c, layer.in_proj.out_features, in_bytes, True)
     t.add("depthwise conv2d", m * d * BF16, m * d * BF16, True)
     t.add("SiLU", m * d * BF16, m * d * BF16, True)
     t.add("GEMM (x_proj)", m * d * BF16, m * 4 * (r + 2 * n) * BF16, True)
@@ -90,9 +92,9 @@ def ss2d_old(t, m, layer):
     matmul(t, "out_proj", m, d, layer.out_proj.out_features, F32, True)
 
 
-def ss2d_new(t, m, layer):
+def ss2d_new(t, m, layer, fused_norms):
     """The fused path: the scan reads the map in place; one kernel merges, adds D*x, normalises and gates."""
-    d, n, r, p = ss2d_front(t, m, layer)
+    d, n, r, p = ss2d_front(t, m, layer, BF16 if fused_norms else F32)
     if vmamba._ss2d_blocks(d, n, r)[2]:   # dt made inside the scan
         t.add("fused SS2D scan kernel", 4 * m * d * BF16 + m * 4 * p * BF16, 4 * m * d * BF16, True)
     else:                                 # dt (B, H, W, 4, D) from a GEMM, read by the scan
@@ -103,15 +105,26 @@ def ss2d_new(t, m, layer):
     matmul(t, "out_proj", m, d, layer.out_proj.out_features, BF16, True)
 
 
-def block_rest(t, m, block):
-    """A VSSBlock around its SS2D: norm, residual adds, norm2 and the MLP."""
+def fuses_norms(block):
+    """Whether a block on the Triton path runs its norms in the add + LayerNorm kernels (VSSBlock.forward's test)."""
+    return block.mlp is not None and not block.post_norm
+
+
+def block_rest(t, m, block, fused_norms=False):
+    """A VSSBlock around its SS2D: norm, residual adds, norm2 and the MLP. ``fused_norms``: n = norm(x) and then
+    (x + h, norm2(x + h)) in the add + LayerNorm kernels, the residual stream float32, n bfloat16."""
     c = block.norm.normalized_shape[0]
-    layer_norm(t, "block norms", m, c, F32)
-    t.add("residual add", m * c * (F32 + BF16), m * c * F32)
+    if fused_norms:
+        t.add("add + LayerNorm kernel (block norms)", m * c * F32, m * c * BF16)
+        t.add("add + LayerNorm kernel (block norms)", m * c * (F32 + BF16), m * c * (F32 + BF16))
+    else:
+        layer_norm(t, "block norms", m, c, F32)
+        t.add("residual add", m * c * (F32 + BF16), m * c * F32)
     if block.mlp is not None:
         hidden = block.mlp.fc1.out_features
-        layer_norm(t, "block norms", m, c, F32)
-        matmul(t, "fc1", m, c, hidden, F32)
+        if not fused_norms:
+            layer_norm(t, "block norms", m, c, F32)
+        matmul(t, "fc1", m, c, hidden, BF16 if fused_norms else F32)
         t.add("GELU", m * hidden * BF16, m * hidden * BF16)
         matmul(t, "fc2", m, hidden, c, BF16)
         t.add("residual add", m * c * (F32 + BF16), m * c * F32)
@@ -141,13 +154,17 @@ def model_bytes(name, batch, img):
     with torch.device("meta"):
         model = vmamba.create_model(name).eval()
     calls = record_shapes(model, batch, img)
+    fused = {block.op: fuses_norms(block) for block in model.modules() if isinstance(block, vmamba.VSSBlock)}
     tallies, elements = {"old": Tally(), "new": Tally()}, 0
     for kind, module, shape, out in calls:
         for path, t in tallies.items():
-            if kind == "ss2d":   # (B, H, W, C) in
-                (ss2d_new if path == "new" else ss2d_old)(t, shape[0] * shape[1] * shape[2], module)
+            if kind == "ss2d" and path == "new":   # (B, H, W, C) in
+                ss2d_new(t, shape[0] * shape[1] * shape[2], module, fused[module])
+            elif kind == "ss2d":
+                ss2d_old(t, shape[0] * shape[1] * shape[2], module)
             elif kind == "block":   # (B, C, H, W) or (B, H, W, C) in
-                block_rest(t, shape[0] * (shape[2] * shape[3] if module.channel_first else shape[1] * shape[2]), module)
+                rows = shape[0] * (shape[2] * shape[3] if module.channel_first else shape[1] * shape[2])
+                block_rest(t, rows, module, path == "new" and fuses_norms(module))
             else:   # a convolution with its following LayerNorm (stem, downsampling): float32 in, out
                 rows_in, rows_out = shape[0] * shape[2] * shape[3], out[0] * out[2] * out[3]
                 t.add("cast to bfloat16 (convs)", rows_in * shape[1] * F32, rows_in * shape[1] * BF16)
