@@ -12,11 +12,11 @@ Coverage. The full product (95 tiles x 8 constexpr combinations x 2 kernels x 2 
 kernel while the constexpr combination (HAS_D, HAS_BIAS, SOFTPLUS) and the target cycle
 along the tiles: every tile on one target, every combination on both targets for both
 kernels. The tiles VMamba runs (at any size, N=1 and N=16) are also compiled on both
-targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, and
-merge + LayerNorm) are compiled at every configuration their dispatcher chooses for VMamba
-(D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16) on both targets, and must
-show no spill or stack bytes under ``ptxas -v``; the fused scan also no barrier and no
-shuffle in its PTX. Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
+targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, its
+backward, and merge + LayerNorm) are compiled at every configuration their dispatcher chooses
+for VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16) on both
+targets, and must show no spill or stack bytes under ``ptxas -v``; the fused forward scan also
+no barrier and no shuffle in its PTX (the backward sums over channels: it has both). Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
 (1 becomes a constant, multiples of 16 are marked divisible, pointers 16-byte aligned),
 from a real (D, N, L) that selects the tile.
 """
@@ -72,13 +72,19 @@ def scan_job(kernel, tile, shape, combo, cap, dtype="fp32", K=4):
                 ptrs={name: dtype for name in low})
 
 
-def ss2d_job(vmamba, D, N, R, cap, dtype):
-    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56."""
-    block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R)
-    return dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
-                consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
-                            BLOCK_R=max(block_r, 1)),
-                ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
+def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False):
+    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56; backward:
+    its backward kernel as _ss2d_scan_bwd launches it, dy broadcast over the directions (as the merge gives it)."""
+    block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R, backward)
+    job = dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
+               consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
+                           BLOCK_R=max(block_r, 1)),
+               ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
+    if backward:
+        job["kernel"], job["consts"]["T"] = "_ss2d_bwd_kernel", vmamba._SS2D_SEGMENT
+        job["ints"].update(dy_pix=D, dy_k=0)
+        job["ptrs"] = {name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "dy_ptr", "dx_ptr", "ddt_ptr")}
+    return job
 
 
 def merge_norm_job(vmamba, D, gated, cap, dtype):
@@ -88,18 +94,20 @@ def merge_norm_job(vmamba, D, gated, cap, dtype):
                 ptrs={name: dtype for name in ("ys_ptr", "x_ptr", "z_ptr", "out_ptr")})
 
 
-# What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1 and 16, ranks 6..48, float32
-# and bfloat16): every (BLOCK_D, BLOCK_N, BLOCK_R) tile and both merge-norm variants, on both targets.
-SS2D_DIMS, SS2D_RANKS = (96, 192, 384, 768, 1536), (6, 12, 24, 48)
+# What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1, 4, 8 and 16, ranks 6..48,
+# float32 and bfloat16): every (BLOCK_D, BLOCK_N, BLOCK_R) tile of both scan kernels and both merge-norm variants,
+# on both targets. Rank 32 is the largest made inside at N <= 4, 12 at N > 4 (BLOCK_R 16; 8 in the backward at N > 8).
+SS2D_DIMS, SS2D_STATES, SS2D_RANKS = (96, 192, 384, 768, 1536), (1, 4, 8, 16), (6, 12, 24, 32, 48)
 
 
 def fused_jobs(vmamba):
     jobs, seen = [], set()
-    for cap, dtype, D, N, R in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (1, 16), SS2D_RANKS):
-        key = (cap, dtype, N, R, *vmamba._ss2d_blocks(D, N, R))   # R and N are compile-time constants
+    for cap, dtype, D, N, R, backward in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, SS2D_STATES,
+                                                           SS2D_RANKS, (False, True)):
+        key = (cap, dtype, N, R, backward, *vmamba._ss2d_blocks(D, N, R, backward))   # R, N: compile-time constants
         if key not in seen:
             seen.add(key)
-            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype))
+            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype, backward))
     for cap, dtype, D, gated in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True)):
         jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
     return jobs
@@ -126,7 +134,7 @@ def _init_worker():
     vmamba._triton_kernels()  # imports triton and jits the kernels (done lazily on first use)
 
 
-FUSED = ("_ss2d_fwd_kernel", "_merge_norm_kernel")  # the kernels that must not spill
+FUSED = ("_ss2d_fwd_kernel", "_ss2d_bwd_kernel", "_merge_norm_kernel")  # the kernels that must not spill
 
 
 def resources(ptx, cap):
@@ -203,7 +211,7 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
     lines = ["# Registers of the fused SS2D kernels (sm_80, sm_90)", "",
              f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
              "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
-             "VMamba (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16 activations).", "",
+             "VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations).", "",
              "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z | BLOCK_D | BLOCK_M | registers | spill bytes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
