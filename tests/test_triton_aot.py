@@ -273,7 +273,7 @@ if pytest is not None:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, every time
         proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                              timeout=1800)   # ~100 more compilations since the fused kernels came
+                              timeout=2400)   # ~360 more compilations since the fused kernels came
         lines = proc.stdout.strip().splitlines()
         assert lines, f"no output (status {proc.returncode}):\n{proc.stderr[-4000:]}"
         summary = json.loads(lines[-1])
