@@ -431,6 +431,86 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
 
     @triton.jit
+    def _ss2d_at(t, k, H, W):
+        """The pixel (of H*W) at step t of direction k: row-major, column-major, both reversed."""
+        s = tl.where(k >= 2, H * W - 1 - t, t)
+        return tl.where(k % 2 == 0, s, (s % H) * W + s // H)
+
+    @triton.jit
+    def _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h, row, k, D, offs_d, R: tl.constexpr, N: tl.constexpr,
+                   LOW_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """One step of _ss2d_fwd_kernel's recurrence from state h at pixel ``row``: u, dts, B, C (float32), the
+        pre-softplus dt z, the decays a and the new state."""
+        u, raw, Bv, Cv = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, row, k, D, offs_d, True, R, N, LOW_RANK, BLOCK_N,
+                                     BLOCK_R)
+        u, raw, Bv = u.to(tl.float32), raw.to(tl.float32), Bv.to(tl.float32)
+        z = (tl.sum(w * raw, axis=0) if LOW_RANK else raw) + bias
+        dt = _softplus_tl(z)
+        a = tl.exp(dt[None, :] * A)
+        return u, raw, Bv, Cv.to(tl.float32), z, a, a * h + (dt * u)[None, :] * Bv
+
+    @triton.jit
+    def _ss2d_bwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, dy_ptr, ckpt_ptr, hs_ptr, dx_ptr, part_ptr,
+                         ddt_ptr, dw_ptr, dbias_ptr, dA_ptr, H, W, D, dy_pix, dy_k, R: tl.constexpr, N: tl.constexpr,
+                         LOW_RANK: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+        """_ss2d_fwd_kernel's backward, same grid and pixels; dy at row * dy_pix + k * dy_k. A program sweeps direction
+        k forward keeping every T-th state (ckpt), then from the last segment of T steps to the first recomputes its
+        states (hs, its own scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not
+        LOW_RANK, dL/dz (z: dt before softplus) in x's dtype; float32: part (B, H, W, 4, blocks, [R +] 2N), this
+        channel block's sums of [ddts,] dB, dC; per sample dw (B, 4, R, D) (if LOW_RANK), dbias (B, 4, D), dA."""
+        pid, blk, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        offs_d, offs_n, offs_r = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
+        b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
+        A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N)   # (BN, BD); padded: A = 0, B = C = u = dy = 0
+        bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
+        w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32) if LOW_RANK else bias
+        tile = tl.arange(0, BLOCK_D)[None, :] * BLOCK_N + offs_n[:, None]   # a state's place in ckpt and hs
+        n_seg, prog = tl.cdiv(L, T), (pid * blocks + blk).to(tl.int64)
+        ckpt, hs = ckpt_ptr + prog * n_seg * BLOCK_N * BLOCK_D + tile, hs_ptr + prog * T * BLOCK_N * BLOCK_D + tile
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for t in range(L):
+            if t % T == 0:
+                tl.store(ckpt + (t // T) * BLOCK_N * BLOCK_D, h)
+            h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h, (b * L + _ss2d_at(t, k, H, W)).to(tl.int64), k, D,
+                           offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)[6]
+        dh, dA, dbias, dw = tl.zeros_like(h), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w)
+        RP: tl.constexpr = R if LOW_RANK else 0                 # where dB starts in part
+        for i in range(n_seg):
+            start, h = (n_seg - 1 - i) * T, tl.load(ckpt + (n_seg - 1 - i) * BLOCK_N * BLOCK_D)
+            n = tl.minimum(T, L - start)
+            for j in range(n):                                  # the segment's states, h before step start + j
+                tl.store(hs + j * BLOCK_N * BLOCK_D, h)
+                h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h, (b * L + _ss2d_at(start + j, k, H, W)).to(
+                    tl.int64), k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)[6]
+            for j in range(n):                                  # backwards: dh enters as a_{t+1} * dL/dh_{t+1}
+                row = (b * L + _ss2d_at(start + n - 1 - j, k, H, W)).to(tl.int64)
+                h_prev = tl.load(hs + (n - 1 - j) * BLOCK_N * BLOCK_D)
+                u, raw, Bv, Cv, z, a, h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h_prev, row, k, D, offs_d,
+                                                     R, N, LOW_RANK, BLOCK_N, BLOCK_R)
+                dy = tl.load(dy_ptr + row * dy_pix + k * dy_k + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+                dt, dh = _softplus_tl(z), dh + dy[None, :] * Cv
+                dhb, dah = tl.sum(dh * Bv, axis=0), dh * a * h_prev     # dL/d(dt u) / B, dL/d(dt A)
+                dz = (tl.sum(dah * A, axis=0) + u * dhb) * tl.sigmoid(z)   # dL/dz, z the pre-softplus dt
+                dA, dbias, at = dA + dah * dt[None, :], dbias + dz, row * 4 + k
+                tl.store(dx_ptr + at * D + offs_d, (dt * dhb).to(dx_ptr.dtype.element_ty), mask=d_mask)
+                part = part_ptr + (at * blocks + blk) * (RP + 2 * N)
+                if LOW_RANK:
+                    dw += raw * dz[None, :]
+                    tl.store(part + offs_r, tl.sum(w * dz[None, :], axis=1), mask=offs_r < R)
+                else:
+                    tl.store(ddt_ptr + at * D + offs_d, dz.to(ddt_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(part + RP + offs_n, tl.sum(dh * (dt * u)[None, :], axis=1), mask=offs_n < N)
+                tl.store(part + RP + N + offs_n, tl.sum(h * dy[None, :], axis=1), mask=offs_n < N)
+                dh = a * dh
+        out, dn_mask = (b * 4 + k) * D + offs_d, (offs_n < N)[:, None] & d_mask[None, :]
+        tl.store(dbias_ptr + out, dbias, mask=d_mask)
+        tl.store(dA_ptr + (b * 4 + k) * N * D + offs_n[:, None] * D + offs_d[None, :], dA, mask=dn_mask)
+        if LOW_RANK:
+            tl.store(dw_ptr + (b * 4 + k) * R * D + offs_r[:, None] * D + offs_d[None, :], dw,
+                     mask=(offs_r < R)[:, None] & d_mask[None, :])
+
+    @triton.jit
     def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, rows, D, z_stride, eps,
                            HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
@@ -771,16 +851,12 @@ def _ss2d_tiles(x: Tensor, w_proj: Tensor, w_dt: Tensor, dt_bias: Tensor, A: Ten
 
 
 # --- SS2D on the fused Triton kernels: the scan reads the map in place, one kernel merges, adds D*x and normalises.
-def _to_pixels(ys: Tensor, h: int, w: int) -> Tensor:   # (B, H*W, 4, X) -> (B, H, W, 4, X): _to_sequences inverted
-    y0, y1, y2, y3 = ys.unbind(2)                                     # (B, L, X) each
-    return torch.stack([y0.unflatten(1, (h, w)), y1.unflatten(1, (w, h)).transpose(1, 2),
-                        y2.flip(1).unflatten(1, (h, w)), y3.flip(1).unflatten(1, (w, h)).transpose(1, 2)], 3)
-
-
-def _ss2d_blocks(D: int, N: int, R: int) -> Tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel, a channel per thread (num_warps = BLOCK_D / 32). BLOCK_R = 0:
-    dt from a GEMM (16 more bytes an element) above ranks 32 (16 at N > 4): w and dts would hold ~200 registers."""
-    return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if R <= (32 if N <= 4 else 16) else 0
+def _ss2d_blocks(D: int, N: int, R: int, backward: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel (or _ss2d_bwd_kernel), a channel per thread (num_warps =
+    BLOCK_D / 32). BLOCK_R = 0: dt from a GEMM (16 more bytes an element) above ranks 32 (16 at N > 4; 8 at N > 8 in
+    the backward, which also holds w's gradient): w and dts would hold ~200 registers (255, spilling, backward)."""
+    low = R <= (32 if N <= 4 else 16 if N <= 8 or not backward else 8)
+    return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if low else 0
 
 
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
@@ -800,24 +876,43 @@ def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A: Tensor) -
 _ss2d_scan.register_fake(lambda x, *weights: x.new_empty((*x.shape[:3], 4, x.shape[3])))
 
 
-def _ss2d_scan_backward(ctx, dys):
-    """Through the selective-scan kernels on the four sequences, recomputed (copies, and the forward scan again)."""
-    x, proj, w_dt, bias, A = ctx.saved_tensors
+_SS2D_SEGMENT = 32   # steps between the states the fused backward keeps: (L/32 + 32) states per (N, channel)
+
+
+@torch.library.custom_op(f"{_OPS_NS}::ss2d_scan_bwd", mutates_args=())
+def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor,
+                   A: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`_ss2d_scan`'s inputs from dys (B, H, W, 4, D), by one kernel that sweeps every
+    direction backwards from recomputed states (_ss2d_bwd_kernel); here, the sums of its partial results over
+    channel blocks and samples (deterministic, no atomics), and for a GEMM'd dt its products with dts and w_dt."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
-    seqs = lambda t: _to_sequences(t).permute(0, 2, 3, 1).flatten(1, 2)   # (B, H, W, [4,] D) -> (B, 4*D, L)
-    dts, Bs, Cs = _to_sequences(proj).split([r, n, n], dim=-1)        # (B, L, 4, R|N|N)
-    Bs, Cs = (t.permute(0, 2, 3, 1) for t in (Bs, Cs))                # (B, 4, N, L)
-    u, delta, bias = seqs(x), torch.einsum("blkr,kdr->bkdl", dts, w_dt).flatten(1, 2), bias.flatten()   # (B, 4*D, L)
-    states = _selective_scan_fwd(u, delta, A, Bs, Cs, None, bias, True)[1]
-    du, ddelta, dA, dB, dC, _, dbias = _selective_scan_bwd(seqs(dys), u, delta, A, Bs, Cs, None, bias, states, True)
-    ddelta = ddelta.view(b, 4, d, -1)                                 # (B, 4, D, L)
-    dproj = torch.cat([torch.einsum("bkdl,kdr->blkr", ddelta, w_dt), dB.permute(0, 3, 1, 2),
-                       dC.permute(0, 3, 1, 2)], -1)                   # (B, L, 4, R + 2N)
-    return (_from_sequences(du.view(b, 4, d, -1).permute(0, 3, 1, 2), h, w), _to_pixels(dproj, h, w),
-            torch.einsum("bkdl,blkr->kdr", ddelta, dts), dbias.view(4, -1), dA)
+    (block_d, block_n, block_r), seg = _ss2d_blocks(d, n, r, backward=True), _SS2D_SEGMENT
+    blocks, low, f32 = -(-d // block_d), block_r > 0, dict(device=x.device, dtype=torch.float32)
+    dt = proj if low else torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], w_dt).contiguous()   # (B, H, W, 4, D)
+    if dys.stride(-1) != 1 or dys.stride(0) != h * w * dys.stride(2) or dys.stride(1) != w * dys.stride(2):
+        dys = dys.contiguous()   # else read in place: the merge's gradient has stride 0 over directions
+    ckpt, hs = (torch.empty((b * 4 * blocks, s, block_n, block_d), **f32) for s in (-(-h * w // seg), seg))
+    dxs, ddt = x.new_empty((b, h, w, 4, d)), x.new_empty((1,) if low else (b, h, w, 4, d))
+    part = torch.empty((b, h, w, 4, blocks, (r if low else 0) + 2 * n), **f32)
+    dw, dbias, dA = (torch.empty((b, 4, *shape), **f32) for shape in ((r if low else 1, d), (d,), (n, d)))
+    _triton_kernels().ss2d_bwd_kernel[(b * 4, blocks)](
+        x.contiguous(), proj.contiguous(), dt, w_dt.transpose(1, 2).contiguous(), bias.contiguous(), A.t().contiguous(),
+        dys, ckpt, hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n, LOW_RANK=low, T=seg,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+    dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
+    if low:
+        dw_dt = dw.sum(0).transpose(1, 2)                             # (4, D, R)
+    else:
+        dproj = torch.cat([torch.einsum("bhwkd,kdr->bhwkr", ddt, w_dt).float(), dproj], -1)
+        dw_dt = torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])
+    return (dxs.sum(3), dproj.to(proj.dtype), dw_dt.to(w_dt.dtype).contiguous(), dbias.sum(0).to(bias.dtype),
+            dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A.dtype))
 
 
-_ss2d_scan.register_autograd(_ss2d_scan_backward,
+_ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs))
+
+
+_ss2d_scan.register_autograd(lambda ctx, dys: _ss2d_scan_bwd(dys, *ctx.saved_tensors),
                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 

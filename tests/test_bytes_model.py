@@ -1,5 +1,6 @@
-"""tools/bytes_model.py: HBM bytes per step of VMamba-T's bfloat16 inference, kernel by kernel, for SS2D's fused
-Triton path and the one before it (a model from the real launch shapes, not a measurement)."""
+"""tools/bytes_model.py: HBM bytes per step of VMamba-T's bfloat16 inference (and its SS2D layers' backward),
+kernel by kernel, for SS2D's fused Triton path and the one before it (a model from the real launch shapes, not a
+measurement)."""
 import json
 import subprocess
 import sys
@@ -26,3 +27,11 @@ def test_bytes_model_runs_and_meets_the_ss2d_target(tmp_path):
     assert norms["new_calls"] == 28 and norms["old_calls"] == 0 and kernels["LayerNorm (block norms)"]["new_calls"] == 0
     assert kernels["cast to bfloat16 (in_proj)"]["new_calls"] == kernels["cast to bfloat16 (fc1)"]["new_calls"] == 0
     assert kernels["residual add"]["new_calls"] == 14 and new["model_gb"] < 27                   # ~26.4
+    # Training: the fused backward kernel replaces the selective-scan backward and the cross-scan/merge adjoints.
+    assert "SS2D layer backward:" in proc.stdout
+    backward = {r["kernel"]: r for r in data["backward_kernels"]}
+    assert backward["fused SS2D scan backward kernel"]["new_calls"] == 14
+    assert backward["selective-scan backward kernel"]["new_calls"] == 0
+    assert backward["fused SS2D scan backward kernel"]["new_per_element"] <= 45                 # ~40
+    assert 200 < old["ss2d_backward_per_element"] < 300 and new["ss2d_backward_per_element"] < 200   # ~249, ~186
+    assert new["ss2d_training_per_element"] < old["ss2d_training_per_element"] - 100          # ~382 -> ~240

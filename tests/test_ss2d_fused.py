@@ -38,21 +38,26 @@ def outputs_and_grads(layer, x, grads):
     return out, torch.autograd.grad(out, [x, *layer.parameters()], g)
 
 
-# (forward type, N, dtype, H, W, gradients): both families (v0 gated N=16, v05_noz N=1), odd maps.
+# (forward type, N, dtype, H, W, gradients, d_model, dt_rank): both families (v0 gated N=16, v05_noz N=1), odd
+# maps, maps over several of the backward's segments of 32 steps; 96 channels (3 blocks of 32); rank 40 (dt from a
+# GEMM) and rank 12 at N = 16 (dt made inside forward, a GEMM backward).
 CASES = [
-    ("v05_noz", 1, torch.float32, 7, 9, True),
-    ("v0", 16, torch.float32, 7, 9, True),
-    ("v05_noz", 1, torch.bfloat16, 7, 9, True),
-    ("v0", 16, torch.bfloat16, 9, 7, False),
-    ("v05_noz", 1, torch.float32, 1, 5, True),
+    ("v05_noz", 1, torch.float32, 7, 9, True, 4, "auto"),
+    ("v0", 16, torch.float32, 7, 9, True, 4, "auto"),
+    ("v05_noz", 1, torch.bfloat16, 7, 9, True, 4, "auto"),
+    ("v0", 16, torch.bfloat16, 9, 7, False, 4, "auto"),
+    ("v05_noz", 1, torch.float32, 1, 5, True, 4, "auto"),
+    ("v0", 1, torch.float32, 3, 5, True, 96, "auto"),
+    ("v05_noz", 4, torch.float32, 9, 11, True, 4, 40),
+    ("v0", 16, torch.bfloat16, 3, 5, True, 4, 12),
 ]
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("forward_type,N,dtype,H,W,grads", CASES)
-def test_fused_ss2d_matches_torch(forward_type, N, dtype, H, W, grads):
-    layer, fused = layer_pair(forward_type, N)
-    x = torch.randn(2, H, W, 4)
+@pytest.mark.parametrize("forward_type,N,dtype,H,W,grads,d_model,dt_rank", CASES)
+def test_fused_ss2d_matches_torch(forward_type, N, dtype, H, W, grads, d_model, dt_rank):
+    layer, fused = layer_pair(forward_type, N, d_model, dt_rank)
+    x = torch.randn(2 if d_model < 16 else 1, H, W, d_model)
     tol = 1e-5 if dtype == torch.float32 else 3e-2   # bfloat16: every direction's y is rounded before the merge
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
         ref, ref_grads = outputs_and_grads(layer, x, grads)
@@ -63,6 +68,46 @@ def test_fused_ss2d_matches_torch(forward_type, N, dtype, H, W, grads):
     for name, got, want in zip(names, out_grads, ref_grads):
         assert got.dtype == want.dtype, name
         assert rel(got, want) < (1e-4 if dtype == torch.float32 else 5e-2), name
+
+
+def ss2d_scan_ref(x, proj, w_dt, bias, A):
+    """ss2d_scan through the float64 oracle: the four sequences, dt = w_dt @ dts, outputs back on their pixels."""
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    dts, Bs, Cs = vmamba._to_sequences(proj.double()).split([r, n, n], -1)   # (B, L, 4, R|N|N)
+    u = vmamba._to_sequences(x.double()).permute(0, 2, 3, 1).flatten(1, 2)    # (B, 4*D, L)
+    delta = torch.einsum("blkr,kdr->bkdl", dts, w_dt.double()).flatten(1, 2)
+    y = vmamba.selective_scan_ref(u, delta, A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
+                                  delta_bias=bias.flatten(), delta_softplus=True).view(b, 4, d, -1)
+    pixel = vmamba._to_sequences(torch.arange(h * w).view(1, h, w, 1))[0, :, :, 0]   # (L, 4): step -> pixel
+    return torch.stack([y[:, k][..., pixel[:, k].argsort()].transpose(1, 2) for k in range(4)], 2).view(b, h, w, 4, d)
+
+
+# (batch, H, W, D, N, R, dtype, dy over directions): one segment of 32 steps; two, the last partial (N = 16, rank 12:
+# dt made inside forward, a GEMM backward); exactly three, 3 channel blocks; four (rank 40: dt from a GEMM both
+# ways); bfloat16; a gradient broadcast over the directions (stride 0, as the merge gives it), read in place.
+BWD_CASES = [
+    (2, 3, 5, 4, 1, 2, torch.float32, False),
+    (1, 7, 9, 4, 16, 12, torch.float32, False),
+    (1, 8, 12, 96, 1, 6, torch.float32, False),
+    (1, 9, 11, 8, 4, 40, torch.float32, True),
+    (1, 7, 9, 4, 1, 6, torch.bfloat16, True),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("batch,H,W,D,N,R,dtype,broadcast", BWD_CASES)
+def test_fused_scan_backward_matches_float64(batch, H, W, D, N, R, dtype, broadcast):
+    """Every input's gradient from the fused backward against autograd through the float64 oracle."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(batch, H, W, D).to(dtype), torch.randn(batch, H, W, 4, R + 2 * N).to(dtype),
+              (torch.randn(4, D, R) / R ** 0.5).to(dtype), torch.randn(4, D), -torch.rand(4 * D, N).add(0.5)]
+    inputs = [t.requires_grad_() for t in inputs]
+    dys = torch.randn(batch, H, W, 1 if broadcast else 4, D).to(dtype).expand(batch, H, W, 4, D)
+    got = torch.autograd.grad(vmamba._ss2d_scan(*inputs), inputs, dys)
+    want = torch.autograd.grad(ss2d_scan_ref(*inputs), inputs, dys.double())
+    for name, g, ref in zip(("x", "proj", "w_dt", "bias", "A"), got, want):
+        assert g.dtype == ref.dtype and g.shape == ref.shape, name
+        assert rel(g, ref) < (1e-5 if dtype == torch.float32 else 2e-2), name
 
 
 @pytest.mark.triton
@@ -113,6 +158,9 @@ def test_fused_ops_registrations_and_compile():
                      (ops.merge_norm, (ys.detach(), x, None, Dsum, w, b, 1e-5))):
         torch.library.opcheck(op.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    inputs = [t.detach() for t in (x, proj, w_dt, bias, A)]
+    for dys in (torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 2, 1, 4).expand(1, 3, 2, 4, 4)):   # the backward's op
+        torch.library.opcheck(ops.ss2d_scan_bwd.default, (dys, *inputs), test_utils=("test_schema", "test_faketensor"))
     _, fused = layer_pair("v0", 2)
     x = torch.randn(1, 3, 5, 4, requires_grad=True)
     out = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)

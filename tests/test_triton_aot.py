@@ -12,14 +12,16 @@ Coverage. The full product (95 tiles x 8 constexpr combinations x 2 kernels x 2 
 kernel while the constexpr combination (HAS_D, HAS_BIAS, SOFTPLUS) and the target cycle
 along the tiles: every tile on one target, every combination on both targets for both
 kernels. The tiles VMamba runs (at any size, N=1 and N=16) are also compiled on both
-targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, and
-merge + LayerNorm) are compiled at every configuration their dispatcher chooses for VMamba
-(D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16) on both targets, and must
-show no spill or stack bytes under ``ptxas -v``; the fused scan also no barrier and no
-shuffle in its PTX. So must the blocks' add + LayerNorm kernels, forward and backward, at
-C = 48..1536, with and without the residual, float32, bfloat16 and float16 activations. Registers of each are in the summary (``fused``). Integer arguments are specialised as triton does at launch
-(1 becomes a constant, multiples of 16 are marked divisible, pointers 16-byte aligned),
-from a real (D, N, L) that selects the tile.
+targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, its
+backward, and merge + LayerNorm) are compiled at every configuration their dispatcher chooses
+for VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16) on both
+targets, and must show no spill or stack bytes under ``ptxas -v``; the fused forward scan also
+no barrier and no shuffle in its PTX (the backward sums over channels: it has both). The blocks'
+add + LayerNorm kernels, forward and backward, at C = 48..1536, with and without the residual,
+float32, bfloat16 and float16 activations, must not spill either. Registers of each are in the
+summary (``fused``). Integer arguments are specialised as triton does at launch (1 becomes a
+constant, multiples of 16 are marked divisible, pointers 16-byte aligned), from a real (D, N, L)
+that selects the tile.
 """
 import argparse
 import itertools
@@ -73,13 +75,19 @@ def scan_job(kernel, tile, shape, combo, cap, dtype="fp32", K=4):
                 ptrs={name: dtype for name in low})
 
 
-def ss2d_job(vmamba, D, N, R, cap, dtype):
-    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56."""
-    block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R)
-    return dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
-                consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
-                            BLOCK_R=max(block_r, 1)),
-                ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
+def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False):
+    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56; backward:
+    its backward kernel as _ss2d_scan_bwd launches it, dy broadcast over the directions (as the merge gives it)."""
+    block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R, backward)
+    job = dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
+               consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
+                           BLOCK_R=max(block_r, 1)),
+               ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
+    if backward:
+        job["kernel"], job["consts"]["T"] = "_ss2d_bwd_kernel", vmamba._SS2D_SEGMENT
+        job["ints"].update(dy_pix=D, dy_k=0)
+        job["ptrs"] = {name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "dy_ptr", "dx_ptr", "ddt_ptr")}
+    return job
 
 
 def merge_norm_job(vmamba, D, gated, cap, dtype):
@@ -99,20 +107,22 @@ def add_norm_job(vmamba, kernel, C, has_h, cap, dtype):
                 ptrs={name: dtype for name in ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")})
 
 
-# What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1 and 16, ranks 6..48, float32
-# and bfloat16): every (BLOCK_D, BLOCK_N, BLOCK_R) tile and both merge-norm variants, on both targets.
-SS2D_DIMS, SS2D_RANKS = (96, 192, 384, 768, 1536), (6, 12, 24, 48)
+# What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1, 4, 8 and 16, ranks 6..48,
+# float32 and bfloat16): every (BLOCK_D, BLOCK_N, BLOCK_R) tile of both scan kernels and both merge-norm variants,
+# on both targets. Rank 32 is the largest made inside at N <= 4, 12 at N > 4 (BLOCK_R 16; 8 in the backward at N > 8).
+SS2D_DIMS, SS2D_STATES, SS2D_RANKS = (96, 192, 384, 768, 1536), (1, 4, 8, 16), (6, 12, 24, 32, 48)
 # The block norms' widths (VMamba-T/S 96..768, B 128..1024), d_inner widths up to 1536, and the stem's 48.
 NORM_DIMS = (48, 96, 128, 192, 384, 768, 1024, 1536)
 
 
 def fused_jobs(vmamba):
     jobs, seen = [], set()
-    for cap, dtype, D, N, R in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (1, 16), SS2D_RANKS):
-        key = (cap, dtype, N, R, *vmamba._ss2d_blocks(D, N, R))   # R and N are compile-time constants
+    for cap, dtype, D, N, R, backward in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, SS2D_STATES,
+                                                           SS2D_RANKS, (False, True)):
+        key = (cap, dtype, N, R, backward, *vmamba._ss2d_blocks(D, N, R, backward))   # R, N: compile-time constants
         if key not in seen:
             seen.add(key)
-            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype))
+            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype, backward))
     for cap, dtype, D, gated in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True)):
         jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
     for cap, dtype, C, has_h, kernel in itertools.product(TARGETS, ("fp32", "bf16", "fp16"), NORM_DIMS, (False, True),
@@ -142,7 +152,8 @@ def _init_worker():
     vmamba._triton_kernels()  # imports triton and jits the kernels (done lazily on first use)
 
 
-FUSED = ("_ss2d_fwd_kernel", "_merge_norm_kernel", "_add_norm_kernel", "_add_norm_bwd_kernel")   # must not spill
+FUSED = ("_ss2d_fwd_kernel", "_ss2d_bwd_kernel", "_merge_norm_kernel", "_add_norm_kernel",
+         "_add_norm_bwd_kernel")   # the kernels that must not spill
 
 
 def resources(ptx, cap):
@@ -219,7 +230,7 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
     lines = ["# Registers of the fused kernels (sm_80, sm_90)", "",
              f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
              "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
-             "VMamba (D = 96..1536, N = 1 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
+             "VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
              "blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations float32, "
              "bfloat16 or float16).", "",
              "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z / HAS_H | C | BLOCK_D / BLOCK_C | BLOCK_M | registers | "
@@ -285,7 +296,7 @@ if pytest is not None:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, every time
         proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                              timeout=1800)   # ~100 more compilations since the fused kernels came
+                              timeout=2400)   # ~360 more compilations since the fused kernels came
         lines = proc.stdout.strip().splitlines()
         assert lines, f"no output (status {proc.returncode}):\n{proc.stderr[-4000:]}"
         summary = json.loads(lines[-1])

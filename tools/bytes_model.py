@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """HBM bytes per step of VMamba's eager inference under bfloat16 autocast on a CUDA GPU, kernel by kernel, for
 SS2D's fused Triton path (this vmamba.py) and the path before it (cross-scan copies, the chunked scan kernel
-writing float32, a cross-merge kernel, torch ops for the D term and out_norm).
+writing float32, a cross-merge kernel, torch ops for the D term and out_norm); and, for training, the SS2D layers'
+backward in both paths (autograd's kernels; the fused scan's own backward kernel in the new one).
 
     python tools/bytes_model.py [--model vmamba_tiny_s1l8] [--batch 128] [--img 224] [--json PATH] [--markdown PATH]
 
@@ -110,6 +111,71 @@ def fuses_norms(block):
     return block.mlp is not None and not block.post_norm
 
 
+def ss2d_front_backward(t, m, layer, out_proj_in):
+    """The gradients through out_proj, x_proj, SiLU, the depthwise conv and in_proj: the same kernels in both paths
+    but for the casts (``out_proj_in``: the dtype out_proj read). Each GEMM's backward is two GEMMs (dgrad, wgrad)."""
+    c, d, n, r = layer.in_proj.in_features, layer.d_inner, layer.d_state, layer.dt_rank
+    c_out, zx, p = layer.out_proj.out_features, layer.in_proj.out_features, r + 2 * n
+    t.add("GEMM backward (out_proj)", m * c_out * BF16 * 2 + m * d * BF16, m * d * BF16, True)
+    if out_proj_in != BF16:
+        t.add("cast backward (out_proj)", m * d * BF16, m * d * out_proj_in, True)
+    t.add("GEMM backward (x_proj)", m * 4 * p * BF16 * 2 + m * d * BF16, m * d * BF16, True)
+    t.add("add (gradients of x)", 2 * 2 * m * d * BF16, 2 * m * d * BF16, True)   # scan or merge, D term, x_proj
+    t.add("SiLU backward", 2 * m * d * BF16, m * d * BF16, True)
+    t.add("depthwise conv2d backward", 3 * m * d * BF16, m * d * BF16, True)
+    t.add("GEMM backward (in_proj)", m * zx * BF16 * 2 + m * c * BF16, m * c * BF16, True)
+    t.add("cast backward (in_proj)", m * c * BF16, m * c * F32, True)
+
+
+def ss2d_old_backward(t, m, layer):
+    """Autograd through the path before the fusion: torch ops, the cross-scan and cross-merge kernels' adjoints and
+    the chunked selective-scan backward kernel (float32 du and ddelta, from the chunk states the forward kept)."""
+    d, n, r = layer.d_inner, layer.d_state, layer.dt_rank
+    if layer.gated:
+        t.add("mul backward (gate)", 2 * m * d * F32 + m * d * BF16, m * d * F32 + m * d * BF16, True)
+        t.add("SiLU backward (gate)", 2 * m * d * BF16, m * d * BF16, True)
+    t.add("LayerNorm backward (out_norm)", 2 * m * d * F32, m * d * F32, True)
+    t.add("cast backward (out_norm, core output)", m * d * (F32 + BF16), m * d * (BF16 + F32), True)
+    t.add("mul backward (D term)", m * d * (F32 + BF16) + m * d * F32, m * d * BF16, True)
+    t.add("cross-merge backward (cross-scan of the gradient)", m * d * F32, 4 * m * d * F32, True)
+    t.add("selective-scan backward kernel", 2 * 4 * m * d * BF16 + 4 * m * d * F32 + 2 * m * 4 * n * BF16,
+          2 * 4 * m * d * F32 + 2 * m * 4 * n * F32, True)
+    t.add("cross-scan backward (cross-merge of du)", 4 * m * d * F32, m * d * F32, True)
+    t.add("cast backward (du, ddelta)", m * d * F32 + 4 * m * d * F32, m * d * BF16 + 4 * m * d * BF16, True)
+    t.add("GEMM backward (dt_projs)", 4 * m * d * BF16 * 2 + m * 4 * r * BF16, m * 4 * r * BF16, True)
+    t.add("copies backward (sequences to pixels)", 2 * m * 4 * (r + 2 * n) * BF16, 2 * m * 4 * (r + 2 * n) * BF16, True)
+    ss2d_front_backward(t, m, layer, F32)
+
+
+def ss2d_new_backward(t, m, layer):
+    """The fused path's backward: merge_norm's backward in torch ops (float32), then the fused scan backward kernel.
+    The kernel sweeps each direction three times: forward keeping every 32nd state, then per segment of 32 steps
+    the recomputation and the backward step; the second reads what the third reads again 32 steps later, and the
+    segment's states (32 x N x 64 floats a program) are re-read at once, so both are counted as L2 traffic, not HBM.
+    It writes dx per direction in bfloat16 and partial sums over 64-channel blocks of ddts, dB and dC in float32."""
+    d, n, r = layer.d_inner, layer.d_state, layer.dt_rank
+    f, h = m * d * F32, m * d * BF16
+    ops = [("sum of ys", 4 * h, f), ("cast of x", h, f), ("addcmul (D term)", 2 * f, f), ("LayerNorm", f, f),
+           ("LayerNorm backward", 2 * f, f), ("cast of dm", f, h), ("mul (D term)", f, f), ("cast of dx", f, h),
+           ("mul and sum (dDs)", f + h, 0)]
+    if layer.gated:   # z and g cast up, sigmoid, g * z * s, and dz's five elementwise ops and cast
+        ops += [("casts of z and g", 2 * h, 2 * f), ("sigmoid", f, f), ("g * z * s", 4 * f, 2 * f),
+                ("dz", 9 * f, 5 * f), ("cast of dz", f, h)]
+    for name, read, write in ops:
+        t.add(f"merge + out_norm backward (torch ops: {name})", read, write, True)
+    block_d, _, block_r = vmamba._ss2d_blocks(d, n, r, backward=True)
+    low, parts = block_r > 0, 4 * m * (d // block_d) * (2 * n + (r if block_r else 0)) * F32   # partial sums
+    states = 4 * m * d * n * F32 / vmamba._SS2D_SEGMENT   # every 32nd state of each direction: written, read once
+    if not low:   # dt (B, H, W, 4, D) again, read by the kernel; ddt written, then its two GEMMs
+        t.add("GEMM (dt_projs, channels-last, again)", m * 4 * r * BF16, 4 * h, True)
+        t.add("GEMM backward (dt_projs)", 4 * h * 2 + m * 4 * r * BF16, m * 4 * r * F32, True)
+    t.add("fused SS2D scan backward kernel", 2 * 4 * h + 2 * m * 4 * (r + 2 * n) * BF16 + 4 * h + states
+          + (0 if low else 2 * 4 * h), 4 * h + parts + states + (0 if low else 4 * h), True)   # x, proj twice; dy
+    t.add("sum of dx over directions", 4 * h, h, True)
+    t.add("sum of partial ddts, dB, dC over channel blocks", parts, parts / (d // block_d) / 2, True)
+    ss2d_front_backward(t, m, layer, BF16)
+
+
 def block_rest(t, m, block, fused_norms=False):
     """A VSSBlock around its SS2D: norm, residual adds, norm2 and the MLP. ``fused_norms``: n = norm(x) and then
     (x + h, norm2(x + h)) in the add + LayerNorm kernels, the residual stream float32, n bfloat16."""
@@ -155,13 +221,17 @@ def model_bytes(name, batch, img):
         model = vmamba.create_model(name).eval()
     calls = record_shapes(model, batch, img)
     fused = {block.op: fuses_norms(block) for block in model.modules() if isinstance(block, vmamba.VSSBlock)}
-    tallies, elements = {"old": Tally(), "new": Tally()}, 0
+    tallies, backward, elements = {"old": Tally(), "new": Tally()}, {"old": Tally(), "new": Tally()}, 0
     for kind, module, shape, out in calls:
         for path, t in tallies.items():
-            if kind == "ss2d" and path == "new":   # (B, H, W, C) in
-                ss2d_new(t, shape[0] * shape[1] * shape[2], module, fused[module])
-            elif kind == "ss2d":
-                ss2d_old(t, shape[0] * shape[1] * shape[2], module)
+            if kind == "ss2d":   # (B, H, W, C) in
+                m = shape[0] * shape[1] * shape[2]
+                if path == "new":
+                    ss2d_new(t, m, module, fused[module])
+                    ss2d_new_backward(backward[path], m, module)
+                else:
+                    ss2d_old(t, m, module)
+                    ss2d_old_backward(backward[path], m, module)
             elif kind == "block":   # (B, C, H, W) or (B, H, W, C) in
                 rows = shape[0] * (shape[2] * shape[3] if module.channel_first else shape[1] * shape[2])
                 block_rest(t, rows, module, path == "new" and fuses_norms(module))
@@ -172,11 +242,10 @@ def model_bytes(name, batch, img):
                 layer_norm(t, "stem and downsampling norms", rows_out, out[1], BF16)
         if kind == "ss2d":
             elements += shape[0] * shape[1] * shape[2] * module.d_inner
-    return tallies, elements, len([c for c in calls if c[0] == "ss2d"])
+    return tallies, backward, elements, len([c for c in calls if c[0] == "ss2d"])
 
 
-def report(name, batch, img):
-    tallies, elements, layers = model_bytes(name, batch, img)
+def kernel_rows(tallies, elements):
     rows = []
     for kernel in sorted(set(tallies["old"].bytes) | set(tallies["new"].bytes),
                          key=lambda k: -max(tallies["old"].bytes.get(k, 0), tallies["new"].bytes.get(k, 0))):
@@ -185,12 +254,20 @@ def report(name, batch, img):
             row[f"{path}_calls"], row[f"{path}_gb"] = t.calls.get(kernel, 0), t.bytes.get(kernel, 0.0) / 1e9
             row[f"{path}_per_element"] = t.bytes.get(kernel, 0.0) / elements
         rows.append(row)
+    return rows
+
+
+def report(name, batch, img):
+    tallies, backward, elements, layers = model_bytes(name, batch, img)
     totals = {path: dict(ss2d_per_element=t.total(True) / elements, model_gb=t.total() / 1e9,
                          model_per_element=t.total() / elements, model_ms_at_bandwidth=t.total() / BANDWIDTH * 1e3,
-                         launches=sum(t.calls.values()))
+                         launches=sum(t.calls.values()),
+                         ss2d_backward_per_element=backward[path].total(True) / elements,
+                         ss2d_training_per_element=(t.total(True) + backward[path].total(True)) / elements)
               for path, t in tallies.items()}
     return dict(model=name, batch=batch, img=img, dtype="bfloat16 autocast", ss2d_layers=layers,
-                map_elements=elements, kernels=rows, totals=totals)
+                map_elements=elements, kernels=kernel_rows(tallies, elements),
+                backward_kernels=kernel_rows(backward, elements), totals=totals)
 
 
 def main(argv=None):
@@ -207,14 +284,20 @@ def main(argv=None):
              f"layers, {data['map_elements'] / 1e6:.0f}M map elements a step. Old: the path before the fused "
              "kernels; new: this vmamba.py. * marks the SS2D layer's kernels.", "",
              "| kernel | old GB | old B/element | new GB | new B/element | calls old/new |", "|---|---|---|---|---|---|"]
-    lines += [f"| {('* ' if r['ss2d'] else '') + r['kernel']} | {r['old_gb']:.2f} | {r['old_per_element']:.1f} | "
-              f"{r['new_gb']:.2f} | {r['new_per_element']:.1f} | {r['old_calls']}/{r['new_calls']} |"
-              for r in data["kernels"]]
+    table = lambda rows: [f"| {('* ' if r['ss2d'] else '') + r['kernel']} | {r['old_gb']:.2f} | "
+                          f"{r['old_per_element']:.1f} | {r['new_gb']:.2f} | {r['new_per_element']:.1f} | "
+                          f"{r['old_calls']}/{r['new_calls']} |" for r in rows]
+    lines += table(data["kernels"])
     lines += ["", f"SS2D layer: {old['ss2d_per_element']:.1f} -> {new['ss2d_per_element']:.1f} bytes per element.",
               f"Whole model: {old['model_gb']:.1f} -> {new['model_gb']:.1f} GB per step "
               f"({old['model_per_element']:.0f} -> {new['model_per_element']:.0f} bytes per element; "
               f"{old['model_ms_at_bandwidth']:.1f} -> {new['model_ms_at_bandwidth']:.1f} ms at {BANDWIDTH / 1e12:.0f} TB/s; "
               f"{old['launches']} -> {new['launches']} kernel launches)."]
+    lines += ["", "Training: the SS2D layers' backward (autograd of each path; the rest of the model's backward is "
+              "the same in both and not counted).", "", lines[2], lines[3]] + table(data["backward_kernels"])
+    lines += ["", f"SS2D layer backward: {old['ss2d_backward_per_element']:.1f} -> "
+              f"{new['ss2d_backward_per_element']:.1f} bytes per element; forward + backward: "
+              f"{old['ss2d_training_per_element']:.1f} -> {new['ss2d_training_per_element']:.1f}."]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(data, indent=1))
