@@ -234,14 +234,6 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return tl.minimum(e1 * e2, 3.4028234663852886e38), e2 * (e2 * b1) + b2
 
     @triton.jit
-    def _affine_combine_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
-        """Compose h -> a*h + b, plus the *exclusive* map (ea, eb), all steps but the last (leaf: (a, b, 1, 0)):
-        yields h_t and h_{t-1} at every position without shifting registers or dividing by a (which may be 0).
-        Products of decays are capped at float32's largest value, as in _affine_combine."""
-        return (tl.minimum(a1 * a2, 3.4028234663852886e38), a2 * b1 + b2, tl.minimum(a1 * ea2, 3.4028234663852886e38),
-                ea2 * b1 + eb2)
-
-    @triton.jit
     def _softplus_tl(z):
         """log(1 + exp(z)) in float32, linear above 20, no log(1+x) cancellation for very negative z."""
         ez = tl.exp(tl.minimum(z, 20.0))
@@ -297,88 +289,6 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             # Padded tail steps are identities, so the last column is the state after the chunk.
             h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
         tl.store(st_ptrs + n_chunks * N, h, mask=dn_mask)
-
-    @triton.jit
-    def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, bias_ptr, dy_ptr, states_ptr,
-                         du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, N, D, K, n_chunks,
-                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Selective-scan backward; grid, inputs as _scan_fwd_kernel, plus dy (B, K*D, L). Outputs (float32): du,
-        ddelta (B, K*D, L); dB, dC (B, K, N, L), zeroed by the caller, atomically summed over a group's channel
-        blocks; per-batch dA (B, K*D, N), dD, dbias (B, K*D). Chunks run last to first from the stored states:
-        q_s = dL/dh_s = C_s dy_s + p_{s+1}, p_s = a_s q_s; dL/db_s = q_s, d(dt_s A): q_s a_s h_{s-1}, dC_s: dy_s h_s."""
-        pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
-        b, k = pid_bk // K, pid_bk % K
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-        d_mask, n_mask = offs_d < D, offs_n < N
-        chan = k * D + offs_d
-        dn_mask = d_mask[:, None] & n_mask[None, :]
-        A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dskip = tl.load(Dskip_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-        row = (b * K * D + chan).to(tl.int64) * L
-        bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L
-        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
-        is_first = (offs_l == 0)[None, None, :]
-        ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_L), 1.0, tl.float32)
-        zeros = tl.zeros((BLOCK_D, BLOCK_N, BLOCK_L), dtype=tl.float32)
-        p = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)      # p at the step after this chunk
-        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        dD_acc, dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for i in range(n_chunks):
-            c = n_chunks - 1 - i
-            s = c * BLOCK_L + offs_l
-            s_mask = s < L
-            dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
-            offs_dl, offs_nl = row[:, None] + s[None, :], bc_row[:, None] + s[None, :]
-            u = tl.load(u_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-            z = tl.load(delta_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += bias[:, None]
-            dt = _softplus_tl(z) if SOFTPLUS else z
-            dt = tl.where(dl_mask, dt, 0.0)
-            Bv = tl.load(B_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + offs_nl, mask=nl_mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offs_dl, mask=dl_mask, other=0.0).to(tl.float32)
-            # Recompute the forward states of this chunk: h_{s-1} from the exclusive prefix.
-            h0 = tl.load(st_ptrs + c * N, mask=dn_mask, other=0.0)
-            a = tl.minimum(tl.exp(dt[:, None, :] * A[:, :, None]), 3.4028234663852886e38)   # (BD, BN, BL)
-            bx = (dt * u)[:, None, :] * Bv[None, :, :]
-            _, _, ea, eb = tl.associative_scan((a, bx, ones, zeros), axis=2, combine_fn=_affine_combine_excl)
-            a_hprev = a * (ea * h0[:, :, None] + eb)            # a_s * h_{s-1}
-            hs = a_hprev + bx                                   # h_s
-            # Adjoint, backwards in time: exclusive reverse prefix gives p_{s+1}.
-            cdy = Cv[None, :, :] * dy[:, None, :]
-            _, _, ra, rb = tl.associative_scan((a, a * cdy, ones, zeros), axis=2,
-                                               combine_fn=_affine_combine_excl, reverse=True)
-            q = cdy + ra * p[:, :, None] + rb                  # dL/dh_s
-            p = tl.sum(tl.where(is_first, a * q, 0.0), axis=2)
-            # Parameter and input gradients (padded steps/states have q = 0 and dt = 0).
-            qa_h = q * a_hprev                                  # dL/d(dt_s * A)
-            ddt = tl.sum(qa_h * A[:, :, None] + q * Bv[None, :, :] * u[:, None, :], axis=1)
-            du = dt * tl.sum(q * Bv[None, :, :], axis=1)
-            if HAS_D:
-                du += Dskip[:, None] * dy
-                dD_acc += tl.sum(dy * u, axis=1)
-            dA_acc += tl.sum(qa_h * dt[:, None, :], axis=2)
-            ddelta = ddt * tl.sigmoid(z) if SOFTPLUS else ddt
-            if HAS_BIAS:
-                dbias_acc += tl.sum(tl.where(dl_mask, ddelta, 0.0), axis=1)
-            tl.store(du_ptr + offs_dl, du, mask=dl_mask)
-            tl.store(ddelta_ptr + offs_dl, ddelta, mask=dl_mask)
-            # B and C are shared by the group's channels: reduce this block, add atomically.
-            dB, dC = tl.sum(q * (dt * u)[:, None, :], axis=0), tl.sum(hs * dy[:, None, :], axis=0)  # (BN, BL)
-            tl.atomic_add(dB_ptr + offs_nl, dB, mask=nl_mask)
-            tl.atomic_add(dC_ptr + offs_nl, dC, mask=nl_mask)
-        part = (b * K * D + chan).to(tl.int64)
-        tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=dn_mask)
-        if HAS_D:
-            tl.store(dD_ptr + part, dD_acc, mask=d_mask)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + part, dbias_acc, mask=d_mask)
 
     @triton.jit
     def _rows(ptrs, stride, mask, n: tl.constexpr, BLOCK: tl.constexpr):
@@ -636,40 +546,21 @@ def _(u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus):
     return _scan_fwd_outputs(u, A, Bs, Cs)
 
 
-@torch.library.custom_op(f"{_OPS_NS}::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
-                        Ds: Optional[Tensor], delta_bias: Optional[Tensor], states: Tensor,
-                        delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias) in the inputs' dtypes; absent D, bias: (K*D,) float32 zeros."""
-    Bsz, K, D, N, L = _scan_dims(u, A, Bs)
-    f32 = dict(device=u.device, dtype=torch.float32)
-    du, ddelta = torch.empty((Bsz, K * D, L), **f32), torch.empty((Bsz, K * D, L), **f32)
-    dB, dC = torch.zeros((Bsz, K, N, L), **f32), torch.zeros((Bsz, K, N, L), **f32)  # atomic targets
-    dA = torch.zeros((Bsz, K * D, N), **f32)                   # per-batch partials
-    dD, dbias = torch.zeros((Bsz, K * D), **f32), torch.zeros((Bsz, K * D), **f32)
-    _scan_launch(_triton_kernels().scan_bwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus,
-                 dy.contiguous(), states.contiguous(), du, ddelta, dA, dB, dC, dD, dbias)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(Bs.dtype), dC.to(Cs.dtype),
-            *(g.sum(0).to(torch.float32 if t is None else t.dtype) for g, t in ((dD, Ds), (dbias, delta_bias))))
-
-
-@_selective_scan_bwd.register_fake
-def _(dy, u, delta, A, Bs, Cs, Ds, delta_bias, states, delta_softplus):
-    return (*(t.new_empty(t.shape) for t in (u, delta, A, Bs, Cs)),   # contiguous, as the kernel writes them
-            *(u.new_empty(u.shape[1:2], dtype=torch.float32 if t is None else t.dtype) for t in (Ds, delta_bias)))
-
-
 def _selective_scan_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7], output[1])   # u, delta, A, Bs, Cs, Ds, delta_bias, states
+    ctx.save_for_backward(*inputs[:7])   # u, delta, A, Bs, Cs, Ds, delta_bias
     ctx.delta_softplus = inputs[7]
     ctx.mark_non_differentiable(output[1])
 
 
 def _selective_scan_backward(ctx, dy, dstates):
-    saved = ctx.saved_tensors   # u, delta, A, Bs, Cs, Ds, delta_bias, states: _selective_scan_bwd's order
-    Ds, delta_bias = saved[5:7]
-    du, ddelta, dA, dB, dC, dD, dbias = _selective_scan_bwd(dy, *saved, ctx.delta_softplus)
-    return du, ddelta, dA, dB, dC, dD if Ds is not None else None, dbias if delta_bias is not None else None, None
+    """Differentiates the torch scan of the same inputs (recomputed; float32 inside, as the kernel): the public
+    Triton scan's backward. SS2D layers do not come here: their fused path has a backward kernel of its own."""
+    inputs = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]
+    u, delta, A, Bs, Cs, Ds, delta_bias = inputs
+    with torch.enable_grad():
+        y = selective_scan(u.float(), delta, A, Bs, Cs, Ds, None, delta_bias, ctx.delta_softplus, backend="torch")
+    grads = iter(torch.autograd.grad(y, [t for t in inputs if t is not None], dy))
+    return (*(None if t is None else next(grads) for t in inputs), None)
 
 
 _selective_scan_fwd.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup_context)
