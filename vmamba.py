@@ -546,26 +546,6 @@ def _(u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus):
     return _scan_fwd_outputs(u, A, Bs, Cs)
 
 
-def _selective_scan_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])   # u, delta, A, Bs, Cs, Ds, delta_bias
-    ctx.delta_softplus = inputs[7]
-    ctx.mark_non_differentiable(output[1])
-
-
-def _selective_scan_backward(ctx, dy, dstates):
-    """Differentiates the torch scan of the same inputs (recomputed; float32 inside, as the kernel): the public
-    Triton scan's backward. SS2D layers do not come here: their fused path has a backward kernel of its own."""
-    inputs = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]
-    u, delta, A, Bs, Cs, Ds, delta_bias = inputs
-    with torch.enable_grad():
-        y = selective_scan(u.float(), delta, A, Bs, Cs, Ds, None, delta_bias, ctx.delta_softplus, backend="torch")
-    grads = iter(torch.autograd.grad(y, [t for t in inputs if t is not None], dy))
-    return (*(None if t is None else next(grads) for t in inputs), None)
-
-
-_selective_scan_fwd.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup_context)
-
-
 def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """Grouped selective scan as :func:`selective_scan_ref` (no z), shapes as _scan_fwd_kernel. Returns y (batch,
     K*D, L) float32, differentiable in all inputs, and last_state (batch, K*D, N) float32, not differentiable."""
@@ -687,6 +667,26 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         y = y if D is None else torch.addcmul(y, u32, D.float().unsqueeze(-1))
     y = (y if z is None else y * F.silu(z.float())).to(u.dtype)
     return (y, last) if return_last_state else y
+
+
+def _selective_scan_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])   # u, delta, A, Bs, Cs, Ds, delta_bias
+    ctx.delta_softplus = inputs[7]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _selective_scan_backward(ctx, dy, dstates):
+    """Differentiates the torch scan of the same inputs (recomputed; float32 inside, as the kernel): the public
+    Triton scan's backward. SS2D layers do not come here: their fused path has a backward kernel of its own."""
+    inputs = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]
+    u, delta, A, Bs, Cs, Ds, delta_bias = inputs
+    with torch.enable_grad():
+        y = selective_scan(u.float(), delta, A, Bs, Cs, Ds, None, delta_bias, ctx.delta_softplus, backend="torch")
+    grads = iter(torch.autograd.grad(y, [t for t in inputs if t is not None], dy))
+    return (*(None if t is None else next(grads) for t in inputs), None)
+
+
+_selective_scan_fwd.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup_context)
 
 
 def _to_sequences(t: Tensor) -> Tensor:
