@@ -126,7 +126,10 @@ def fused_jobs(vmamba):
         jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
     for cap, dtype, C, has_h, kernel in itertools.product(TARGETS, ("fp32", "bf16", "fp16"), NORM_DIMS, (False, True),
                                                           ("_add_norm_kernel", "_add_norm_bwd_kernel")):
-        jobs.append(add_norm_job(vmamba, kernel, C, has_h, cap, dtype))
+        key = (cap, dtype, has_h, kernel, C % 16 == 0, *vmamba._norm_blocks(C))   # what the compilation depends on
+        if key not in seen:
+            seen.add(key)
+            jobs.append(add_norm_job(vmamba, kernel, C, has_h, cap, dtype))
     return jobs
 
 
