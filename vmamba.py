@@ -46,7 +46,7 @@ _INSTALL_HINTS = {"mamba_ssm": "pip install mamba-ssm --no-build-isolation (need
                   "triton": "pip install triton (Linux; ships with the CUDA builds of torch)"}
 # Custom-op namespace; per module name, so "python vmamba.py" and "import vmamba" can coexist.
 _OPS_NS = "vmamba_" + re.sub(r"\W", "_", __name__)
-_forced_backend, _LAYERS = None, weakref.WeakSet()   # set_backend's choice (None: restored), the SS2D layers it tells
+_forced_backend, _LAYERS = None, weakref.WeakSet()   # set_backend's choice (None: restored), the layers it tells
 
 
 def _warn_once(message: str, _seen: set = set()) -> None:
@@ -245,8 +245,8 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                          L, N, D, K, n_chunks, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
         """Selective-scan forward; grid (batch * K, cdiv(D, BLOCK_D)). Contiguous inputs: u, delta (B, K*D, L); A
-        (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); states (B, K*D, n_chunks
-        + 1, N), before each chunk, then after L. Per chunk, h_s = a_s h_{s-1} + b_s is an associative scan."""
+        (K*D, N); B, C (B, K, N, L); Dskip, bias (K*D,). Outputs (float32): y (B, K*D, L); the last states (B, K*D,
+        N). Per chunk of BLOCK_L steps, h_s = a_s h_{s-1} + b_s is an associative scan."""
         pid_bk, pid_d = tl.program_id(0), tl.program_id(1)
         b, k = pid_bk // K, pid_bk % K
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -262,14 +262,12 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
         row = (b * K * D + chan).to(tl.int64) * L              # (BD,) start of each u/delta row
         bc_row = ((b * K + k) * N + offs_n).to(tl.int64) * L    # (BN,) start of each B/C row
-        st_ptrs = states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * (n_chunks + 1) * N + offs_n[None, :]
         is_last = (offs_l == BLOCK_L - 1)[None, None, :]
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for c in range(n_chunks):
             s = c * BLOCK_L + offs_l
             s_mask = s < L
             dl_mask, nl_mask = d_mask[:, None] & s_mask[None, :], n_mask[:, None] & s_mask[None, :]
-            tl.store(st_ptrs + c * N, h, mask=dn_mask)
             u = tl.load(u_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
             dt = tl.load(delta_ptr + row[:, None] + s[None, :], mask=dl_mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -288,7 +286,7 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             tl.store(y_ptr + row[:, None] + s[None, :], y, mask=dl_mask)
             # Padded tail steps are identities, so the last column is the state after the chunk.
             h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
-        tl.store(st_ptrs + n_chunks * N, h, mask=dn_mask)
+        tl.store(states_ptr + (b * K * D + chan)[:, None].to(tl.int64) * N + offs_n[None, :], h, mask=dn_mask)
 
     @triton.jit
     def _rows(ptrs, stride, mask, n: tl.constexpr, BLOCK: tl.constexpr):
@@ -310,21 +308,31 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return u, dt, _rows(same + R, 1, ok, N, BLOCK_N), _rows(same + R + N, 1, ok, N, BLOCK_N)
 
     @triton.jit
+    def _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R: tl.constexpr, N: tl.constexpr, LOW_RANK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Direction k's A = -exp(A_logs) (BN, BD), dt bias (BD,) and dt weights (BR, BD; zeros unless LOW_RANK),
+        float32, from the layer's A_logs (4*D, N), bias (4, D) and w (4, D, R) in any dtype. Padded channels and
+        states get A = 0, and B = u = 0 from the loads: their states stay 0."""
+        RW: tl.constexpr = R if LOW_RANK else 0
+        chan, d_mask = k * D + offs_d, offs_d < D
+        A = -tl.exp(_rows(A_ptr + chan * N, 1, d_mask, N, BLOCK_N).to(tl.float32))
+        A = tl.where((tl.arange(0, BLOCK_N) < N)[:, None] & d_mask[None, :], A, 0.0)
+        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+        return A, bias, _rows(w_ptr + chan * R, 1, d_mask, RW, BLOCK_R).to(tl.float32)
+
+    @triton.jit
     def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R: tl.constexpr,
                          N: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_R: tl.constexpr):
         """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks
         direction k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel
         while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt =
-        softplus(w @ dts + bias) here (w (4, R, D)), else read from dt (B, H, W, 4, D); A (N, 4*D). Writes y
-        (B, H, W, 4, D) in x's dtype at the pixels read."""
+        softplus(w @ dts + bias) here (w (4, D, R)), else read from dt (B, H, W, 4, D); A_logs (4*D, N): the weights
+        as the layer holds them. Writes y (B, H, W, 4, D) in x's dtype at the pixels read."""
         pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
-        # Padded channels and states have A = 0 and u = 0: their states stay 0. exp(dt*A) = exp2(dt * A*log2(e)).
-        A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N) * 1.4426950408889634   # (BN, BD)
-        bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
-        if LOW_RANK:
-            w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32)   # (BR, BD)
+        A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
+        A *= 1.4426950408889634                                 # exp(dt*A) = exp2(dt * A*log2(e))
         step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
         nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
                           BLOCK_N, BLOCK_R)
@@ -368,13 +376,11 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         k forward keeping every T-th state (ckpt), then from the last segment of T steps to the first recomputes its
         states (hs, its own scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not
         LOW_RANK, dL/dz (z: dt before softplus) in x's dtype; float32: part (B, H, W, 4, blocks, [R +] 2N), this
-        channel block's sums of [ddts,] dB, dC; per sample dw (B, 4, R, D) (if LOW_RANK), dbias (B, 4, D), dA."""
+        channel block's sums of [ddts,] dB, dC; per sample dw (B, 4, D, R) (if LOW_RANK), dbias (B, 4, D), dA_logs."""
         pid, blk, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         offs_d, offs_n, offs_r = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
-        A = _rows(A_ptr + k * D + offs_d, 4 * D, d_mask, N, BLOCK_N)   # (BN, BD); padded: A = 0, B = C = u = dy = 0
-        bias = tl.load(bias_ptr + k * D + offs_d, mask=d_mask, other=0.0)
-        w = _rows(w_ptr + k * R * D + offs_d, D, d_mask, R, BLOCK_R).to(tl.float32) if LOW_RANK else bias
+        A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
         tile = tl.arange(0, BLOCK_D)[None, :] * BLOCK_N + offs_n[:, None]   # a state's place in ckpt and hs
         n_seg, prog = tl.cdiv(L, T), (pid * blocks + blk).to(tl.int64)
         ckpt, hs = ckpt_ptr + prog * n_seg * BLOCK_N * BLOCK_D + tile, hs_ptr + prog * T * BLOCK_N * BLOCK_D + tile
@@ -415,9 +421,10 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                 dh = a * dh
         out, dn_mask = (b * 4 + k) * D + offs_d, (offs_n < N)[:, None] & d_mask[None, :]
         tl.store(dbias_ptr + out, dbias, mask=d_mask)
-        tl.store(dA_ptr + (b * 4 + k) * N * D + offs_n[:, None] * D + offs_d[None, :], dA, mask=dn_mask)
+        dA_logs = dA * A                                        # A = -exp(A_logs)
+        tl.store(dA_ptr + (b * 4 + k) * N * D + offs_n[:, None] * D + offs_d[None, :], dA_logs, mask=dn_mask)
         if LOW_RANK:
-            tl.store(dw_ptr + (b * 4 + k) * R * D + offs_r[:, None] * D + offs_d[None, :], dw,
+            tl.store(dw_ptr + (b * 4 + k) * R * D + offs_r[:, None] + offs_d[None, :] * R, dw,
                      mask=(offs_r < R)[:, None] & d_mask[None, :])
 
     @triton.jit
@@ -504,53 +511,35 @@ def _triton_kernels() -> types.SimpleNamespace:
 
 
 # --- Selective scan: custom ops and autograd
-def _scan_dims(u, A, Bs):
-    Bsz, KD, L = u.shape
-    K, N = Bs.shape[1], A.shape[1]
-    if KD % K != 0:
-        raise ValueError(f"K*D={KD} is not a multiple of K={K}")
-    return Bsz, K, KD // K, N, L
-
-
-def _scan_launch(kernel, u, delta, A, Bs, Cs, Ds, delta_bias, softplus, *rest):
-    """Run a scan kernel; rest: its remaining (contiguous) pointers. An absent Ds/delta_bias gets a dummy."""
-    Bsz, K, D, N, L = _scan_dims(u, A, Bs)
-    block_d, block_n, block_l = _scan_blocks(D, N, L)
-    kernel[(Bsz * K, -(-D // block_d))](
-        *(t.contiguous() for t in (u, delta, A, Bs, Cs)),
-        u if Ds is None else Ds.contiguous(), u if delta_bias is None else delta_bias.contiguous(),
-        *rest, L, N, D, K, -(-L // block_l), HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
-
-
-def _scan_fwd_outputs(u, A, Bs, Cs):
-    Bsz, K, D, N, L = _scan_dims(u, A, Bs)
-    if not tuple(Bs.shape) == tuple(Cs.shape) == (Bsz, K, N, L):
-        raise ValueError(f"B and C must be (batch, K, N, L) = {(Bsz, K, N, L)}, got {list(Bs.shape)}, {list(Cs.shape)}")
-    n_chunks = -(-L // _scan_blocks(D, N, L)[2])
-    return (u.new_empty((Bsz, K * D, L), dtype=torch.float32),
-            u.new_empty((Bsz, K * D, n_chunks + 1, N), dtype=torch.float32))
+def _scan_fwd_outputs(u, A, Bs, Cs):   # also the fake of _selective_scan_fwd
+    (Bsz, KD, L), K, N = u.shape, Bs.shape[1], A.shape[1]
+    if KD % K != 0 or not tuple(Bs.shape) == tuple(Cs.shape) == (Bsz, K, N, L):
+        raise ValueError(f"K*D={KD} must be a multiple of K={K}, and B and C (batch, K, N, L) = {(Bsz, K, N, L)}, "
+                         f"got {list(Bs.shape)}, {list(Cs.shape)}")
+    return u.new_empty((Bsz, KD, L), dtype=torch.float32), u.new_empty((Bsz, KD, N), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::selective_scan_fwd", mutates_args=())
 def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, Ds: Optional[Tensor],
                         delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
-    """Returns y (B, K*D, L) and states (B, K*D, n_chunks + 1, N), float32: before each chunk, then after L."""
-    y, states = _scan_fwd_outputs(u, A, Bs, Cs)
-    _scan_launch(_triton_kernels().scan_fwd_kernel, u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus, y, states)
+    """Returns y (B, K*D, L) and the last states (B, K*D, N), float32. An absent Ds/delta_bias gets a dummy."""
+    (y, states), (Bsz, KD, L), K, N = _scan_fwd_outputs(u, A, Bs, Cs), u.shape, Bs.shape[1], A.shape[1]
+    block_d, block_n, block_l = _scan_blocks(KD // K, N, L)
+    _triton_kernels().scan_fwd_kernel[(Bsz * K, -(-KD // K // block_d))](
+        *(t.contiguous() for t in (u, delta, A, Bs, Cs)),
+        u if Ds is None else Ds.contiguous(), u if delta_bias is None else delta_bias.contiguous(), y, states,
+        L, N, KD // K, K, -(-L // block_l), HAS_D=Ds is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
     return y, states
 
 
-@_selective_scan_fwd.register_fake
-def _(u, delta, A, Bs, Cs, Ds, delta_bias, delta_softplus):
-    return _scan_fwd_outputs(u, A, Bs, Cs)
+_selective_scan_fwd.register_fake(lambda u, delta, A, Bs, Cs, *rest: _scan_fwd_outputs(u, A, Bs, Cs))
 
 
 def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """Grouped selective scan as :func:`selective_scan_ref` (no z), shapes as _scan_fwd_kernel. Returns y (batch,
     K*D, L) float32, differentiable in all inputs, and last_state (batch, K*D, N) float32, not differentiable."""
-    y, states = _selective_scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
-    return y, states[:, :, -1]
+    return _selective_scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
 
 
 # --- Backend choice and the public kernels.
@@ -750,16 +739,21 @@ def _ss2d_blocks(D: int, N: int, R: int, backward: bool = False) -> Tuple[int, i
     return 64 if D % 64 == 0 else 32, _next_pow2(N), _next_pow2(R) if low else 0
 
 
+def _dt_gemm(dts: Tensor, w_dt: Tensor) -> Tensor:   # (B, H, W, 4, R), (4, D, R) -> dt (B, H, W, 4, D), contiguous
+    return torch.einsum("bhwkr,kdr->bhwkd", dts, w_dt.to(dts.dtype)).contiguous()
+
+
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
-def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A: Tensor) -> Tensor:
-    """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), w_dt (4, D, R), bias (4, D) and A (4*D, N) float32 ->
-    ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the pixels they came from, without the D term."""
-    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor) -> Tensor:
+    """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), and SS2D's w_dt (4, D, R), bias (4, D), A_logs (4*D, N)
+    as they are (read by the kernel in their dtype) -> ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the
+    pixels they came from, without the D term."""
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
     (block_d, block_n, block_r), ys = _ss2d_blocks(d, n, r), x.new_empty((b, h, w, 4, d))
-    dt = proj if block_r else torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], w_dt).contiguous()   # (B, H, W, 4, D)
-    _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](   # w, A transposed: D contiguous in every load
-        x.contiguous(), proj.contiguous(), dt, w_dt.transpose(1, 2).contiguous(), bias.contiguous(), A.t().contiguous(),
-        ys, h, w, d, r, n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
+    dt = proj if block_r else _dt_gemm(proj[..., :r], w_dt)         # (B, H, W, 4, D)
+    _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
+        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), ys, h, w, d,
+        r, n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
         num_warps=block_d // 32)
     return ys
 
@@ -772,32 +766,32 @@ _SS2D_SEGMENT = 32   # steps between the states the fused backward keeps: (L/32 
 
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan_bwd", mutates_args=())
 def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor,
-                   A: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   A_logs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`_ss2d_scan`'s inputs from dys (B, H, W, 4, D), by one kernel that sweeps every
     direction backwards from recomputed states (_ss2d_bwd_kernel); here, the sums of its partial results over
     channel blocks and samples (deterministic, no atomics), and for a GEMM'd dt its products with dts and w_dt."""
-    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
     (block_d, block_n, block_r), seg = _ss2d_blocks(d, n, r, backward=True), _SS2D_SEGMENT
     blocks, low, f32 = -(-d // block_d), block_r > 0, dict(device=x.device, dtype=torch.float32)
-    dt = proj if low else torch.einsum("bhwkr,kdr->bhwkd", proj[..., :r], w_dt).contiguous()   # (B, H, W, 4, D)
+    dt = proj if low else _dt_gemm(proj[..., :r], w_dt)             # (B, H, W, 4, D)
     if dys.stride(-1) != 1 or dys.stride(0) != h * w * dys.stride(2) or dys.stride(1) != w * dys.stride(2):
         dys = dys.contiguous()   # else read in place: the merge's gradient has stride 0 over directions
     ckpt, hs = (torch.empty((b * 4 * blocks, s, block_n, block_d), **f32) for s in (-(-h * w // seg), seg))
     dxs, ddt = x.new_empty((b, h, w, 4, d)), x.new_empty((1,) if low else (b, h, w, 4, d))
     part = torch.empty((b, h, w, 4, blocks, (r if low else 0) + 2 * n), **f32)
-    dw, dbias, dA = (torch.empty((b, 4, *shape), **f32) for shape in ((r if low else 1, d), (d,), (n, d)))
+    dw, dbias, dA = (torch.empty((b, 4, *shape), **f32) for shape in ((d, r if low else 1), (d,), (n, d)))
     _triton_kernels().ss2d_bwd_kernel[(b * 4, blocks)](
-        x.contiguous(), proj.contiguous(), dt, w_dt.transpose(1, 2).contiguous(), bias.contiguous(), A.t().contiguous(),
-        dys, ckpt, hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n, LOW_RANK=low, T=seg,
+        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), dys,
+        ckpt, hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n, LOW_RANK=low, T=seg,
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
     if low:
-        dw_dt = dw.sum(0).transpose(1, 2)                             # (4, D, R)
+        dw_dt = dw.sum(0)                                             # (4, D, R)
     else:
-        dproj = torch.cat([torch.einsum("bhwkd,kdr->bhwkr", ddt, w_dt).float(), dproj], -1)
+        dproj = torch.cat([torch.einsum("bhwkd,kdr->bhwkr", ddt, w_dt.to(ddt.dtype)).float(), dproj], -1)
         dw_dt = torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])
     return (dxs.sum(3), dproj.to(proj.dtype), dw_dt.to(w_dt.dtype).contiguous(), dbias.sum(0).to(bias.dtype),
-            dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A.dtype))
+            dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A_logs.dtype))
 
 
 _ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs))
@@ -906,11 +900,13 @@ _add_norm.register_fake(_add_norm_outputs)
 _add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
 
 
-def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None, wide: bool = False) -> Tuple[Tensor, Tensor]:
     """(x + h, norm(x + h)) on the Triton kernels: the sum in the residual stream's dtype, the norm in what a Linear
-    consumes: h's dtype, or without h autocast's dtype when it is on, else x's."""
+    consumes: h's dtype, or without h autocast's dtype when it is on (``wide``: float32, as torch's LayerNorm gives
+    it), else x's."""
     on = torch.is_autocast_enabled(x.device.type)
-    dtype = h.dtype if h is not None else torch.get_autocast_dtype(x.device.type) if on else x.dtype
+    cast = torch.promote_types(x.dtype, torch.float32) if wide else torch.get_autocast_dtype(x.device.type)
+    dtype = h.dtype if h is not None else cast if on else x.dtype
     return _add_norm(x, h, norm.weight, norm.bias, norm.eps, dtype)
 
 
@@ -918,7 +914,7 @@ def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pr
                 Ds: Tensor, norm: Optional[nn.LayerNorm] = None, z: Optional[Tensor] = None) -> Tensor:
     """:func:`ss2d_core` on the fused kernels; with ``norm``, ``norm(core) * silu(z)`` (z optional) in the merge."""
     proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight.to(x.dtype))   # (B, H, W, 4, R + 2N), per pixel
-    ys = _ss2d_scan(x, proj, dt_projs_weight.to(x.dtype), dt_projs_bias.float(), -torch.exp(A_logs.float()))
+    ys = _ss2d_scan(x, proj, dt_projs_weight, dt_projs_bias, A_logs)   # the kernel reads the weights as they are
     Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
     if norm is None:
         return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Dsum).to(x.dtype)   # (B, H, W, D)
@@ -1064,7 +1060,51 @@ class Mlp(nn.Module):
 FORWARD_TYPES = ("v0", "v05", "v05_noz")
 
 
-class SS2D(nn.Module):
+class _DecidesPath:
+    """Modules that pick their kernels once: when built (set ``backend``), moved (.to(), .cuda(), .half()), copied or
+    unpickled, and on set_backend. ``_path``: what forward runs, from ``backend``, set_backend / VMAMBA_BACKEND and
+    the device ("torch", "triton", "mamba_ssm"; None: cannot run here, forward raises why)."""
+
+    def _set_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+        self._backend = name
+        self._decide_path()
+
+    backend = property(lambda self: self._backend, _set_backend)
+
+    def _decide_path(self) -> None:
+        _LAYERS.add(self)   # for set_backend
+        try:
+            self._path = _resolve_backend(self._backend, next(self.parameters()).device, ss2d=True)
+        except (RuntimeError, ValueError):
+            self._path = None
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        super()._apply(fn, *args, **kwargs)
+        self._decide_path()
+        return self
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._decide_path()
+
+
+class LayerNorm(_DecidesPath, nn.LayerNorm):
+    """nn.LayerNorm (same weights) over the channels of a (B, H, W, C) map: the stem's and downsampling's norms. On
+    the Triton path one kernel reads the convolution's output in its dtype and writes the norm in float32 under
+    autocast (as torch's does on CUDA; the residual stream), or with ``narrow`` in autocast's dtype (for the
+    convolution or Linear that reads it next)."""
+
+    def __init__(self, dim: int, narrow: bool = False, backend: str = "auto"):
+        super().__init__(dim)
+        self.narrow, self.backend = narrow, backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _fused_norm(x, self, wide=not self.narrow)[1] if self._path == "triton" else super().forward(x)
+
+
+class SS2D(_DecidesPath, nn.Module):
     """2-D selective scan, VMamba's attention: (B, H, W, d_model) in and out, (B, d_model, H, W) with
     ``channel_first``. ``forward_type`` "v0"/"v05" gate the output with ``silu(z)`` from a second half of
     ``in_proj``; "v05_noz" does not. ``backend`` (default "auto"): its scan, decided when set, built or moved.
@@ -1122,31 +1162,6 @@ class SS2D(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_scale, dt_init_floor)
         self.reset_ssm_parameters()
         self.backend = "auto"
-
-    def _set_backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-        self._backend = name
-        self._decide_path()
-
-    backend = property(lambda self: self._backend, _set_backend)
-
-    def _decide_path(self) -> None:
-        """The one place a layer picks its scan: from ``backend``, set_backend / VMAMBA_BACKEND and its device."""
-        _LAYERS.add(self)   # for set_backend
-        try:
-            self._path = _resolve_backend(self._backend, self.Ds.device, ss2d=True)
-        except (RuntimeError, ValueError):   # cannot run here: forward asks again and raises the reason
-            self._path = None
-
-    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "SS2D":   # .to(), .cuda(), .half(), ...
-        super()._apply(fn, *args, **kwargs)
-        self._decide_path()
-        return self
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:   # copies and unpickled layers follow set_backend too
-        super().__setstate__(state)
-        self._decide_path()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -1265,7 +1280,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, channel_first: bool = False):
         super().__init__()
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = LayerNorm(4 * dim, narrow=True)
         self.channel_first = channel_first
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1284,12 +1299,12 @@ def _make_patch_embed(version: str, in_chans: int, dim: int, patch_size: int) ->
     """(B, in_chans, H, W) image -> (B, dim, H/patch, W/patch) map in channels-last memory."""
     if version == "v1":
         return nn.Sequential(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size),
-                             Permute(0, 2, 3, 1), nn.LayerNorm(dim), Permute(0, 3, 1, 2))
+                             Permute(0, 2, 3, 1), LayerNorm(dim), Permute(0, 3, 1, 2))
     stride = patch_size // 2
     return nn.Sequential(
-        nn.Conv2d(in_chans, dim // 2, 3, stride=stride, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(dim // 2),
+        nn.Conv2d(in_chans, dim // 2, 3, stride=stride, padding=1), Permute(0, 2, 3, 1), LayerNorm(dim // 2, True),
         Permute(0, 3, 1, 2), nn.GELU(), nn.Conv2d(dim // 2, dim, 3, stride=stride, padding=1), Permute(0, 2, 3, 1),
-        nn.LayerNorm(dim), Permute(0, 3, 1, 2))
+        LayerNorm(dim), Permute(0, 3, 1, 2))
 
 
 def _make_downsample(version: str, dim: int, out_dim: int) -> nn.Module:
@@ -1298,7 +1313,7 @@ def _make_downsample(version: str, dim: int, out_dim: int) -> nn.Module:
         return PatchMerging(dim, out_dim, channel_first=True)
     conv = nn.Conv2d(dim, out_dim, 2, stride=2) if version == "v2" else nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
     # Index 0 is the authors' Permute (channels-last models) or Identity (channels-first ones).
-    return nn.Sequential(nn.Identity(), conv, Permute(0, 2, 3, 1), nn.LayerNorm(out_dim), Permute(0, 3, 1, 2))
+    return nn.Sequential(nn.Identity(), conv, Permute(0, 2, 3, 1), LayerNorm(out_dim), Permute(0, 3, 1, 2))
 
 
 class ClassifierHead(nn.Module):

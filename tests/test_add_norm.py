@@ -100,9 +100,10 @@ def test_add_norm_op_registrations():
 
 
 def triton_copy(module):
+    """A copy whose SS2D layers and stem / downsampling norms run the Triton kernels (interpreted)."""
     fused = copy.deepcopy(module)
     for layer in fused.modules():
-        if isinstance(layer, vmamba.SS2D):
+        if isinstance(layer, (vmamba.SS2D, vmamba.LayerNorm)):
             layer.backend = "triton"
     return fused
 
@@ -172,10 +173,33 @@ def test_small_vssm_on_the_fused_norms_matches_torch(monkeypatch, autocast):
         ref, ref_grads = outputs_and_grads(model, x)
         out, out_grads = outputs_and_grads(fused, x)
     act = BF16 if autocast else F32
-    assert calls == [(False, act), (True, act)] * 2 and out.dtype == ref.dtype   # two blocks
+    # the stem's two norms (the first read by a convolution), a block, the downsampling's norm, a block
+    assert calls == [(False, act), (False, F32), (False, act), (True, act), (False, F32), (False, act), (True, act)]
+    assert out.dtype == ref.dtype
     assert rel(out, ref) < (3e-2 if autocast else 1e-5)
     for (name, _), got, want in zip([("x", None)] + list(model.named_parameters()), out_grads, ref_grads):
         assert rel(got, want) < (6e-2 if autocast else 1e-4), name
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stem_and_downsampling_norms_on_the_kernel(narrow, autocast):
+    """vmamba.LayerNorm on the Triton path against nn.LayerNorm, gradients included: float32 out under autocast for
+    the residual stream, autocast's dtype with ``narrow``; torch's LayerNorm again once moved back to "auto"."""
+    norm = vmamba.LayerNorm(12, narrow=narrow)
+    norm.load_state_dict(trained_norm(12).state_dict())
+    fused = triton_copy(norm)
+    assert norm._path == "torch" and fused._path == "triton"
+    x = torch.randn(2, 5, 3, 12).to(BF16 if autocast else F32)   # under autocast: a convolution's output
+    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        out, out_grads = outputs_and_grads(fused, x)
+    ref, ref_grads = outputs_and_grads(norm, x.float())
+    assert out.dtype == (BF16 if autocast and narrow else F32) and out.is_contiguous()
+    assert rel(out, ref) < (1e-2 if autocast and narrow else 1e-5)
+    for got, want in zip(out_grads, ref_grads):
+        assert rel(got, want) < (1e-2 if autocast else 1e-4)
+    fused.backend = "auto"
+    assert fused._path == "torch" and copy.deepcopy(triton_copy(norm))._path == "triton"
 
 
 @pytest.mark.compile

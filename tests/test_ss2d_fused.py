@@ -70,13 +70,13 @@ def test_fused_ss2d_matches_torch(forward_type, N, dtype, H, W, grads, d_model, 
         assert rel(got, want) < (1e-4 if dtype == torch.float32 else 5e-2), name
 
 
-def ss2d_scan_ref(x, proj, w_dt, bias, A):
+def ss2d_scan_ref(x, proj, w_dt, bias, A_logs):
     """ss2d_scan through the float64 oracle: the four sequences, dt = w_dt @ dts, outputs back on their pixels."""
-    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A.shape[1]
+    (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
     dts, Bs, Cs = vmamba._to_sequences(proj.double()).split([r, n, n], -1)   # (B, L, 4, R|N|N)
     u = vmamba._to_sequences(x.double()).permute(0, 2, 3, 1).flatten(1, 2)    # (B, 4*D, L)
     delta = torch.einsum("blkr,kdr->bkdl", dts, w_dt.double()).flatten(1, 2)
-    y = vmamba.selective_scan_ref(u, delta, A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
+    y = vmamba.selective_scan_ref(u, delta, -torch.exp(A_logs.double()), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
                                   delta_bias=bias.flatten(), delta_softplus=True).view(b, 4, d, -1)
     pixel = vmamba._to_sequences(torch.arange(h * w).view(1, h, w, 1))[0, :, :, 0]   # (L, 4): step -> pixel
     return torch.stack([y[:, k][..., pixel[:, k].argsort()].transpose(1, 2) for k in range(4)], 2).view(b, h, w, 4, d)
@@ -101,12 +101,12 @@ def test_fused_scan_backward_matches_float64(batch, H, W, D, N, R, dtype, broadc
     monkeypatch.setattr(vmamba, "_SS2D_SEGMENT", 4)   # segments of 4 steps: several of them on tiny maps
     torch.manual_seed(0)
     inputs = [torch.randn(batch, H, W, D).to(dtype), torch.randn(batch, H, W, 4, R + 2 * N).to(dtype),
-              (torch.randn(4, D, R) / R ** 0.5).to(dtype), torch.randn(4, D), -torch.rand(4 * D, N).add(0.5)]
+              (torch.randn(4, D, R) / R ** 0.5).to(dtype), torch.randn(4, D), torch.randn(4 * D, N) / 2]
     inputs = [t.requires_grad_() for t in inputs]
     dys = torch.randn(batch, H, W, 1 if broadcast else 4, D).to(dtype).expand(batch, H, W, 4, D)
     got = torch.autograd.grad(vmamba._ss2d_scan(*inputs), inputs, dys)
     want = torch.autograd.grad(ss2d_scan_ref(*inputs), inputs, dys.double())
-    for name, g, ref in zip(("x", "proj", "w_dt", "bias", "A"), got, want):
+    for name, g, ref in zip(("x", "proj", "w_dt", "bias", "A_logs"), got, want):
         assert g.dtype == ref.dtype and g.shape == ref.shape, name
         assert rel(g, ref) < (1e-5 if dtype == torch.float32 else 2e-2), name
 
@@ -150,16 +150,16 @@ def test_fused_ops_registrations_and_compile():
     x = torch.randn(1, 3, 2, 4, requires_grad=True)
     proj = torch.randn(1, 3, 2, 4, 2 + 2 * 2, requires_grad=True)
     w_dt, bias = torch.randn(4, 4, 2, requires_grad=True), torch.randn(4, 4, requires_grad=True)
-    A = -torch.rand(16, 2).add(0.5).requires_grad_()
-    ys = ops.ss2d_scan(x, proj, w_dt, bias, A)
+    A_logs = torch.randn(16, 2, requires_grad=True)
+    ys = ops.ss2d_scan(x, proj, w_dt, bias, A_logs)
     assert ys.shape == (1, 3, 2, 4, 4) and ys.is_contiguous()
     z = torch.randn(1, 3, 2, 8).chunk(2, -1)[1].requires_grad_()   # a strided view, as SS2D's gate is
     Dsum, w, b = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
-    for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A)), (ops.merge_norm, (ys.detach(), x, z, Dsum, w, b, 1e-5)),
+    for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A_logs)), (ops.merge_norm, (ys.detach(), x, z, Dsum, w, b, 1e-5)),
                      (ops.merge_norm, (ys.detach(), x, None, Dsum, w, b, 1e-5))):
         torch.library.opcheck(op.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    inputs = [t.detach() for t in (x, proj, w_dt, bias, A)]
+    inputs = [t.detach() for t in (x, proj, w_dt, bias, A_logs)]
     for dys in (torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 2, 1, 4).expand(1, 3, 2, 4, 4)):   # the backward's op
         torch.library.opcheck(ops.ss2d_scan_bwd.default, (dys, *inputs), test_utils=("test_schema", "test_faketensor"))
     _, fused = layer_pair("v0", 2)

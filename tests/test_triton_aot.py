@@ -81,11 +81,11 @@ def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False):
     job = dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
                consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
                            BLOCK_R=max(block_r, 1)),
-               ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "y_ptr")})
+               ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "y_ptr")})   # weights float32
     if backward:
         job["kernel"], job["consts"]["T"] = "_ss2d_bwd_kernel", vmamba._SS2D_SEGMENT
         job["ints"].update(dy_pix=D, dy_k=0)
-        job["ptrs"] = {name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "w_ptr", "dy_ptr", "dx_ptr", "ddt_ptr")}
+        job["ptrs"] = {name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "dy_ptr", "dx_ptr", "ddt_ptr")}
     return job
 
 
