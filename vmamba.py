@@ -902,8 +902,8 @@ _add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_co
 
 def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None, wide: bool = False) -> Tuple[Tensor, Tensor]:
     """(x + h, norm(x + h)) on the Triton kernels: the sum in the residual stream's dtype, the norm in what a Linear
-    consumes: h's dtype, or without h autocast's dtype when it is on (``wide``: float32, as torch's LayerNorm gives
-    it), else x's."""
+    consumes: h's dtype, or without h autocast's dtype when it is on (``wide``: float32, for the residual stream),
+    else x's."""
     on = torch.is_autocast_enabled(x.device.type)
     cast = torch.promote_types(x.dtype, torch.float32) if wide else torch.get_autocast_dtype(x.device.type)
     dtype = h.dtype if h is not None else cast if on else x.dtype

@@ -12,7 +12,10 @@ variant (dt made inside, or by a GEMM for large ranks) is the one vmamba's dispa
 as reading its inputs and writing its outputs once, in the dtypes autocast gives them on CUDA: matmuls and
 convolutions in bfloat16 (a float32 input costs a cast kernel first), LayerNorm in float32 (a bfloat16 input is
 cast up), the residual stream in float32. On the new path the blocks' norms are the add + LayerNorm kernels, which
-read the float32 stream (and the bfloat16 branch output) and write n in bfloat16 (and the sum in float32). Weights, the scan's chunk states and reductions are left out (under 1%).
+read the float32 stream (and the bfloat16 branch output) and write n in bfloat16 (and the sum in float32); the stem's
+and downsampling's norms are the same kernel without the add, reading the convolution's bfloat16 output and writing
+float32 (bfloat16 for the stem's first, which its GELU and second convolution read). Weights, the scan's chunk
+states and reductions are left out (under 1%).
 "Per element" divides by the SS2D map elements of a step (batch x pixels x inner channels, summed over blocks).
 A model, not a measurement: caches, GEMM re-reads and launch overheads are not in it.
 """
@@ -111,9 +114,10 @@ def fuses_norms(block):
     return block.mlp is not None and not block.post_norm
 
 
-def ss2d_front_backward(t, m, layer, out_proj_in):
+def ss2d_front_backward(t, m, layer, out_proj_in, in_proj_in=F32):
     """The gradients through out_proj, x_proj, SiLU, the depthwise conv and in_proj: the same kernels in both paths
-    but for the casts (``out_proj_in``: the dtype out_proj read). Each GEMM's backward is two GEMMs (dgrad, wgrad)."""
+    but for the casts (``out_proj_in``, ``in_proj_in``: the dtypes out_proj and in_proj read). Each GEMM's backward
+    is two GEMMs (dgrad, wgrad)."""
     c, d, n, r = layer.in_proj.in_features, layer.d_inner, layer.d_state, layer.dt_rank
     c_out, zx, p = layer.out_proj.out_features, layer.in_proj.out_features, r + 2 * n
     t.add("GEMM backward (out_proj)", m * c_out * BF16 * 2 + m * d * BF16, m * d * BF16, True)
@@ -124,7 +128,8 @@ def ss2d_front_backward(t, m, layer, out_proj_in):
     t.add("SiLU backward", 2 * m * d * BF16, m * d * BF16, True)
     t.add("depthwise conv2d backward", 3 * m * d * BF16, m * d * BF16, True)
     t.add("GEMM backward (in_proj)", m * zx * BF16 * 2 + m * c * BF16, m * c * BF16, True)
-    t.add("cast backward (in_proj)", m * c * BF16, m * c * F32, True)
+    if in_proj_in != BF16:
+        t.add("cast backward (in_proj)", m * c * BF16, m * c * in_proj_in, True)
 
 
 def ss2d_old_backward(t, m, layer):
@@ -147,7 +152,7 @@ def ss2d_old_backward(t, m, layer):
     ss2d_front_backward(t, m, layer, F32)
 
 
-def ss2d_new_backward(t, m, layer):
+def ss2d_new_backward(t, m, layer, fused_norms):
     """The fused path's backward: merge_norm's backward in torch ops (float32), then the fused scan backward kernel.
     The kernel sweeps each direction three times: forward keeping every 32nd state, then per segment of 32 steps
     the recomputation and the backward step; the second reads what the third reads again 32 steps later, and the
@@ -173,7 +178,7 @@ def ss2d_new_backward(t, m, layer):
           + (0 if low else 2 * 4 * h), 4 * h + parts + states + (0 if low else 4 * h), True)   # x, proj twice; dy
     t.add("sum of dx over directions", 4 * h, h, True)
     t.add("sum of partial ddts, dB, dC over channel blocks", parts, parts / (d // block_d) / 2, True)
-    ss2d_front_backward(t, m, layer, BF16)
+    ss2d_front_backward(t, m, layer, BF16, BF16 if fused_norms else F32)
 
 
 def block_rest(t, m, block, fused_norms=False):
@@ -221,6 +226,15 @@ def model_bytes(name, batch, img):
         model = vmamba.create_model(name).eval()
     calls = record_shapes(model, batch, img)
     fused = {block.op: fuses_norms(block) for block in model.modules() if isinstance(block, vmamba.VSSBlock)}
+    norms = {}   # each stem / downsampling convolution: (the LayerNorm before it, the one after it) in its Sequential
+    for seq in model.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            mods = list(seq)
+            for i, conv in enumerate(mods):
+                if isinstance(conv, torch.nn.Conv2d):
+                    found = [[m for m in part if isinstance(m, vmamba.LayerNorm)] + [None]
+                             for part in (mods[:i][::-1], mods[i:])]
+                    norms[conv] = found[0][0], found[1][0]
     tallies, backward, elements = {"old": Tally(), "new": Tally()}, {"old": Tally(), "new": Tally()}, 0
     for kind, module, shape, out in calls:
         for path, t in tallies.items():
@@ -228,18 +242,28 @@ def model_bytes(name, batch, img):
                 m = shape[0] * shape[1] * shape[2]
                 if path == "new":
                     ss2d_new(t, m, module, fused[module])
-                    ss2d_new_backward(backward[path], m, module)
+                    ss2d_new_backward(backward[path], m, module, fused[module])
                 else:
                     ss2d_old(t, m, module)
                     ss2d_old_backward(backward[path], m, module)
             elif kind == "block":   # (B, C, H, W) or (B, H, W, C) in
                 rows = shape[0] * (shape[2] * shape[3] if module.channel_first else shape[1] * shape[2])
                 block_rest(t, rows, module, path == "new" and fuses_norms(module))
-            else:   # a convolution with its following LayerNorm (stem, downsampling): float32 in, out
+            else:   # a convolution with its following LayerNorm (stem, downsampling)
                 rows_in, rows_out = shape[0] * shape[2] * shape[3], out[0] * out[2] * out[3]
-                t.add("cast to bfloat16 (convs)", rows_in * shape[1] * F32, rows_in * shape[1] * BF16)
+                before, after = norms[module]
+                low = path == "new" and before is not None and before.narrow   # after the stem's first norm and GELU
+                if before is not None:   # the stem's GELU between its convolutions
+                    size = rows_in * shape[1] * (BF16 if low else F32)
+                    t.add("GELU (stem)", size, size)
+                if not low:
+                    t.add("cast to bfloat16 (convs)", rows_in * shape[1] * F32, rows_in * shape[1] * BF16)
                 t.add("conv2d (stem, downsampling)", rows_in * shape[1] * BF16, rows_out * out[1] * BF16)
-                layer_norm(t, "stem and downsampling norms", rows_out, out[1], BF16)
+                if path == "new":   # the add + LayerNorm kernel without the add: float32 out, bfloat16 if narrow
+                    t.add("LayerNorm kernel (stem and downsampling norms)", rows_out * out[1] * BF16,
+                          rows_out * out[1] * (BF16 if after.narrow else F32))
+                else:
+                    layer_norm(t, "stem and downsampling norms", rows_out, out[1], BF16)
         if kind == "ss2d":
             elements += shape[0] * shape[1] * shape[2] * module.d_inner
     return tallies, backward, elements, len([c for c in calls if c[0] == "ss2d"])
