@@ -321,14 +321,22 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return A, bias, _rows(w_ptr + chan * R, 1, d_mask, RW, BLOCK_R).to(tl.float32)
 
     @triton.jit
-    def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, H, W, D, R: tl.constexpr,
-                         N: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_R: tl.constexpr):
+    def _ss2d_ckpt(ckpt_ptr, L, T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(BLOCK_N, BLOCK_D) pointers to the first state this program keeps in ckpt (the next T steps on)."""
+        prog = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
+        tile = tl.arange(0, BLOCK_D)[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        return ckpt_ptr + prog * tl.cdiv(L, T) * BLOCK_N * BLOCK_D + tile
+
+    @triton.jit
+    def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, ckpt_ptr, H, W, D, R: tl.constexpr,
+                         N: tl.constexpr, LOW_RANK: tl.constexpr, T: tl.constexpr, SAVE: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks
         direction k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel
         while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt =
         softplus(w @ dts + bias) here (w (4, D, R)), else read from dt (B, H, W, 4, D); A_logs (4*D, N): the weights
-        as the layer holds them. Writes y (B, H, W, 4, D) in x's dtype at the pixels read."""
+        as the layer holds them. Writes y (B, H, W, 4, D) in x's dtype at the pixels read; SAVE: every T-th state (the
+        one before steps 0, T, 2T, ...) for the backward, in ckpt (programs, cdiv(L, T), BLOCK_N, BLOCK_D) float32."""
         pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
         A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
@@ -336,8 +344,11 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
         nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
                           BLOCK_N, BLOCK_R)
-        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        h, ckpt = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), _ss2d_ckpt(ckpt_ptr, L, T, BLOCK_N, BLOCK_D)
         for t in range(L):
+            if SAVE:
+                if t % T == 0:
+                    tl.store(ckpt + (t // T) * BLOCK_N * BLOCK_D, h)
             (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
             p += step                                           # the next pixel; past a column's end, the next column
             p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
@@ -372,25 +383,18 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                          ddt_ptr, dw_ptr, dbias_ptr, dA_ptr, H, W, D, dy_pix, dy_k, R: tl.constexpr, N: tl.constexpr,
                          LOW_RANK: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_R: tl.constexpr):
-        """_ss2d_fwd_kernel's backward, same grid and pixels; dy at row * dy_pix + k * dy_k. A program sweeps direction
-        k forward keeping every T-th state (ckpt), then from the last segment of T steps to the first recomputes its
-        states (hs, its own scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not
+        """_ss2d_fwd_kernel's backward, same grid and pixels; dy at row * dy_pix + k * dy_k. From the states the forward
+        kept (ckpt), a program takes direction k's segments of T steps, last first: it recomputes a segment's states
+        (hs, its own scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not
         LOW_RANK, dL/dz (z: dt before softplus) in x's dtype; float32: part (B, H, W, 4, blocks, [R +] 2N), this
         channel block's sums of [ddts,] dB, dC; per sample dw (B, 4, D, R) (if LOW_RANK), dbias (B, 4, D), dA_logs."""
         pid, blk, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         offs_d, offs_n, offs_r = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
         A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
-        tile = tl.arange(0, BLOCK_D)[None, :] * BLOCK_N + offs_n[:, None]   # a state's place in ckpt and hs
-        n_seg, prog = tl.cdiv(L, T), (pid * blocks + blk).to(tl.int64)
-        ckpt, hs = ckpt_ptr + prog * n_seg * BLOCK_N * BLOCK_D + tile, hs_ptr + prog * T * BLOCK_N * BLOCK_D + tile
-        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for t in range(L):
-            if t % T == 0:
-                tl.store(ckpt + (t // T) * BLOCK_N * BLOCK_D, h)
-            h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h, (b * L + _ss2d_at(t, k, H, W)).to(tl.int64), k, D,
-                           offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)[6]
-        dh, dA, dbias, dw = tl.zeros_like(h), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w)
+        n_seg, ckpt = tl.cdiv(L, T), _ss2d_ckpt(ckpt_ptr, L, T, BLOCK_N, BLOCK_D)   # hs: a segment's states, as ckpt
+        hs = _ss2d_ckpt(hs_ptr, T * T, T, BLOCK_N, BLOCK_D)   # T states a program
+        dh, dA, dbias, dw = tl.zeros_like(A), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w)
         RP: tl.constexpr = R if LOW_RANK else 0                 # where dB starts in part
         for i in range(n_seg):
             start, h = (n_seg - 1 - i) * T, tl.load(ckpt + (n_seg - 1 - i) * BLOCK_N * BLOCK_D)
@@ -428,31 +432,32 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                      mask=(offs_r < R)[:, None] & d_mask[None, :])
 
     @triton.jit
-    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, rows, D, z_stride, eps,
-                           HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out = LayerNorm(sum_k ys[:, k] + Dsum * x) (* silu(z)) over D, BLOCK_M rows a program; grid cdiv(rows,
-        BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out x's dtype."""
+    def _norm_rows(s, mask, C, eps):
+        """(s_hat, rstd): each row of s (BLOCK_M, BLOCK_C) float32 normalised over its C columns (0 where masked)."""
+        c = tl.where(mask, s - (tl.sum(s, axis=1) / C)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / C + eps)
+        return c * rstd[:, None], rstd
+
+    @triton.jit
+    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, m_ptr, rows, D, z_stride, eps,
+                           HAS_Z: tl.constexpr, SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out = LayerNorm(m) (* silu(z)), m = sum_k ys[:, k] + Dsum * x, over D, BLOCK_M rows a program; grid
+        cdiv(rows, BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out
+        x's dtype; SAVE: m (rows, D) float32 too, which the backward normalises again (_add_norm_bwd_kernel)."""
         offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
         col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
         mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
         m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
         for k in tl.static_range(4):
             m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        c = tl.where(mask, m - (tl.sum(m, axis=1) / D)[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+        if SAVE:
+            tl.store(m_ptr + at, m, mask=mask)
         w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
-        out = c * rstd[:, None] * w[None, :] + b[None, :]
+        out = _norm_rows(m, mask, D, eps)[0] * w[None, :] + b[None, :]
         if HAS_Z:
             z = tl.load(z_ptr + rows64 * z_stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
             out *= z * tl.sigmoid(z)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _norm_rows(s, mask, C, eps):
-        """(s_hat, rstd): each row of s (BLOCK_M, BLOCK_C) float32 normalised over its C columns (0 where masked)."""
-        c = tl.where(mask, s - (tl.sum(s, axis=1) / C)[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / C + eps)
-        return c * rstd[:, None], rstd
 
     @triton.jit
     def _add_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, s_ptr, n_ptr, rows, C, eps, HAS_H: tl.constexpr,
@@ -470,15 +475,19 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         tl.store(n_ptr + at, (s_hat * w[None, :] + b.to(tl.float32)[None, :]).to(n_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _add_norm_bwd_kernel(s_ptr, dn_ptr, ds_ptr, w_ptr, dx_ptr, dh_ptr, dwb_ptr, rows, C, rows_per_program, eps,
-                             HAS_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _add_norm_bwd_kernel(s_ptr, dn_ptr, ds_ptr, xd_ptr, Dsum_ptr, w_ptr, dx_ptr, dh_ptr, dwb_ptr, rows, C,
+                             rows_per_program, eps, HAS_H: tl.constexpr, HAS_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
         """Backward of _add_norm_kernel, rows_per_program rows (a multiple of BLOCK_M) a program: the gradient of s
         (the norm's, plus ds with HAS_H) written as dx (and dh) in their dtypes; the program's sums of dn * s_hat and
-        of dn (its dw, db) in dwb[program] (programs, 2, C) float32, which the caller adds up."""
+        of dn (its dw, db) in dwb[program] (programs, 2 or 3, C) float32, which the caller adds up. HAS_D (s: the
+        merge's m = ... + Dsum * xd): dh = dx * Dsum, and a third sum, of dx * xd (the gradient of Dsum)."""
         offs_c = tl.arange(0, BLOCK_C)
         col_ok = offs_c < C
         w = tl.load(w_ptr + offs_c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        dw, db = tl.zeros((BLOCK_M, BLOCK_C), tl.float32), tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+        Dsum = tl.load(Dsum_ptr + offs_c, mask=col_ok & HAS_D, other=0.0).to(tl.float32)[None, :]   # HAS_D: read
+        zero = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+        dw, db, dD = zero, zero, zero
         for i in range(0, rows_per_program, BLOCK_M):
             offs_m = tl.program_id(0) * rows_per_program + i + tl.arange(0, BLOCK_M)
             mask, at = (offs_m < rows)[:, None] & col_ok[None, :], offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -489,10 +498,15 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             if HAS_H:   # the gradient of s from its other uses
                 ds += tl.load(ds_ptr + at, mask=mask, other=0.0).to(tl.float32)
                 tl.store(dh_ptr + at, ds.to(dh_ptr.dtype.element_ty), mask=mask)
+            if HAS_D:
+                dD += ds * tl.load(xd_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dh_ptr + at, (ds * Dsum).to(dh_ptr.dtype.element_ty), mask=mask)
             tl.store(dx_ptr + at, ds.to(dx_ptr.dtype.element_ty), mask=mask)
-        at = tl.program_id(0) * 2 * C + offs_c
+        SUMS: tl.constexpr = 3 if HAS_D else 2
+        at = tl.program_id(0) * SUMS * C + offs_c
         tl.store(dwb_ptr + at, tl.sum(dw, axis=0), mask=col_ok)
         tl.store(dwb_ptr + at + C, tl.sum(db, axis=0), mask=col_ok)
+        tl.store(dwb_ptr + at + 2 * C, tl.sum(dD, axis=0), mask=col_ok & HAS_D)
 
     return locals()
 
@@ -743,47 +757,56 @@ def _dt_gemm(dts: Tensor, w_dt: Tensor) -> Tensor:   # (B, H, W, 4, R), (4, D, R
     return torch.einsum("bhwkr,kdr->bhwkd", dts, w_dt.to(dts.dtype)).contiguous()
 
 
+_SS2D_SEGMENT = 32   # steps between the states the forward keeps for the backward: L/32 per (N, channel)
+
+
+def _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, save):   # ys and the states kept (empty unless save); its fake
+    (b, h, w, d), n = x.shape, A_logs.shape[1]
+    block_d, block_n, _ = _ss2d_blocks(d, n, w_dt.shape[2])
+    shape = (b * 4 * -(-d // block_d), -(-h * w // _SS2D_SEGMENT), block_n, block_d) if save else (0,)
+    return x.new_empty((b, h, w, 4, d)), x.new_empty(shape, dtype=torch.float32)
+
+
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
-def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor) -> Tensor:
+def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor,
+               save: bool) -> Tuple[Tensor, Tensor]:
     """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), and SS2D's w_dt (4, D, R), bias (4, D), A_logs (4*D, N)
     as they are (read by the kernel in their dtype) -> ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the
-    pixels they came from, without the D term."""
+    pixels they came from, without the D term; and with ``save`` every 32nd state, which the backward starts from."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
-    (block_d, block_n, block_r), ys = _ss2d_blocks(d, n, r), x.new_empty((b, h, w, 4, d))
+    (block_d, block_n, block_r), (ys, ckpt) = _ss2d_blocks(d, n, r), _ss2d_scan_outputs(x, proj, w_dt, 0, A_logs, save)
     dt = proj if block_r else _dt_gemm(proj[..., :r], w_dt)         # (B, H, W, 4, D)
     _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
-        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), ys, h, w, d,
-        r, n, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
-        num_warps=block_d // 32)
-    return ys
+        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), ys,
+        ckpt if save else ys, h, w, d, r, n, LOW_RANK=block_r > 0, T=_SS2D_SEGMENT, SAVE=save, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+    return ys, ckpt
 
 
-_ss2d_scan.register_fake(lambda x, *weights: x.new_empty((*x.shape[:3], 4, x.shape[3])))
-
-
-_SS2D_SEGMENT = 32   # steps between the states the fused backward keeps: (L/32 + 32) states per (N, channel)
+_ss2d_scan.register_fake(_ss2d_scan_outputs)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan_bwd", mutates_args=())
-def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor,
-                   A_logs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor,
+                   ckpt: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`_ss2d_scan`'s inputs from dys (B, H, W, 4, D), by one kernel that sweeps every
-    direction backwards from recomputed states (_ss2d_bwd_kernel); here, the sums of its partial results over
-    channel blocks and samples (deterministic, no atomics), and for a GEMM'd dt its products with dts and w_dt."""
+    direction backwards from the states the forward kept (ckpt), recomputing the rest (_ss2d_bwd_kernel); here, the
+    sums of its partial results over channel blocks and samples (deterministic, no atomics), and for a GEMM'd dt its
+    products with dts and w_dt."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
     (block_d, block_n, block_r), seg = _ss2d_blocks(d, n, r, backward=True), _SS2D_SEGMENT
     blocks, low, f32 = -(-d // block_d), block_r > 0, dict(device=x.device, dtype=torch.float32)
     dt = proj if low else _dt_gemm(proj[..., :r], w_dt)             # (B, H, W, 4, D)
     if dys.stride(-1) != 1 or dys.stride(0) != h * w * dys.stride(2) or dys.stride(1) != w * dys.stride(2):
         dys = dys.contiguous()   # else read in place: the merge's gradient has stride 0 over directions
-    ckpt, hs = (torch.empty((b * 4 * blocks, s, block_n, block_d), **f32) for s in (-(-h * w // seg), seg))
+    hs = torch.empty((b * 4 * blocks, seg, block_n, block_d), **f32)   # each program's scratch: a segment's states
     dxs, ddt = x.new_empty((b, h, w, 4, d)), x.new_empty((1,) if low else (b, h, w, 4, d))
     part = torch.empty((b, h, w, 4, blocks, (r if low else 0) + 2 * n), **f32)
     dw, dbias, dA = (torch.empty((b, 4, *shape), **f32) for shape in ((d, r if low else 1), (d,), (n, d)))
     _triton_kernels().ss2d_bwd_kernel[(b * 4, blocks)](
         x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), dys,
-        ckpt, hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n, LOW_RANK=low, T=seg,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+        ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n,
+        LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
     if low:
         dw_dt = dw.sum(0)                                             # (4, D, R)
@@ -794,46 +817,21 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
             dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A_logs.dtype))
 
 
-_ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs))
+_ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs[:5]))
 
 
-_ss2d_scan.register_autograd(lambda ctx, dys: _ss2d_scan_bwd(dys, *ctx.saved_tensors),
-                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+def _ss2d_scan_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], output[1])
+    ctx.saved, _ = inputs[5], ctx.mark_non_differentiable(output[1])
 
 
-@torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
-def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight: Tensor, bias: Tensor,
-                eps: float) -> Tensor:
-    """LayerNorm(ys.sum(3) + Dsum * x) * silu(z) (no z: no gate): ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's dtype."""
-    d, out = x.shape[-1], torch.empty_like(x, memory_format=torch.contiguous_format)
-    zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
-    rows, block_d, block_m = x.numel() // d, _next_pow2(d), max(1, 2048 // _next_pow2(d))   # ~16 values a thread
-    _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
-        ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, rows, d, zs.stride(0), eps,
-        HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
-    return out
+def _ss2d_scan_backward(ctx, dys, _):
+    if not ctx.saved:   # the states it starts from were not kept
+        raise RuntimeError("the fused SS2D scan's backward needs a forward with save=True")
+    return *_ss2d_scan_bwd(dys, *ctx.saved_tensors), None
 
 
-_merge_norm.register_fake(lambda ys, x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format))
-
-
-def _merge_norm_backward(ctx, g):
-    """Recomputes the merged map (float32, or x's dtype if wider) and runs LayerNorm's backward on it."""
-    ys, x, z, Dsum, weight, bias = ctx.saved_tensors
-    f = torch.promote_types(x.dtype, torch.float32)
-    m = torch.addcmul(ys.sum(3, dtype=f), x.to(f), Dsum)              # (B, H, W, D)
-    w, b, g, dz = weight.to(f), bias.to(f), g.to(f), None
-    y, mean, rstd = torch.ops.aten.native_layer_norm(m, m.shape[-1:], w, b, ctx.eps)
-    if z is not None:  # out = y * silu(z); silu'(z) = s * (1 + z * (1 - s))
-        zf, s = z.to(f), torch.sigmoid(z.to(f))
-        g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype)
-    dm, dw, db = torch.ops.aten.native_layer_norm_backward(g, m, m.shape[-1:], mean, rstd, w, b, [True] * 3)
-    return (dm.to(ys.dtype).unsqueeze(3).expand(ys.shape), (dm * Dsum).to(x.dtype), dz,
-            (dm * x).flatten(0, -2).sum(0).to(Dsum.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
-
-
-_merge_norm.register_autograd(_merge_norm_backward, setup_context=lambda ctx, inputs, output: (
-    ctx.save_for_backward(*inputs[:6]), setattr(ctx, "eps", inputs[6])))
+_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=_ss2d_scan_setup_context)
 
 
 def _norm_blocks(c: int) -> Tuple[int, int]:   # (BLOCK_M, BLOCK_C) of the add_norm kernels: ~16 values a thread
@@ -858,24 +856,27 @@ def _add_norm(x: Tensor, h: Optional[Tensor], weight: Tensor, bias: Tensor, eps:
     return s, n
 
 
-def _add_norm_grads(s, dn, ds, weight, eps, x_dtype, h_dtype):   # as _add_norm_bwd returns them; its fake
+def _add_norm_grads(s, dn, ds, xd, Dsum, weight, eps, x_dtype, h_dtype):   # as _add_norm_bwd returns them; its fake
     return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape if h_dtype else 0, dtype=h_dtype or x_dtype),
-            s.new_empty((2, s.shape[1]), dtype=torch.float32))
+            s.new_empty((2 if xd is None else 3, s.shape[1]), dtype=torch.float32))
 
 
 @torch.library.custom_op(f"{_OPS_NS}::add_norm_bwd", mutates_args=())
-def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], weight: Tensor, eps: float, x_dtype: torch.dtype,
+def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], xd: Optional[Tensor], Dsum: Optional[Tensor],
+                  weight: Tensor, eps: float, x_dtype: torch.dtype,
                   h_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
     """_add_norm's gradients from s (rows, C), the normalised input: dx, dh (empty without h) and (dw, db) float32, in
-    one kernel. dw and db are partial sums of at most ~4096 programs, added here: deterministic, unlike float atomics,
-    and a few rows of C a program against the map's millions."""
+    one kernel; for the merge (s = m = ... + Dsum * xd, xd (rows, C)), dh = dx * Dsum in h_dtype and a third sum,
+    dDsum. The sums are partial sums of at most ~4096 programs, added here: deterministic, unlike float atomics, and
+    a few rows of C a program against the map's millions."""
     (rows, c), (block_m, block_c) = s.shape, _norm_blocks(s.shape[1])
     per_program = -(-rows // min(-(-rows // block_m), 4096) // block_m) * block_m   # rows, a multiple of block_m
-    dx, dh, _ = _add_norm_grads(s, dn, ds, weight, eps, x_dtype, h_dtype)
-    dwb = s.new_empty((-(-rows // per_program), 2, c), dtype=torch.float32)   # each program's dw, db
+    dx, dh, sums = _add_norm_grads(s, dn, ds, xd, Dsum, weight, eps, x_dtype, h_dtype)
+    dwb = s.new_empty((-(-rows // per_program), *sums.shape), dtype=torch.float32)   # each program's dw, db[, dDsum]
     _triton_kernels().add_norm_bwd_kernel[(len(dwb),)](
-        s, dn.contiguous(), dn if ds is None else ds.contiguous(), weight, dx, dx if ds is None else dh, dwb, rows, c,
-        per_program, eps, HAS_H=ds is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        s, dn.contiguous(), dn if ds is None else ds.contiguous(), dn if xd is None else xd.contiguous(),
+        weight if Dsum is None else Dsum, weight, dx, dh if h_dtype else dx, dwb, rows, c, per_program, eps,
+        HAS_H=ds is not None, HAS_D=xd is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return dx, dh, dwb.sum(0)
 
 
@@ -891,13 +892,59 @@ def _add_norm_setup_context(ctx, inputs, output):
 def _add_norm_backward(ctx, ds, dn):
     s, weight = ctx.saved_tensors                                     # the normalised input, (rows, C)
     has_h = ctx.dtypes[1] is not None
-    dx, dh, dwb = _add_norm_bwd(s, dn, ds if has_h else None, weight, ctx.eps, *ctx.dtypes)
+    dx, dh, dwb = _add_norm_bwd(s, dn, ds if has_h else None, None, None, weight, ctx.eps, *ctx.dtypes)
     dw, db = dwb.to(weight.dtype)
     return dx.view(ctx.shape), dh.view(ctx.shape) if has_h else None, dw, db, None, None
 
 
 _add_norm.register_fake(_add_norm_outputs)
 _add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
+
+
+@torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
+def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                save: bool) -> Tuple[Tensor, Tensor]:
+    """LayerNorm(m) * silu(z) (no z: no gate), m = ys.sum(3) + Dsum * x: ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's
+    dtype; with ``save`` also m (rows, D) float32, for the backward (else empty)."""
+    d, out = x.shape[-1], torch.empty_like(x, memory_format=torch.contiguous_format)
+    zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
+    rows, (block_m, block_d) = x.numel() // d, _norm_blocks(d)
+    m = x.new_empty((rows, d) if save else (0,), dtype=torch.float32)
+    _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
+        ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, m if save else out, rows, d,
+        zs.stride(0), eps, HAS_Z=z is not None, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    return out, m
+
+
+_merge_norm.register_fake(lambda ys, x, z, Dsum, w, b, eps, save: (
+    torch.empty_like(x, memory_format=torch.contiguous_format),
+    x.new_empty((x.numel() // x.shape[-1], x.shape[-1]) if save else (0,), dtype=torch.float32)))
+
+
+def _merge_norm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], *inputs[1:6])                   # m, x, z, Dsum, weight, bias
+    ctx.eps, ctx.saved, ctx.ys = inputs[6], inputs[7], (inputs[0].shape, inputs[0].dtype)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _merge_norm_backward(ctx, g, _):
+    """LayerNorm's backward on the m the forward kept, with the D term's gradients, in the add_norm kernel; a gate's
+    in torch ops (out = y * silu(z), y = norm(m) again; silu'(z) = s * (1 + z * (1 - s)))."""
+    if not ctx.saved:
+        raise RuntimeError("the fused merge's backward needs a forward with save=True")
+    m, x, z, Dsum, weight, bias = ctx.saved_tensors
+    g, dz = g.reshape(m.shape), None
+    if z is not None:
+        y = F.layer_norm(m, m.shape[-1:], weight.float(), bias.float(), ctx.eps)
+        zf = z.reshape(m.shape).float()
+        s = torch.sigmoid(zf)
+        g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype).view(z.shape)
+    dm, dx, (dw, db, dDsum) = _add_norm_bwd(m, g, None, x.reshape(m.shape), Dsum, weight, ctx.eps, ctx.ys[1], x.dtype)
+    return (dm.view(x.shape).unsqueeze(3).expand(ctx.ys[0]), dx.view(x.shape), dz, dDsum.to(Dsum.dtype),
+            dw.to(weight.dtype), db.to(bias.dtype), None, None)
+
+
+_merge_norm.register_autograd(_merge_norm_backward, setup_context=_merge_norm_setup_context)
 
 
 def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None, wide: bool = False) -> Tuple[Tensor, Tensor]:
@@ -914,11 +961,12 @@ def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pr
                 Ds: Tensor, norm: Optional[nn.LayerNorm] = None, z: Optional[Tensor] = None) -> Tensor:
     """:func:`ss2d_core` on the fused kernels; with ``norm``, ``norm(core) * silu(z)`` (z optional) in the merge."""
     proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight.to(x.dtype))   # (B, H, W, 4, R + 2N), per pixel
-    ys = _ss2d_scan(x, proj, dt_projs_weight, dt_projs_bias, A_logs)   # the kernel reads the weights as they are
+    save = torch.is_grad_enabled()   # keep what the backward starts from: the scans' states, the merged map
+    ys = _ss2d_scan(x, proj, dt_projs_weight, dt_projs_bias, A_logs, save)[0]   # the weights as they are
     Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
     if norm is None:
         return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Dsum).to(x.dtype)   # (B, H, W, D)
-    return _merge_norm(ys, x, z, Dsum, norm.weight, norm.bias, norm.eps)
+    return _merge_norm(ys, x, z, Dsum, norm.weight, norm.bias, norm.eps, save)[0]
 
 
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,

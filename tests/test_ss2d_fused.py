@@ -104,7 +104,7 @@ def test_fused_scan_backward_matches_float64(batch, H, W, D, N, R, dtype, broadc
               (torch.randn(4, D, R) / R ** 0.5).to(dtype), torch.randn(4, D), torch.randn(4 * D, N) / 2]
     inputs = [t.requires_grad_() for t in inputs]
     dys = torch.randn(batch, H, W, 1 if broadcast else 4, D).to(dtype).expand(batch, H, W, 4, D)
-    got = torch.autograd.grad(vmamba._ss2d_scan(*inputs), inputs, dys)
+    got = torch.autograd.grad(vmamba._ss2d_scan(*inputs, True)[0], inputs, dys)
     want = torch.autograd.grad(ss2d_scan_ref(*inputs), inputs, dys.double())
     for name, g, ref in zip(("x", "proj", "w_dt", "bias", "A_logs"), got, want):
         assert g.dtype == ref.dtype and g.shape == ref.shape, name
@@ -143,6 +143,46 @@ def test_fused_scan_finite_under_strong_decay():
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
 
 
+def merge_norm_reference(ys, x, z, Dsum, weight, bias, eps):
+    """_merge_norm's math in float64: LayerNorm(ys.sum(-2) + Dsum * x) * silu(z), ys (..., 4, D)."""
+    m = ys.double().sum(-2) + Dsum.double() * x.double()
+    y = torch.nn.functional.layer_norm(m, m.shape[-1:], weight.double(), bias.double(), eps)
+    return y if z is None else y * torch.nn.functional.silu(z.double())
+
+
+# (D, (B, H, W), dtype): rows not a multiple of BLOCK_M (512 at D = 4, 256 at D = 7, 16 at D = 96: 3 programs)
+MERGE_NORM_CASES = [(d, shape, dtype) for d, shape in ((4, (2, 5, 7)), (7, (1, 3, 5)), (96, (2, 3, 7)))
+                    for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("D,shape,dtype", MERGE_NORM_CASES)
+def test_merge_norm_gradients_match_float64(D, shape, dtype, gated):
+    """The merge_norm op's backward (the add_norm kernel on the merged map the forward kept; every input's gradient)
+    against float64 autograd of the same math; z a strided view, as SS2D's gate is; Dsum float32."""
+    g = torch.Generator().manual_seed(D)
+    ys = (torch.randn(*shape, 4, D, generator=g) + 0.5).to(dtype).requires_grad_()
+    x = torch.randn(*shape, D, generator=g).to(dtype).requires_grad_()
+    z = torch.randn(*shape, 2 * D, generator=g).to(dtype).chunk(2, -1)[1].requires_grad_() if gated else None
+    Dsum = (torch.rand(D, generator=g) + 0.5).requires_grad_()
+    weight, bias = ((torch.rand(D, generator=g) + s).to(dtype).requires_grad_() for s in (0.5, -0.5))
+    out = vmamba._merge_norm(ys, x, z, Dsum, weight, bias, 1e-5, True)[0]
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    inputs = [t for t in (ys, x, z, Dsum, weight, bias) if t is not None]
+    got = torch.autograd.grad(out, inputs, dout)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    args = leaves[:2] + ([leaves[2]] if gated else [None]) + leaves[2 + gated:]
+    want = torch.autograd.grad(merge_norm_reference(*args, 1e-5), leaves, dout.double())
+    names = ["ys", "x"] + (["z"] if gated else []) + ["Dsum", "weight", "bias"]
+    assert got[0].stride(3) == 0   # one gradient for the four directions, read in place by the scan's backward
+    for name, t, a, b in zip(names, inputs, got, want):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        assert rel(a, b) < (1e-5 if a.dtype == torch.float32 else 1e-2), name
+    with pytest.raises(RuntimeError, match="save=True"):   # inference keeps no merged map: no backward
+        torch.autograd.grad(vmamba._merge_norm(ys, x, z, Dsum, weight, bias, 1e-5, False)[0], inputs, dout)
+
+
 @pytest.mark.triton
 def test_fused_ops_registrations_and_compile():
     """Schemas, fake (meta) implementations and autograd of the fused ops; a fullgraph compile of a layer on them."""
@@ -151,15 +191,18 @@ def test_fused_ops_registrations_and_compile():
     proj = torch.randn(1, 3, 2, 4, 2 + 2 * 2, requires_grad=True)
     w_dt, bias = torch.randn(4, 4, 2, requires_grad=True), torch.randn(4, 4, requires_grad=True)
     A_logs = torch.randn(16, 2, requires_grad=True)
-    ys = ops.ss2d_scan(x, proj, w_dt, bias, A_logs)
-    assert ys.shape == (1, 3, 2, 4, 4) and ys.is_contiguous()
+    ys, ckpt = ops.ss2d_scan(x, proj, w_dt, bias, A_logs, True)
+    assert ys.shape == (1, 3, 2, 4, 4) and ys.is_contiguous() and ckpt.shape == (4, 1, 2, 32)   # (programs, L/32, N, BD)
+    with pytest.raises(RuntimeError, match="save=True"):   # inference keeps no states: no backward
+        torch.autograd.grad(ops.ss2d_scan(x, proj, w_dt, bias, A_logs, False)[0].sum(), x)
     z = torch.randn(1, 3, 2, 8).chunk(2, -1)[1].requires_grad_()   # a strided view, as SS2D's gate is
     Dsum, w, b = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
-    for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A_logs)), (ops.merge_norm, (ys.detach(), x, z, Dsum, w, b, 1e-5)),
-                     (ops.merge_norm, (ys.detach(), x, None, Dsum, w, b, 1e-5))):
+    for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A_logs, True)),
+                     (ops.merge_norm, (ys.detach(), x, z, Dsum, w, b, 1e-5, True)),
+                     (ops.merge_norm, (ys.detach(), x, None, Dsum, w, b, 1e-5, True))):
         torch.library.opcheck(op.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    inputs = [t.detach() for t in (x, proj, w_dt, bias, A_logs)]
+    inputs = [t.detach() for t in (x, proj, w_dt, bias, A_logs, ckpt)]
     for dys in (torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 2, 1, 4).expand(1, 3, 2, 4, 4)):   # the backward's op
         torch.library.opcheck(ops.ss2d_scan_bwd.default, (dys, *inputs), test_utils=("test_schema", "test_faketensor"))
     _, fused = layer_pair("v0", 2)

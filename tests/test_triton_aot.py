@@ -74,16 +74,18 @@ def scan_job(kernel, tile, shape, combo, cap, dtype="fp32", K=4):
                 ptrs={name: dtype for name in low})
 
 
-def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False):
-    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56; backward:
-    its backward kernel as _ss2d_scan_bwd launches it, dy broadcast over the directions (as the merge gives it)."""
+def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False, save=False):
+    """The fused SS2D scan as _ss2d_scan launches it for (D, N, R), activations in dtype, at H = W = 56 (``save``:
+    keeping states for the backward, as in training); backward: its backward kernel as _ss2d_scan_bwd launches it,
+    dy broadcast over the directions (as the merge gives it)."""
     block_d, block_n, block_r = vmamba._ss2d_blocks(D, N, R, backward)
     job = dict(kernel="_ss2d_fwd_kernel", cap=cap, ints=dict(H=56, W=56, D=D), num_warps=block_d // 32,
-               consts=dict(R=R, N=N, LOW_RANK=block_r > 0, BLOCK_D=block_d, BLOCK_N=block_n,
-                           BLOCK_R=max(block_r, 1)),
+               consts=dict(R=R, N=N, LOW_RANK=block_r > 0, T=vmamba._SS2D_SEGMENT, SAVE=save, BLOCK_D=block_d,
+                           BLOCK_N=block_n, BLOCK_R=max(block_r, 1)),
                ptrs={name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "y_ptr")})   # weights float32
     if backward:
-        job["kernel"], job["consts"]["T"] = "_ss2d_bwd_kernel", vmamba._SS2D_SEGMENT
+        job["kernel"] = "_ss2d_bwd_kernel"
+        del job["consts"]["SAVE"]
         job["ints"].update(dy_pix=D, dy_k=0)
         job["ptrs"] = {name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "dy_ptr", "dx_ptr", "ddt_ptr")}
     return job
@@ -116,12 +118,12 @@ NORM_DIMS = (48, 96, 128, 192, 384, 768, 1024, 1536)
 
 def fused_jobs(vmamba):
     jobs, seen = [], set()
-    for cap, dtype, D, N, R, backward in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, SS2D_STATES,
-                                                           SS2D_RANKS, (False, True)):
-        key = (cap, dtype, N, R, backward, *vmamba._ss2d_blocks(D, N, R, backward))   # R, N: compile-time constants
+    for cap, dtype, D, N, R, (backward, save) in itertools.product(
+            TARGETS, ("fp32", "bf16"), SS2D_DIMS, SS2D_STATES, SS2D_RANKS, ((False, False), (False, True), (True, False))):
+        key = (cap, dtype, N, R, backward, save, *vmamba._ss2d_blocks(D, N, R, backward))   # R, N: constants
         if key not in seen:
             seen.add(key)
-            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype, backward))
+            jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype, backward, save))
     for cap, dtype, D, gated in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True)):
         jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
     for cap, dtype, C, has_h, kernel in itertools.product(TARGETS, ("fp32", "bf16", "fp16"), NORM_DIMS, (False, True),

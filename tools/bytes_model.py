@@ -154,10 +154,11 @@ def ss2d_old_backward(t, m, layer):
 
 def ss2d_new_backward(t, m, layer, fused_norms):
     """The fused path's backward: merge_norm's backward in torch ops (float32), then the fused scan backward kernel.
-    The kernel sweeps each direction three times: forward keeping every 32nd state, then per segment of 32 steps
-    the recomputation and the backward step; the second reads what the third reads again 32 steps later, and the
-    segment's states (32 x N x 64 floats a program) are re-read at once, so both are counted as L2 traffic, not HBM.
-    It writes dx per direction in bfloat16 and partial sums over 64-channel blocks of ddts, dB and dC in float32."""
+    The forward kernel keeps every 32nd state of each direction in training (written there, read here once). From
+    them the backward kernel sweeps each direction twice, per segment of 32 steps: the recomputation and the backward
+    step; the second reads what the first read 32 steps earlier, and the segment's states (32 x N x 64 floats a
+    program) are re-read at once, so both count as L2 traffic, not HBM. It writes dx per direction in bfloat16 and
+    partial sums over 64-channel blocks of ddts, dB and dC in float32."""
     d, n, r = layer.d_inner, layer.d_state, layer.dt_rank
     f, h = m * d * F32, m * d * BF16
     ops = [("sum of ys", 4 * h, f), ("cast of x", h, f), ("addcmul (D term)", 2 * f, f), ("LayerNorm", f, f),
@@ -170,12 +171,13 @@ def ss2d_new_backward(t, m, layer, fused_norms):
         t.add(f"merge + out_norm backward (torch ops: {name})", read, write, True)
     block_d, _, block_r = vmamba._ss2d_blocks(d, n, r, backward=True)
     low, parts = block_r > 0, 4 * m * (d // block_d) * (2 * n + (r if block_r else 0)) * F32   # partial sums
-    states = 4 * m * d * n * F32 / vmamba._SS2D_SEGMENT   # every 32nd state of each direction: written, read once
+    states = 4 * m * d * n * F32 / vmamba._SS2D_SEGMENT   # every 32nd state of each direction
     if not low:   # dt (B, H, W, 4, D) again, read by the kernel; ddt written, then its two GEMMs
         t.add("GEMM (dt_projs, channels-last, again)", m * 4 * r * BF16, 4 * h, True)
         t.add("GEMM backward (dt_projs)", 4 * h * 2 + m * 4 * r * BF16, m * 4 * r * F32, True)
-    t.add("fused SS2D scan backward kernel", 2 * 4 * h + 2 * m * 4 * (r + 2 * n) * BF16 + 4 * h + states
-          + (0 if low else 2 * 4 * h), 4 * h + parts + states + (0 if low else 4 * h), True)   # x, proj twice; dy
+    t.add("fused SS2D scan kernel: the states kept for the backward", 0, states, True)
+    t.add("fused SS2D scan backward kernel", 4 * h + m * 4 * (r + 2 * n) * BF16 + 4 * h + states
+          + (0 if low else 4 * h), 4 * h + parts + (0 if low else 4 * h), True)   # x, proj, dy, [dt]
     t.add("sum of dx over directions", 4 * h, h, True)
     t.add("sum of partial ddts, dB, dC over channel blocks", parts, parts / (d // block_d) / 2, True)
     ss2d_front_backward(t, m, layer, BF16, BF16 if fused_norms else F32)
