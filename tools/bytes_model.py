@@ -153,22 +153,22 @@ def ss2d_old_backward(t, m, layer):
 
 
 def ss2d_new_backward(t, m, layer, fused_norms):
-    """The fused path's backward: merge_norm's backward in torch ops (float32), then the fused scan backward kernel.
-    The forward kernel keeps every 32nd state of each direction in training (written there, read here once). From
+    """The fused path's backward. In training the merge kernel keeps its merged map m (float32), whose LayerNorm
+    backward, with the D term's gradients, is the add + LayerNorm backward kernel (a gate's gradients are torch ops,
+    float32); then the fused scan backward kernel. The scan's forward keeps every 32nd state of each direction in
+    training (written there, read here once). From
     them the backward kernel sweeps each direction twice, per segment of 32 steps: the recomputation and the backward
     step; the second reads what the first read 32 steps earlier, and the segment's states (32 x N x 64 floats a
     program) are re-read at once, so both count as L2 traffic, not HBM. It writes dx per direction in bfloat16 and
     partial sums over 64-channel blocks of ddts, dB and dC in float32."""
     d, n, r = layer.d_inner, layer.d_state, layer.dt_rank
     f, h = m * d * F32, m * d * BF16
-    ops = [("sum of ys", 4 * h, f), ("cast of x", h, f), ("addcmul (D term)", 2 * f, f), ("LayerNorm", f, f),
-           ("LayerNorm backward", 2 * f, f), ("cast of dm", f, h), ("mul (D term)", f, f), ("cast of dx", f, h),
-           ("mul and sum (dDs)", f + h, 0)]
-    if layer.gated:   # z and g cast up, sigmoid, g * z * s, and dz's five elementwise ops and cast
-        ops += [("casts of z and g", 2 * h, 2 * f), ("sigmoid", f, f), ("g * z * s", 4 * f, 2 * f),
-                ("dz", 9 * f, 5 * f), ("cast of dz", f, h)]
-    for name, read, write in ops:
-        t.add(f"merge + out_norm backward (torch ops: {name})", read, write, True)
+    t.add("merge kernel: the merged map kept for the backward", 0, f, True)
+    if layer.gated:   # y = norm(m) again, z cast up, sigmoid, g * z * s, and dz's five elementwise ops and cast
+        for name, read, write in [("LayerNorm of m", f, f), ("cast of z", h, f), ("sigmoid", f, f),
+                                  ("g * z * s", h + 2 * f, 2 * f), ("dz", 9 * f, 5 * f), ("cast of dz", f, h)]:
+            t.add(f"gate backward (torch ops: {name})", read, write, True)
+    t.add("merge + out_norm backward (add + LayerNorm backward kernel)", f + (f if layer.gated else h) + h, 2 * h, True)
     block_d, _, block_r = vmamba._ss2d_blocks(d, n, r, backward=True)
     low, parts = block_r > 0, 4 * m * (d // block_d) * (2 * n + (r if block_r else 0)) * F32   # partial sums
     states = 4 * m * d * n * F32 / vmamba._SS2D_SEGMENT   # every 32nd state of each direction
