@@ -216,8 +216,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _scan_blocks(D: int, N: int, L: int) -> Tuple[int, int, int]:
-    """Tile sizes: a program owns BLOCK_D channels of a group, walking L in chunks of BLOCK_L (~2048 float32
-    per tile). The one place to tune; forward and backward must agree on BLOCK_L (a state is kept per chunk)."""
+    """Tile sizes of _scan_fwd_kernel: a program owns BLOCK_D channels of a group, walking L in chunks of BLOCK_L
+    (~2048 float32 per tile). The one place to tune."""
     block_n = _next_pow2(N)
     block_d = min(_next_pow2(D), max(2, 32 // block_n))
     block_l = max(16, min(_next_pow2(L), 2048 // (block_d * block_n)))
@@ -322,10 +322,16 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
 
     @triton.jit
     def _ss2d_ckpt(ckpt_ptr, L, T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(BLOCK_N, BLOCK_D) pointers to the first state this program keeps in ckpt (the next T steps on)."""
+        """(BLOCK_D,) pointers to the first state this program keeps in ckpt, its rows BLOCK_D apart (then the next
+        T steps on): stored and loaded a row at a time (_put_rows, _rows), a channel per thread, no shuffles."""
         prog = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
-        tile = tl.arange(0, BLOCK_D)[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-        return ckpt_ptr + prog * tl.cdiv(L, T) * BLOCK_N * BLOCK_D + tile
+        return ckpt_ptr + prog * tl.cdiv(L, T) * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)
+
+    @triton.jit
+    def _put_rows(ptrs, x, stride, BLOCK: tl.constexpr):
+        """Row i of x (BLOCK, BD) to ptrs + i * stride, ptrs (BD,): _rows' store."""
+        for i in tl.static_range(BLOCK):
+            tl.store(ptrs + i * stride, tl.sum(tl.where(tl.arange(0, BLOCK)[:, None] == i, x, 0.0), axis=0))
 
     @triton.jit
     def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, ckpt_ptr, H, W, D, R: tl.constexpr,
@@ -348,7 +354,7 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         for t in range(L):
             if SAVE:
                 if t % T == 0:
-                    tl.store(ckpt + (t // T) * BLOCK_N * BLOCK_D, h)
+                    _put_rows(ckpt + (t // T) * BLOCK_N * BLOCK_D, h, BLOCK_D, BLOCK_N)
             (u, dt, Bv, Cv), row = nxt, (b * L + p).to(tl.int64)
             p += step                                           # the next pixel; past a column's end, the next column
             p = tl.where(p >= L, p - (L - 1), tl.where(p < 0, p + (L - 1), p))
@@ -397,15 +403,16 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         dh, dA, dbias, dw = tl.zeros_like(A), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w)
         RP: tl.constexpr = R if LOW_RANK else 0                 # where dB starts in part
         for i in range(n_seg):
-            start, h = (n_seg - 1 - i) * T, tl.load(ckpt + (n_seg - 1 - i) * BLOCK_N * BLOCK_D)
+            start = (n_seg - 1 - i) * T
+            h = _rows(ckpt + (n_seg - 1 - i) * BLOCK_N * BLOCK_D, BLOCK_D, d_mask, BLOCK_N, BLOCK_N)
             n = tl.minimum(T, L - start)
             for j in range(n):                                  # the segment's states, h before step start + j
-                tl.store(hs + j * BLOCK_N * BLOCK_D, h)
+                _put_rows(hs + j * BLOCK_N * BLOCK_D, h, BLOCK_D, BLOCK_N)
                 h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h, (b * L + _ss2d_at(start + j, k, H, W)).to(
                     tl.int64), k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)[6]
             for j in range(n):                                  # backwards: dh enters as a_{t+1} * dL/dh_{t+1}
                 row = (b * L + _ss2d_at(start + n - 1 - j, k, H, W)).to(tl.int64)
-                h_prev = tl.load(hs + (n - 1 - j) * BLOCK_N * BLOCK_D)
+                h_prev = _rows(hs + (n - 1 - j) * BLOCK_N * BLOCK_D, BLOCK_D, d_mask, BLOCK_N, BLOCK_N)
                 u, raw, Bv, Cv, z, a, h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h_prev, row, k, D, offs_d,
                                                      R, N, LOW_RANK, BLOCK_N, BLOCK_R)
                 dy = tl.load(dy_ptr + row * dy_pix + k * dy_k + offs_d, mask=d_mask, other=0.0).to(tl.float32)
@@ -550,12 +557,6 @@ def _selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, Bs: Tensor, Cs: Ten
 _selective_scan_fwd.register_fake(lambda u, delta, A, Bs, Cs, *rest: _scan_fwd_outputs(u, A, Bs, Cs))
 
 
-def _selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Grouped selective scan as :func:`selective_scan_ref` (no z), shapes as _scan_fwd_kernel. Returns y (batch,
-    K*D, L) float32, differentiable in all inputs, and last_state (batch, K*D, N) float32, not differentiable."""
-    return _selective_scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
-
-
 # --- Backend choice and the public kernels.
 def _triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
@@ -659,7 +660,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         y, last = u.new_zeros(u.shape, dtype=torch.float32), u.new_zeros((b, channels, n), dtype=torch.float32)
         y = y if D is None else torch.addcmul(y, u.float(), D.float().unsqueeze(-1))
     elif backend == "triton":
-        y, last = _selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        y, last = _selective_scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus))
     else:  # the torch scan runs channels-last: (B, G*D, L) -> (B, L, G, D), and back
         g, u32 = B.shape[1], u.float()   # u32: converted once
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float().unsqueeze(-1)
@@ -820,18 +821,19 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
 _ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs[:5]))
 
 
-def _ss2d_scan_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], output[1])
-    ctx.saved, _ = inputs[5], ctx.mark_non_differentiable(output[1])
+def _saved(ctx, tensors, output, save, **info):   # for setup_context: tensors, the states or map kept (save), info
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.saved, ctx.info, _ = save, info, ctx.mark_non_differentiable(output[1])
 
 
 def _ss2d_scan_backward(ctx, dys, _):
-    if not ctx.saved:   # the states it starts from were not kept
+    if not ctx.saved:   # no states were kept: nothing to start from
         raise RuntimeError("the fused SS2D scan's backward needs a forward with save=True")
     return *_ss2d_scan_bwd(dys, *ctx.saved_tensors), None
 
 
-_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=_ss2d_scan_setup_context)
+_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=lambda ctx, inputs, output: _saved(
+    ctx, inputs[:5], output, inputs[5]))
 
 
 def _norm_blocks(c: int) -> Tuple[int, int]:   # (BLOCK_M, BLOCK_C) of the add_norm kernels: ~16 values a thread
@@ -901,30 +903,26 @@ _add_norm.register_fake(_add_norm_outputs)
 _add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
 
 
+def _merge_norm_outputs(ys, x, z, Dsum, weight, bias, eps, save):   # out and m (empty unless save); its fake
+    m = (x.numel() // x.shape[-1], x.shape[-1]) if save else (0,)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(m, dtype=torch.float32)
+
+
 @torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
 def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight: Tensor, bias: Tensor, eps: float,
                 save: bool) -> Tuple[Tensor, Tensor]:
     """LayerNorm(m) * silu(z) (no z: no gate), m = ys.sum(3) + Dsum * x: ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's
     dtype; with ``save`` also m (rows, D) float32, for the backward (else empty)."""
-    d, out = x.shape[-1], torch.empty_like(x, memory_format=torch.contiguous_format)
+    (out, m), d = _merge_norm_outputs(ys, x, z, Dsum, weight, bias, eps, save), x.shape[-1]
     zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
     rows, (block_m, block_d) = x.numel() // d, _norm_blocks(d)
-    m = x.new_empty((rows, d) if save else (0,), dtype=torch.float32)
     _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
         ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, m if save else out, rows, d,
         zs.stride(0), eps, HAS_Z=z is not None, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out, m
 
 
-_merge_norm.register_fake(lambda ys, x, z, Dsum, w, b, eps, save: (
-    torch.empty_like(x, memory_format=torch.contiguous_format),
-    x.new_empty((x.numel() // x.shape[-1], x.shape[-1]) if save else (0,), dtype=torch.float32)))
-
-
-def _merge_norm_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1], *inputs[1:6])                   # m, x, z, Dsum, weight, bias
-    ctx.eps, ctx.saved, ctx.ys = inputs[6], inputs[7], (inputs[0].shape, inputs[0].dtype)
-    ctx.mark_non_differentiable(output[1])
+_merge_norm.register_fake(_merge_norm_outputs)
 
 
 def _merge_norm_backward(ctx, g, _):
@@ -932,19 +930,19 @@ def _merge_norm_backward(ctx, g, _):
     in torch ops (out = y * silu(z), y = norm(m) again; silu'(z) = s * (1 + z * (1 - s)))."""
     if not ctx.saved:
         raise RuntimeError("the fused merge's backward needs a forward with save=True")
-    m, x, z, Dsum, weight, bias = ctx.saved_tensors
+    (x, z, Dsum, weight, bias, m), eps, (ys_shape, ys_dtype) = ctx.saved_tensors, ctx.info["eps"], ctx.info["ys"]
     g, dz = g.reshape(m.shape), None
     if z is not None:
-        y = F.layer_norm(m, m.shape[-1:], weight.float(), bias.float(), ctx.eps)
-        zf = z.reshape(m.shape).float()
+        y, zf = F.layer_norm(m, m.shape[-1:], weight.float(), bias.float(), eps), z.reshape(m.shape).float()
         s = torch.sigmoid(zf)
         g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype).view(z.shape)
-    dm, dx, (dw, db, dDsum) = _add_norm_bwd(m, g, None, x.reshape(m.shape), Dsum, weight, ctx.eps, ctx.ys[1], x.dtype)
-    return (dm.view(x.shape).unsqueeze(3).expand(ctx.ys[0]), dx.view(x.shape), dz, dDsum.to(Dsum.dtype),
+    dm, dx, (dw, db, dDsum) = _add_norm_bwd(m, g, None, x.reshape(m.shape), Dsum, weight, eps, ys_dtype, x.dtype)
+    return (dm.view(x.shape).unsqueeze(3).expand(ys_shape), dx.view(x.shape), dz, dDsum.to(Dsum.dtype),
             dw.to(weight.dtype), db.to(bias.dtype), None, None)
 
 
-_merge_norm.register_autograd(_merge_norm_backward, setup_context=_merge_norm_setup_context)
+_merge_norm.register_autograd(_merge_norm_backward, setup_context=lambda ctx, inputs, output: _saved(
+    ctx, inputs[1:6], output, inputs[7], eps=inputs[6], ys=(inputs[0].shape, inputs[0].dtype)))   # m, not ys
 
 
 def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None, wide: bool = False) -> Tuple[Tensor, Tensor]:
@@ -1109,9 +1107,8 @@ FORWARD_TYPES = ("v0", "v05", "v05_noz")
 
 
 class _DecidesPath:
-    """Modules that pick their kernels once: when built (set ``backend``), moved (.to(), .cuda(), .half()), copied or
-    unpickled, and on set_backend. ``_path``: what forward runs, from ``backend``, set_backend / VMAMBA_BACKEND and
-    the device ("torch", "triton", "mamba_ssm"; None: cannot run here, forward raises why)."""
+    """Modules that pick their kernels (``_path``; None: cannot run here) from ``backend``, set_backend and the device
+    once: when built (setting ``backend``), moved (.to(), .cuda(), .half()), copied, unpickled, and on set_backend."""
 
     def _set_backend(self, name: str) -> None:
         if name not in BACKENDS:
@@ -2324,26 +2321,6 @@ def _print_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
 
 
-def _flops_table(shape: Sequence[int] = (3, 224, 224), names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """Params (M) and GFLOPs of zoo models beside the published GFLOPs, on the meta device; ``error`` at 224 px."""
-    rows = []
-    for name in names or list_models():
-        with torch.device("meta"):
-            model = create_model(name)
-        gflops, published = model.flops(shape) / 1e9, _ZOO[name][3]
-        rows.append(dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                         gflops=round(gflops, 2), published_gflops=published,
-                         error=f"{gflops / published - 1:+.1%}" if tuple(shape) == (3, 224, 224) else "-"))
-    return rows
-
-
-def _cmd_flops(args: argparse.Namespace) -> int:
-    rows = _flops_table((3, args.size, args.size), args.model.split(",") if args.model else None)
-    print(f"params and GFLOPs (multiply-adds) at {args.size}x{args.size}; scans count 9*L*D*N")
-    _print_table(rows, ["model", "params_m", "gflops", "published_gflops", "error"])
-    return 0
-
-
 def _cmd_convert(args: argparse.Namespace) -> int:
     if os.path.exists(args.output):
         if os.path.exists(args.input) and os.path.samefile(args.input, args.output):
@@ -2415,12 +2392,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH_OR_URL",
                         help="load the released weights (needs network), or the given file/URL")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = commands.add_parser("flops", help="params and GFLOPs of the zoo beside the published table",
-                            description="Params and GFLOPs (multiply-adds; 9*L*D*N per selective scan) "
-                            "of zoo models, counted without weights or downloads.")
-    p.add_argument("--model", default=None, help="comma-separated zoo names (default: all)")
-    p.add_argument("--size", type=int, default=224, help="input resolution (default: 224)")
-    p.set_defaults(run=_cmd_flops)
     p = commands.add_parser("convert", help="rewrite a checkpoint in this file's layout (.safetensors or .pth)",
                             description="Read a checkpoint in any released layout (file or URL) and write "
                             "its weights in the released key layout; .safetensors needs the safetensors package.")

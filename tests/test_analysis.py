@@ -223,3 +223,17 @@ def test_highres_command(tmp_path, capsys):
     if sys.platform.startswith("linux"):
         assert all(float(r["peak_rss_kib"]) >= float(r["rss_before_kib"]) > 0 for r in rows)
     assert "| VSSM | 48 |" in (tmp_path / "highres.md").read_text() and _png_shape(out)[0] > 0
+
+
+def test_flops_reproduce_the_published_table():
+    rows = analysis.flops_table()
+    assert [r["model"] for r in rows] == vmamba.list_models()
+    for row in rows:
+        assert abs(row["gflops"] / row["published_gflops"] - 1) < 0.03, row
+        assert abs(row["params_m"] * 1e6 / vmamba._ZOO[row["model"]][2] - 1) < 1e-3, row
+
+
+def test_flops_command(capsys):
+    assert analysis.main(["flops", "--model", "vmamba_tiny_s1l8"]) == 0
+    out = capsys.readouterr().out
+    assert "vmamba_tiny_s1l8" in out and "4.9" in out

@@ -6,7 +6,12 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 import vmamba  # noqa: E402
-from vmamba import _selective_scan_triton as selective_scan_triton  # noqa: E402
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """The Triton scan's op: (y, last_state) float32 for grouped B, C (batch, G, N, L)."""
+    return vmamba._selective_scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
 
 pytestmark = pytest.mark.triton
 

@@ -91,21 +91,25 @@ def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False, save=False):
     return job
 
 
-def merge_norm_job(vmamba, D, gated, cap, dtype):
-    block_d = vmamba._next_pow2(D)
+def merge_norm_job(vmamba, D, gated, save, cap, dtype):
+    block_m, block_d = vmamba._norm_blocks(D)
     return dict(kernel="_merge_norm_kernel", cap=cap, ints=dict(rows=128 * 56 * 56, D=D, z_stride=2 * D),
-                floats=("eps",), consts=dict(HAS_Z=gated, BLOCK_M=max(1, 2048 // block_d), BLOCK_D=block_d),
-                ptrs={name: dtype for name in ("ys_ptr", "x_ptr", "z_ptr", "out_ptr")})
+                floats=("eps",), consts=dict(HAS_Z=gated, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d),
+                ptrs={name: dtype for name in ("ys_ptr", "x_ptr", "z_ptr", "out_ptr")})   # m float32
 
 
-def add_norm_job(vmamba, kernel, C, has_h, cap, dtype):
-    """The block's add + LayerNorm (forward or backward) at C channels: residual stream float32, activations dtype."""
+def add_norm_job(vmamba, kernel, C, has_h, cap, dtype, merge=False):
+    """The block's add + LayerNorm (forward or backward) at C channels: residual stream float32, activations dtype;
+    ``merge``: the backward as the merge's (s: the merged map, float32; D term; gradients in dtype)."""
     block_m, block_c = vmamba._norm_blocks(C)
     ints = dict(rows=128 * 56 * 56, C=C) if kernel == "_add_norm_kernel" else dict(rows=128 * 56 * 56, C=C,
                                                                                   rows_per_program=4 * block_m)
-    return dict(kernel=kernel, cap=cap, ints=ints, floats=("eps",),
-                consts=dict(HAS_H=has_h, BLOCK_M=block_m, BLOCK_C=block_c),
-                ptrs={name: dtype for name in ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")})
+    consts = dict(HAS_H=has_h, BLOCK_M=block_m, BLOCK_C=block_c)
+    if kernel == "_add_norm_bwd_kernel":
+        consts["HAS_D"] = merge
+    names = ("dn_ptr", "xd_ptr", "dx_ptr", "dh_ptr") if merge else ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")
+    return dict(kernel=kernel, cap=cap, ints=ints, floats=("eps",), consts=consts,
+                ptrs={name: dtype for name in names})
 
 
 # What the SS2D dispatcher can choose for VMamba (D = 96..1536 per direction, N = 1, 4, 8 and 16, ranks 6..48,
@@ -116,16 +120,21 @@ SS2D_DIMS, SS2D_STATES, SS2D_RANKS = (96, 192, 384, 768, 1536), (1, 4, 8, 16), (
 NORM_DIMS = (48, 96, 128, 192, 384, 768, 1024, 1536)
 
 
-def fused_jobs(vmamba):
-    jobs, seen = [], set()
+def fused_jobs(vmamba, inference=True):
+    """Every configuration of the fused kernels; without ``inference``, the forward scan and merge only as training
+    runs them (keeping states / the merged map): the same code plus a store, so no more registers without it."""
+    jobs, seen, saves = [], set(), (False, True) if inference else (True,)
     for cap, dtype, D, N, R, (backward, save) in itertools.product(
-            TARGETS, ("fp32", "bf16"), SS2D_DIMS, SS2D_STATES, SS2D_RANKS, ((False, False), (False, True), (True, False))):
+            TARGETS, ("fp32", "bf16"), SS2D_DIMS, SS2D_STATES, SS2D_RANKS,
+            [(False, save) for save in saves] + [(True, False)]):
         key = (cap, dtype, N, R, backward, save, *vmamba._ss2d_blocks(D, N, R, backward))   # R, N: constants
         if key not in seen:
             seen.add(key)
             jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype, backward, save))
-    for cap, dtype, D, gated in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True)):
-        jobs.append(merge_norm_job(vmamba, D, gated, cap, dtype))
+    for cap, dtype, D, gated, save in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True), saves):
+        jobs.append(merge_norm_job(vmamba, D, gated, save, cap, dtype))
+    for cap, dtype, D in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS):   # the merge's backward
+        jobs.append(add_norm_job(vmamba, "_add_norm_bwd_kernel", D, False, cap, dtype, merge=True))
     for cap, dtype, C, has_h, kernel in itertools.product(TARGETS, ("fp32", "bf16", "fp16"), NORM_DIMS, (False, True),
                                                           ("_add_norm_kernel", "_add_norm_bwd_kernel")):
         key = (cap, dtype, has_h, kernel, C % 16 == 0, *vmamba._norm_blocks(C))   # what the compilation depends on
@@ -250,6 +259,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fused", action="store_true", help="only the fused SS2D kernels (a few minutes)")
     parser.add_argument("--scan", action="store_true", help="only the public scan's kernel (its tiles)")
+    parser.add_argument("--training", action="store_true",
+                        help="the fused forward kernels only as training runs them (see fused_jobs)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the fused kernels' resources here")
     args = parser.parse_args(argv)
     _init_worker()
@@ -260,7 +271,7 @@ def main(argv=None):
     # the assembler triton runs (it ships one; TRITON_PTXAS_PATH overrides it)
     ptxas = os.environ.get("TRITON_PTXAS_PATH") or str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
-    jobs, n_tiles = (fused_jobs(vmamba), 0) if args.fused else all_jobs(vmamba, fused=not args.scan)
+    jobs, n_tiles = (fused_jobs(vmamba, not args.training), 0) if args.fused else all_jobs(vmamba, not args.scan)
     jobs.sort(key=lambda job: job["kernel"] != "_ss2d_bwd_kernel")  # the slowest first
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
                              mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -317,8 +328,8 @@ if pytest is not None:
         pytest.importorskip("triton", reason="triton is not installed")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-        proc = subprocess.run([sys.executable, __file__, "--fused"], env=env, capture_output=True, text=True,
-                              timeout=900)
+        proc = subprocess.run([sys.executable, __file__, "--fused", "--training"], env=env, capture_output=True,
+                              text=True, timeout=900)
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         assert proc.returncode == 0 and not summary["failed"], summary["failed"][:5]
         kernels = {(r["kernel"], r["sm"]) for r in summary["fused"]}

@@ -7,6 +7,7 @@ and latency, throughput and memory against resolution: as functions, and as the 
     python tools/analysis.py activations --model vmamba_tiny_s1l8 --image photo.jpg --out act.png
     python tools/analysis.py scaling --sizes 384,768,1536 [--out scaling.png]
     python tools/analysis.py highres --sizes 1024,4096,8192 [--out docs/highres.png]
+    python tools/analysis.py flops [--model vmamba_tiny_s1l8] [--size 224]
 
 Only torch and vmamba.py are needed to compute; plots need matplotlib, sample photographs
 scikit-image, other architectures timm, each imported when asked for. Uses vmamba's
@@ -353,6 +354,27 @@ def _hide_axes(ax: Any) -> None:
     ax.set_yticks([])
 
 
+def flops_table(shape: Sequence[int] = (3, 224, 224), names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Params (M) and GFLOPs (``VSSM.flops``: multiply-adds) of zoo models beside the published GFLOPs, built on the
+    meta device (no weights, no downloads); ``error``: the relative difference, at 224 px."""
+    rows = []
+    for name in names or vmamba.list_models():
+        with torch.device("meta"):
+            model = vmamba.create_model(name)
+        gflops, published = model.flops(shape) / 1e9, vmamba._ZOO[name][3]
+        rows.append(dict(model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                         gflops=round(gflops, 2), published_gflops=published,
+                         error=f"{gflops / published - 1:+.1%}" if tuple(shape) == (3, 224, 224) else "-"))
+    return rows
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    rows = flops_table((3, args.size, args.size), args.model.split(",") if args.model else None)
+    print(f"params and GFLOPs (multiply-adds) at {args.size}x{args.size}; scans count 9*L*D*N")
+    print_table(rows, ["model", "params_m", "gflops", "published_gflops", "error"])
+    return 0
+
+
 def _cmd_erf(args: argparse.Namespace) -> int:
     """``erf``: ERF of the centre of a stage, side by side for several models."""
     optional_import("matplotlib", "matplotlib", "plotting")          # fail before the work
@@ -668,7 +690,7 @@ def _cmd_highres(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: subcommands ``erf``, ``activations``, ``scaling`` and ``highres``."""
+    """The command line: subcommands ``erf``, ``activations``, ``scaling``, ``highres`` and ``flops``."""
     parser = argparse.ArgumentParser(
         prog="tools/analysis.py", description="What a VMamba model sees and what it costs: effective "
         "receptive fields, activation maps with SS2D's implicit attention, and cost against resolution.")
@@ -750,6 +772,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1,
                    help="timed calls per run, median, after an untimed one when more than 1 (default: 1)")
     p.set_defaults(run=_cmd_highres)
+
+    p = commands.add_parser("flops", help="params and GFLOPs of the zoo beside the published table",
+                            description="Params and GFLOPs (multiply-adds; 9*L*D*N per selective scan) "
+                            "of zoo models, counted without weights or downloads.")
+    p.add_argument("--model", default=None, help="comma-separated zoo names (default: all)")
+    p.add_argument("--size", type=int, default=224, help="input resolution (default: 224)")
+    p.set_defaults(run=_cmd_flops)
 
     p = commands.add_parser("highres-one", help=argparse.SUPPRESS)   # one run of highres, in its own process
     p.add_argument("--model", default=None)
