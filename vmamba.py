@@ -310,9 +310,8 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
     @triton.jit
     def _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R: tl.constexpr, N: tl.constexpr, LOW_RANK: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Direction k's A = -exp(A_logs) (BN, BD), dt bias (BD,) and dt weights (BR, BD; zeros unless LOW_RANK),
-        float32, from the layer's A_logs (4*D, N), bias (4, D) and w (4, D, R) in any dtype. Padded channels and
-        states get A = 0, and B = u = 0 from the loads: their states stay 0."""
+        """Direction k's A = -exp(A_logs) (BN, BD; 0 where padded), dt bias (BD,) and dt weights (BR, BD; 0 unless
+        LOW_RANK), float32, from the layer's A_logs (4*D, N), bias (4, D) and w (4, D, R) in any dtype."""
         RW: tl.constexpr = R if LOW_RANK else 0
         chan, d_mask = k * D + offs_d, offs_d < D
         A = -tl.exp(_rows(A_ptr + chan * N, 1, d_mask, N, BLOCK_N).to(tl.float32))
@@ -322,8 +321,8 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
 
     @triton.jit
     def _ss2d_ckpt(ckpt_ptr, L, T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(BLOCK_D,) pointers to the first state this program keeps in ckpt, its rows BLOCK_D apart (then the next
-        T steps on): stored and loaded a row at a time (_put_rows, _rows), a channel per thread, no shuffles."""
+        """(BLOCK_D,) pointers to this program's first state in ckpt (rows BLOCK_D apart; the next, T steps on, after
+        it), stored and loaded a row at a time (_put_rows, _rows): a channel per thread, no shuffles."""
         prog = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
         return ckpt_ptr + prog * tl.cdiv(L, T) * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)
 
@@ -337,12 +336,11 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
     def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, ckpt_ptr, H, W, D, R: tl.constexpr,
                          N: tl.constexpr, LOW_RANK: tl.constexpr, T: tl.constexpr, SAVE: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks
-        direction k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel
-        while it computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt =
-        softplus(w @ dts + bias) here (w (4, D, R)), else read from dt (B, H, W, 4, D); A_logs (4*D, N): the weights
-        as the layer holds them. Writes y (B, H, W, 4, D) in x's dtype at the pixels read; SAVE: every T-th state (the
-        one before steps 0, T, 2T, ...) for the backward, in ckpt (programs, cdiv(L, T), BLOCK_N, BLOCK_D) float32."""
+        """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks direction
+        k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel while it
+        computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt = softplus(w @ dts +
+        bias) here, else read from dt (B, H, W, 4, D); weights as the layer holds them. Writes y (B, H, W, 4, D) in x's
+        dtype at the pixels read; SAVE: the state before every T-th step in ckpt (programs, L/T, BLOCK_N, BLOCK_D)."""
         pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
         A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
@@ -390,10 +388,10 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                          LOW_RANK: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_R: tl.constexpr):
         """_ss2d_fwd_kernel's backward, same grid and pixels; dy at row * dy_pix + k * dy_k. From the states the forward
-        kept (ckpt), a program takes direction k's segments of T steps, last first: it recomputes a segment's states
-        (hs, its own scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not
-        LOW_RANK, dL/dz (z: dt before softplus) in x's dtype; float32: part (B, H, W, 4, blocks, [R +] 2N), this
-        channel block's sums of [ddts,] dB, dC; per sample dw (B, 4, D, R) (if LOW_RANK), dbias (B, 4, D), dA_logs."""
+        kept, a program takes direction k's segments of T steps, last first, recomputes a segment's states (hs, its
+        scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not LOW_RANK, dL/dz (z: dt
+        before softplus) in x's dtype; float32: part (B, H, W, 4, blocks, [R +] 2N), this channel block's sums of
+        [ddts,] dB, dC; per sample dw (B, 4, D, R) (if LOW_RANK), dbias (B, 4, D), dA_logs (B, 4, N, D)."""
         pid, blk, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         offs_d, offs_n, offs_r = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
@@ -762,8 +760,7 @@ _SS2D_SEGMENT = 32   # steps between the states the forward keeps for the backwa
 
 
 def _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, save):   # ys and the states kept (empty unless save); its fake
-    (b, h, w, d), n = x.shape, A_logs.shape[1]
-    block_d, block_n, _ = _ss2d_blocks(d, n, w_dt.shape[2])
+    (b, h, w, d), (block_d, block_n, _) = x.shape, _ss2d_blocks(x.shape[3], A_logs.shape[1], w_dt.shape[2])
     shape = (b * 4 * -(-d // block_d), -(-h * w // _SS2D_SEGMENT), block_n, block_d) if save else (0,)
     return x.new_empty((b, h, w, 4, d)), x.new_empty(shape, dtype=torch.float32)
 
@@ -790,10 +787,9 @@ _ss2d_scan.register_fake(_ss2d_scan_outputs)
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan_bwd", mutates_args=())
 def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor,
                    ckpt: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of :func:`_ss2d_scan`'s inputs from dys (B, H, W, 4, D), by one kernel that sweeps every
-    direction backwards from the states the forward kept (ckpt), recomputing the rest (_ss2d_bwd_kernel); here, the
-    sums of its partial results over channel blocks and samples (deterministic, no atomics), and for a GEMM'd dt its
-    products with dts and w_dt."""
+    """The gradients of :func:`_ss2d_scan`'s inputs from dys (B, H, W, 4, D) and the states it kept (ckpt), by
+    _ss2d_bwd_kernel; here, the sums of its partial results over channel blocks and samples (deterministic, no
+    atomics), and for a GEMM'd dt its products with dts and w_dt."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
     (block_d, block_n, block_r), seg = _ss2d_blocks(d, n, r, backward=True), _SS2D_SEGMENT
     blocks, low, f32 = -(-d // block_d), block_r > 0, dict(device=x.device, dtype=torch.float32)
@@ -832,8 +828,7 @@ def _ss2d_scan_backward(ctx, dys, _):
     return *_ss2d_scan_bwd(dys, *ctx.saved_tensors), None
 
 
-_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=lambda ctx, inputs, output: _saved(
-    ctx, inputs[:5], output, inputs[5]))
+_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=lambda c, i, o: _saved(c, i[:5], o, i[5]))
 
 
 def _norm_blocks(c: int) -> Tuple[int, int]:   # (BLOCK_M, BLOCK_C) of the add_norm kernels: ~16 values a thread
@@ -867,10 +862,9 @@ def _add_norm_grads(s, dn, ds, xd, Dsum, weight, eps, x_dtype, h_dtype):   # as 
 def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], xd: Optional[Tensor], Dsum: Optional[Tensor],
                   weight: Tensor, eps: float, x_dtype: torch.dtype,
                   h_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
-    """_add_norm's gradients from s (rows, C), the normalised input: dx, dh (empty without h) and (dw, db) float32, in
-    one kernel; for the merge (s = m = ... + Dsum * xd, xd (rows, C)), dh = dx * Dsum in h_dtype and a third sum,
-    dDsum. The sums are partial sums of at most ~4096 programs, added here: deterministic, unlike float atomics, and
-    a few rows of C a program against the map's millions."""
+    """_add_norm's gradients from s (rows, C), the normalised input, in one kernel: dx, dh (empty without h), (dw, db)
+    float32; for the merge (s = m = ... + Dsum * xd), dh = dx * Dsum and dDsum too. Sums: of at most ~4096 programs'
+    partial sums, added here (deterministic, unlike float atomics; a few rows of C against the map's millions)."""
     (rows, c), (block_m, block_c) = s.shape, _norm_blocks(s.shape[1])
     per_program = -(-rows // min(-(-rows // block_m), 4096) // block_m) * block_m   # rows, a multiple of block_m
     dx, dh, sums = _add_norm_grads(s, dn, ds, xd, Dsum, weight, eps, x_dtype, h_dtype)
@@ -1136,10 +1130,9 @@ class _DecidesPath:
 
 
 class LayerNorm(_DecidesPath, nn.LayerNorm):
-    """nn.LayerNorm (same weights) over the channels of a (B, H, W, C) map: the stem's and downsampling's norms. On
-    the Triton path one kernel reads the convolution's output in its dtype and writes the norm in float32 under
-    autocast (as torch's does on CUDA; the residual stream), or with ``narrow`` in autocast's dtype (for the
-    convolution or Linear that reads it next)."""
+    """nn.LayerNorm (same weights) of the stem's and downsampling's (B, H, W, C) maps. On the Triton path one kernel
+    reads the convolution's output in its dtype and writes the norm in float32 under autocast (the residual stream),
+    or with ``narrow`` in autocast's dtype (for the convolution or Linear that reads it)."""
 
     def __init__(self, dim: int, narrow: bool = False, backend: str = "auto"):
         super().__init__(dim)
@@ -1163,24 +1156,21 @@ class SS2D(_DecidesPath, nn.Module):
                  forward_type: str = "v05_noz", channel_first: bool = False, tile_rows: Optional[int] = None):
         super().__init__()
         self.forward_type = _one_of("forward_type", forward_type, FORWARD_TYPES)
-        _one_of("ssm_act_layer", act_layer, ("silu",))
-        _one_of("dt_init", dt_init, ("random",))
-        _one_of("ssm_init", initialize, ("v0",))
-        _check_range("d_model", d_model, 1, integer=True)
-        _check_range("ssm_d_state", d_state, 1, integer=True)
+        for name, value, accepted in (("ssm_act_layer", act_layer, ("silu",)), ("dt_init", dt_init, ("random",)),
+                                      ("ssm_init", initialize, ("v0",)), ("ssm_conv_bias", conv_bias, (False, True)),
+                                      ("bias", bias, (False, True)), ("channel_first", channel_first, (False, True))):
+            _one_of(name, value, accepted)
+        for name, value in (("d_model", d_model), ("ssm_d_state", d_state), ("ssm_conv", d_conv)):
+            _check_range(name, value, 1, integer=True)
         _check_range("ssm_ratio", ssm_ratio, 0, low_open=True)
-        _check_range("ssm_conv", d_conv, 1, integer=True)
         if d_conv % 2 == 0:
             raise ValueError(f"ssm_conv must be odd (a centred kernel keeps the map's size), got {d_conv}")
-        _check_range("ssm_drop_rate", dropout, 0, 1)
         if dt_rank != "auto":
             _check_range("ssm_dt_rank", dt_rank, 1, integer=True)
-        for name, value in (("ssm_conv_bias", conv_bias), ("bias", bias), ("channel_first", channel_first)):
-            _one_of(name, value, (False, True))
         _check_range("dt_min", dt_min, 0, low_open=True)   # log-uniform between dt_min and dt_max
-        _check_range("dt_max", dt_max, dt_min)
-        _check_range("dt_scale", dt_scale, 0)
-        _check_range("dt_init_floor", dt_init_floor, 0)
+        for args in (("ssm_drop_rate", dropout, 0, 1), ("dt_max", dt_max, dt_min), ("dt_scale", dt_scale, 0),
+                     ("dt_init_floor", dt_init_floor, 0)):
+            _check_range(*args)
         k, d_inner = 4, int(ssm_ratio * d_model)
         if d_inner < 1:
             raise ValueError(f"ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
@@ -1969,12 +1959,10 @@ class VSSM(nn.Module):
         """Stage outputs (before downsampling) as a list, and the final features. ``indices``: stage indices, or an
         int n for the last n (default: all); ``norm``: the classifier's LayerNorm on the last stage's map;
         ``output_fmt`` "NCHW" | "NHWC". Returns ``intermediates`` if ``intermediates_only``, else (final, them)."""
-        fmt = _one_of("output_fmt", output_fmt, ("nchw", "nhwc"))
-        n = len(self.layers)
+        fmt, n = _one_of("output_fmt", output_fmt, ("nchw", "nhwc")), len(self.layers)
         indices = self._stage_indices(indices)
         last = max(indices) if (stop_early or intermediates_only) else n - 1
-        x = self._embed(x)                                            # (B, C0, H/4, W/4)
-        intermediates = []
+        x, intermediates = self._embed(x), []                         # (B, C0, H/4, W/4)
         for i in range(last + 1):
             x = self._stage(i, x)                                     # (B, C_i, H_i, W_i)
             if i in indices:
@@ -1982,9 +1970,7 @@ class VSSM(nn.Module):
                 o = self.classifier.norm(o) if (norm and i == n - 1) else o
                 intermediates.append(o.permute(0, 3, 1, 2) if fmt == "nchw" else o)
             x = self._downsample(i, x)
-        if intermediates_only:
-            return intermediates
-        return (x if fmt == "nchw" else x.permute(0, 2, 3, 1)), intermediates
+        return intermediates if intermediates_only else ((x if fmt == "nchw" else x.permute(0, 2, 3, 1)), intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -1992,8 +1978,7 @@ class VSSM(nn.Module):
         one's downsample; the classifier's Linear with ``prune_head``, its LayerNorm with ``prune_norm``. Afterwards
         the model is only for :meth:`forward_intermediates`. Returns the indices as stage numbers."""
         indices = self._stage_indices(indices)
-        last = max(indices)
-        self.layers = self.layers[:last + 1]
+        last, self.layers = max(indices), self.layers[:max(indices) + 1]
         self.layers[last].downsample = nn.Identity()
         if hasattr(self, "classifier"):  # Backbone_VSSM has none
             if prune_head:
