@@ -444,17 +444,19 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return c * rstd[:, None], rstd
 
     @triton.jit
-    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Dsum_ptr, w_ptr, b_ptr, out_ptr, m_ptr, rows, D, z_stride, eps,
+    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Ds_ptr, w_ptr, b_ptr, out_ptr, m_ptr, rows, D, z_stride, eps,
                            HAS_Z: tl.constexpr, SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out = LayerNorm(m) (* silu(z)), m = sum_k ys[:, k] + Dsum * x, over D, BLOCK_M rows a program; grid
+        """out = LayerNorm(m) (* silu(z)), m = sum_k (ys[:, k] + Ds[k] * x), over D, BLOCK_M rows a program; grid
         cdiv(rows, BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out
         x's dtype; SAVE: m (rows, D) float32 too, which the backward normalises again (_add_norm_bwd_kernel)."""
         offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
         col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
         mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
-        m = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(Dsum_ptr + offs_d, mask=col_ok)[None, :]
+        Dsum, m = tl.zeros((BLOCK_D,), tl.float32), tl.zeros((BLOCK_M, BLOCK_D), tl.float32)   # Ds: (4*D,), any dtype
         for k in tl.static_range(4):
+            Dsum += tl.load(Ds_ptr + k * D + offs_d, mask=col_ok, other=0.0).to(tl.float32)
             m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        m += tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * Dsum[None, :]
         if SAVE:
             tl.store(m_ptr + at, m, mask=mask)
         w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
@@ -805,11 +807,9 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
         ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n,
         LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
-    if low:
-        dw_dt = dw.sum(0)                                             # (4, D, R)
-    else:
+    dw_dt = dw.sum(0) if low else torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])   # (4, D, R)
+    if not low:   # the gradient of dts through the GEMM'd dt
         dproj = torch.cat([torch.einsum("bhwkd,kdr->bhwkr", ddt, w_dt.to(ddt.dtype)).float(), dproj], -1)
-        dw_dt = torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])
     return (dxs.sum(3), dproj.to(proj.dtype), dw_dt.to(w_dt.dtype).contiguous(), dbias.sum(0).to(bias.dtype),
             dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A_logs.dtype))
 
@@ -828,7 +828,8 @@ def _ss2d_scan_backward(ctx, dys, _):
     return *_ss2d_scan_bwd(dys, *ctx.saved_tensors), None
 
 
-_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=lambda c, i, o: _saved(c, i[:5], o, i[5]))
+_ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=lambda ctx, inputs, output: _saved(
+    ctx, inputs[:5], output, inputs[5]))
 
 
 def _norm_blocks(c: int) -> Tuple[int, int]:   # (BLOCK_M, BLOCK_C) of the add_norm kernels: ~16 values a thread
@@ -897,21 +898,21 @@ _add_norm.register_fake(_add_norm_outputs)
 _add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
 
 
-def _merge_norm_outputs(ys, x, z, Dsum, weight, bias, eps, save):   # out and m (empty unless save); its fake
+def _merge_norm_outputs(ys, x, z, Ds, weight, bias, eps, save):   # out and m (empty unless save); its fake
     m = (x.numel() // x.shape[-1], x.shape[-1]) if save else (0,)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(m, dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
-def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Dsum: Tensor, weight: Tensor, bias: Tensor, eps: float,
+def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Ds: Tensor, weight: Tensor, bias: Tensor, eps: float,
                 save: bool) -> Tuple[Tensor, Tensor]:
-    """LayerNorm(m) * silu(z) (no z: no gate), m = ys.sum(3) + Dsum * x: ys (B, H, W, 4, D), x, z (B, H, W, D) -> x's
-    dtype; with ``save`` also m (rows, D) float32, for the backward (else empty)."""
-    (out, m), d = _merge_norm_outputs(ys, x, z, Dsum, weight, bias, eps, save), x.shape[-1]
+    """LayerNorm(m) * silu(z) (no z: no gate), m = ys.sum(3) + Ds.view(4, D).sum(0) * x: ys (B, H, W, 4, D), x, z
+    (B, H, W, D) -> x's dtype; with ``save`` also m (rows, D) float32, for the backward (else empty)."""
+    (out, m), d = _merge_norm_outputs(ys, x, z, Ds, weight, bias, eps, save), x.shape[-1]
     zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
     rows, (block_m, block_d) = x.numel() // d, _norm_blocks(d)
     _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
-        ys.contiguous(), x.contiguous(), zs, Dsum.contiguous(), weight, bias, out, m if save else out, rows, d,
+        ys.contiguous(), x.contiguous(), zs, Ds.contiguous(), weight, bias, out, m if save else out, rows, d,
         zs.stride(0), eps, HAS_Z=z is not None, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out, m
 
@@ -924,14 +925,15 @@ def _merge_norm_backward(ctx, g, _):
     in torch ops (out = y * silu(z), y = norm(m) again; silu'(z) = s * (1 + z * (1 - s)))."""
     if not ctx.saved:
         raise RuntimeError("the fused merge's backward needs a forward with save=True")
-    (x, z, Dsum, weight, bias, m), eps, (ys_shape, ys_dtype) = ctx.saved_tensors, ctx.info["eps"], ctx.info["ys"]
+    (x, z, Ds, weight, bias, m), eps, (ys_shape, ys_dtype) = ctx.saved_tensors, ctx.info["eps"], ctx.info["ys"]
     g, dz = g.reshape(m.shape), None
     if z is not None:
         y, zf = F.layer_norm(m, m.shape[-1:], weight.float(), bias.float(), eps), z.reshape(m.shape).float()
         s = torch.sigmoid(zf)
         g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype).view(z.shape)
+    Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
     dm, dx, (dw, db, dDsum) = _add_norm_bwd(m, g, None, x.reshape(m.shape), Dsum, weight, eps, ys_dtype, x.dtype)
-    return (dm.view(x.shape).unsqueeze(3).expand(ys_shape), dx.view(x.shape), dz, dDsum.to(Dsum.dtype),
+    return (dm.view(x.shape).unsqueeze(3).expand(ys_shape), dx.view(x.shape), dz, dDsum.to(Ds.dtype).repeat(4),
             dw.to(weight.dtype), db.to(bias.dtype), None, None)
 
 
@@ -955,10 +957,9 @@ def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pr
     proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight.to(x.dtype))   # (B, H, W, 4, R + 2N), per pixel
     save = torch.is_grad_enabled()   # keep what the backward starts from: the scans' states, the merged map
     ys = _ss2d_scan(x, proj, dt_projs_weight, dt_projs_bias, A_logs, save)[0]   # the weights as they are
-    Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
-    if norm is None:
-        return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Dsum).to(x.dtype)   # (B, H, W, D)
-    return _merge_norm(ys, x, z, Dsum, norm.weight, norm.bias, norm.eps, save)[0]
+    if norm is None:   # every direction's D * u lands on its pixel
+        return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Ds.float().view(4, -1).sum(0)).to(x.dtype)
+    return _merge_norm(ys, x, z, Ds, norm.weight, norm.bias, norm.eps, save)[0]   # (B, H, W, D)
 
 
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,

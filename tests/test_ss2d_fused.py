@@ -143,9 +143,9 @@ def test_fused_scan_finite_under_strong_decay():
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
 
 
-def merge_norm_reference(ys, x, z, Dsum, weight, bias, eps):
-    """_merge_norm's math in float64: LayerNorm(ys.sum(-2) + Dsum * x) * silu(z), ys (..., 4, D)."""
-    m = ys.double().sum(-2) + Dsum.double() * x.double()
+def merge_norm_reference(ys, x, z, Ds, weight, bias, eps):
+    """_merge_norm's math in float64: LayerNorm(ys.sum(-2) + Ds.view(4, D).sum(0) * x) * silu(z), ys (..., 4, D)."""
+    m = ys.double().sum(-2) + Ds.double().view(4, -1).sum(0) * x.double()
     y = torch.nn.functional.layer_norm(m, m.shape[-1:], weight.double(), bias.double(), eps)
     return y if z is None else y * torch.nn.functional.silu(z.double())
 
@@ -160,27 +160,27 @@ MERGE_NORM_CASES = [(d, shape, dtype) for d, shape in ((4, (2, 5, 7)), (7, (1, 3
 @pytest.mark.parametrize("D,shape,dtype", MERGE_NORM_CASES)
 def test_merge_norm_gradients_match_float64(D, shape, dtype, gated):
     """The merge_norm op's backward (the add_norm kernel on the merged map the forward kept; every input's gradient)
-    against float64 autograd of the same math; z a strided view, as SS2D's gate is; Dsum float32."""
+    against float64 autograd of the same math; z a strided view, as SS2D's gate is; Ds (4*D,) float32."""
     g = torch.Generator().manual_seed(D)
     ys = (torch.randn(*shape, 4, D, generator=g) + 0.5).to(dtype).requires_grad_()
     x = torch.randn(*shape, D, generator=g).to(dtype).requires_grad_()
     z = torch.randn(*shape, 2 * D, generator=g).to(dtype).chunk(2, -1)[1].requires_grad_() if gated else None
-    Dsum = (torch.rand(D, generator=g) + 0.5).requires_grad_()
+    Ds = (torch.rand(4 * D, generator=g) + 0.5).requires_grad_()
     weight, bias = ((torch.rand(D, generator=g) + s).to(dtype).requires_grad_() for s in (0.5, -0.5))
-    out = vmamba._merge_norm(ys, x, z, Dsum, weight, bias, 1e-5, True)[0]
+    out = vmamba._merge_norm(ys, x, z, Ds, weight, bias, 1e-5, True)[0]
     dout = torch.randn(out.shape, generator=g).to(dtype)
-    inputs = [t for t in (ys, x, z, Dsum, weight, bias) if t is not None]
+    inputs = [t for t in (ys, x, z, Ds, weight, bias) if t is not None]
     got = torch.autograd.grad(out, inputs, dout)
     leaves = [t.detach().double().requires_grad_() for t in inputs]
     args = leaves[:2] + ([leaves[2]] if gated else [None]) + leaves[2 + gated:]
     want = torch.autograd.grad(merge_norm_reference(*args, 1e-5), leaves, dout.double())
-    names = ["ys", "x"] + (["z"] if gated else []) + ["Dsum", "weight", "bias"]
+    names = ["ys", "x"] + (["z"] if gated else []) + ["Ds", "weight", "bias"]
     assert got[0].stride(3) == 0   # one gradient for the four directions, read in place by the scan's backward
     for name, t, a, b in zip(names, inputs, got, want):
         assert a.dtype == t.dtype and a.shape == t.shape, name
         assert rel(a, b) < (1e-5 if a.dtype == torch.float32 else 1e-2), name
     with pytest.raises(RuntimeError, match="save=True"):   # inference keeps no merged map: no backward
-        torch.autograd.grad(vmamba._merge_norm(ys, x, z, Dsum, weight, bias, 1e-5, False)[0], inputs, dout)
+        torch.autograd.grad(vmamba._merge_norm(ys, x, z, Ds, weight, bias, 1e-5, False)[0], inputs, dout)
 
 
 @pytest.mark.triton
@@ -196,10 +196,10 @@ def test_fused_ops_registrations_and_compile():
     with pytest.raises(RuntimeError, match="save=True"):   # inference keeps no states: no backward
         torch.autograd.grad(ops.ss2d_scan(x, proj, w_dt, bias, A_logs, False)[0].sum(), x)
     z = torch.randn(1, 3, 2, 8).chunk(2, -1)[1].requires_grad_()   # a strided view, as SS2D's gate is
-    Dsum, w, b = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
+    Ds, w, b = torch.rand(16, requires_grad=True), torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
     for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A_logs, True)),
-                     (ops.merge_norm, (ys.detach(), x, z, Dsum, w, b, 1e-5, True)),
-                     (ops.merge_norm, (ys.detach(), x, None, Dsum, w, b, 1e-5, True))):
+                     (ops.merge_norm, (ys.detach(), x, z, Ds, w, b, 1e-5, True)),
+                     (ops.merge_norm, (ys.detach(), x, None, Ds, w, b, 1e-5, True))):
         torch.library.opcheck(op.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     inputs = [t.detach() for t in (x, proj, w_dt, bias, A_logs, ckpt)]

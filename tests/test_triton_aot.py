@@ -14,7 +14,9 @@ every combination on both targets. The tiles VMamba runs (at any size, N=1 and N
 targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan, its
 backward, and merge + LayerNorm) are compiled at every configuration their dispatcher chooses
 for VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16) on both
-targets, and must show no spill or stack bytes under ``ptxas -v``; the fused forward scan also
+targets (the test: the forward scan and merge as training runs them, keeping states or the merged
+map, which is their inference code plus stores; ``--fused`` without ``--training``: both), and
+must show no spill or stack bytes under ``ptxas -v``; the fused forward scan also
 no barrier and no shuffle in its PTX (the backward sums over channels: it has both). The blocks'
 add + LayerNorm kernels, forward and backward, at C = 48..1536, with and without the residual,
 float32, bfloat16 and float16 activations, must not spill either. Registers of each are in the
@@ -242,13 +244,16 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
              "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
              "VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
              "blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations float32, "
-             "bfloat16 or float16).", "",
-             "| kernel | sm | dtype | R | N | LOW_RANK | HAS_Z / HAS_H | C | BLOCK_D / BLOCK_C | BLOCK_M | registers | "
-             "spill bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bfloat16 or float16) and the merge's backward on the same kernel (HAS_D). SAVE: as training runs the "
+             "forward kernels (keeping states or the merged map).", "",
+             "| kernel | sm | dtype | R | N | LOW_RANK | SAVE | HAS_Z / HAS_H | HAS_D | C | BLOCK_D / BLOCK_C | BLOCK_M | "
+             "registers | spill bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
-                                          r.get("C", 0), r.get("BLOCK_D", 0), r.get("HAS_Z", r.get("HAS_H")))):
+                                          r.get("C", 0), r.get("BLOCK_D", 0), r.get("HAS_Z", r.get("HAS_H")),
+                                          r.get("HAS_D", False), r.get("SAVE", False))):
         lines.append(f"| {r['kernel']} | {r['sm']} | {r['dtype']} | {r.get('R', '')} | {r.get('N', '')} | "
-                     f"{r.get('LOW_RANK', '')} | {r.get('HAS_Z', r.get('HAS_H', ''))} | {r.get('C', '')} | "
+                     f"{r.get('LOW_RANK', '')} | {r.get('SAVE', '')} | {r.get('HAS_Z', r.get('HAS_H', ''))} | "
+                     f"{r.get('HAS_D', '')} | {r.get('C', '')} | "
                      f"{r.get('BLOCK_D', r.get('BLOCK_C'))} | {r.get('BLOCK_M', '')} | "
                      f"{r['registers']} | {r['spill_bytes']} |")
     path.write_text("\n".join(lines) + "\n")
@@ -282,7 +287,7 @@ def main(argv=None):
                               for kind, fused in (("scan", False), ("fused", True))}
                 for cap in TARGETS}
     fused = [dict(kernel=r["kernel"], sm=r["cap"], dtype=sorted(set(r["ptrs"].values()))[0],
-                  **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N"))},
+                  **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N", "SAVE"))},
                   **({"C": r["ints"]["C"]} if "C" in r["ints"] else {}),
                   registers=r.get("registers"), spill_bytes=r.get("spill_bytes"))
              for r in results if r["kernel"] in FUSED]
