@@ -321,14 +321,13 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
 
     @triton.jit
     def _ss2d_ckpt(ckpt_ptr, L, T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(BLOCK_D,) pointers to this program's first state in ckpt (rows BLOCK_D apart; the next, T steps on, after
-        it), stored and loaded a row at a time (_put_rows, _rows): a channel per thread, no shuffles."""
+        """(BLOCK_D,) pointers to this program's first state in ckpt: rows BLOCK_D apart, the next state after it."""
         prog = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
         return ckpt_ptr + prog * tl.cdiv(L, T) * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)
 
     @triton.jit
     def _put_rows(ptrs, x, stride, BLOCK: tl.constexpr):
-        """Row i of x (BLOCK, BD) to ptrs + i * stride, ptrs (BD,): _rows' store."""
+        """Row i of x (BLOCK, BD) to ptrs + i * stride, ptrs (BD,): _rows' store (a channel per thread, no shuffles)."""
         for i in tl.static_range(BLOCK):
             tl.store(ptrs + i * stride, tl.sum(tl.where(tl.arange(0, BLOCK)[:, None] == i, x, 0.0), axis=0))
 
@@ -396,21 +395,22 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         offs_d, offs_n, offs_r = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
         A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
-        n_seg, ckpt = tl.cdiv(L, T), _ss2d_ckpt(ckpt_ptr, L, T, BLOCK_N, BLOCK_D)   # hs: a segment's states, as ckpt
-        hs = _ss2d_ckpt(hs_ptr, T * T, T, BLOCK_N, BLOCK_D)   # T states a program
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D   # a state's rows in ckpt and hs (the forward's layout)
+        n_seg, ckpt = tl.cdiv(L, T), _ss2d_ckpt(ckpt_ptr, L, T, BLOCK_N, BLOCK_D)[None, :] + tile
+        hs = _ss2d_ckpt(hs_ptr, T * T, T, BLOCK_N, BLOCK_D)[None, :] + tile   # T states a program: a segment's
         dh, dA, dbias, dw = tl.zeros_like(A), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w)
         RP: tl.constexpr = R if LOW_RANK else 0                 # where dB starts in part
         for i in range(n_seg):
             start = (n_seg - 1 - i) * T
-            h = _rows(ckpt + (n_seg - 1 - i) * BLOCK_N * BLOCK_D, BLOCK_D, d_mask, BLOCK_N, BLOCK_N)
+            h = tl.load(ckpt + (n_seg - 1 - i) * BLOCK_N * BLOCK_D)
             n = tl.minimum(T, L - start)
             for j in range(n):                                  # the segment's states, h before step start + j
-                _put_rows(hs + j * BLOCK_N * BLOCK_D, h, BLOCK_D, BLOCK_N)
+                tl.store(hs + j * BLOCK_N * BLOCK_D, h)
                 h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h, (b * L + _ss2d_at(start + j, k, H, W)).to(
                     tl.int64), k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)[6]
             for j in range(n):                                  # backwards: dh enters as a_{t+1} * dL/dh_{t+1}
                 row = (b * L + _ss2d_at(start + n - 1 - j, k, H, W)).to(tl.int64)
-                h_prev = _rows(hs + (n - 1 - j) * BLOCK_N * BLOCK_D, BLOCK_D, d_mask, BLOCK_N, BLOCK_N)
+                h_prev = tl.load(hs + (n - 1 - j) * BLOCK_N * BLOCK_D)
                 u, raw, Bv, Cv, z, a, h = _ss2d_step(x_ptr, proj_ptr, dt_ptr, w, bias, A, h_prev, row, k, D, offs_d,
                                                      R, N, LOW_RANK, BLOCK_N, BLOCK_R)
                 dy = tl.load(dy_ptr + row * dy_pix + k * dy_k + offs_d, mask=d_mask, other=0.0).to(tl.float32)
