@@ -308,16 +308,18 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return u, dt, _rows(same + R, 1, ok, N, BLOCK_N), _rows(same + R + N, 1, ok, N, BLOCK_N)
 
     @triton.jit
-    def _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R: tl.constexpr, N: tl.constexpr, LOW_RANK: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Direction k's A = -exp(A_logs) (BN, BD; 0 where padded), dt bias (BD,) and dt weights (BR, BD; 0 unless
-        LOW_RANK), float32, from the layer's A_logs (4*D, N), bias (4, D) and w (4, D, R) in any dtype."""
+    def _ss2d_weights(w_ptr, bias_ptr, A_ptr, Ds_ptr, k, D, offs_d, R: tl.constexpr, N: tl.constexpr,
+                      LOW_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Direction k's A = -exp(A_logs) (BN, BD; 0 where padded), dt bias (BD,), dt weights (BR, BD; 0 unless
+        LOW_RANK) and skip weights (BD,), float32, from the layer's A_logs (4*D, N), bias (4, D), w (4, D, R) and Ds
+        (4*D,) in any dtype."""
         RW: tl.constexpr = R if LOW_RANK else 0
         chan, d_mask = k * D + offs_d, offs_d < D
         A = -tl.exp(_rows(A_ptr + chan * N, 1, d_mask, N, BLOCK_N).to(tl.float32))
         A = tl.where((tl.arange(0, BLOCK_N) < N)[:, None] & d_mask[None, :], A, 0.0)
         bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-        return A, bias, _rows(w_ptr + chan * R, 1, d_mask, RW, BLOCK_R).to(tl.float32)
+        skip = tl.load(Ds_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+        return A, bias, _rows(w_ptr + chan * R, 1, d_mask, RW, BLOCK_R).to(tl.float32), skip
 
     @triton.jit
     def _ss2d_ckpt(ckpt_ptr, L, T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -332,17 +334,18 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             tl.store(ptrs + i * stride, tl.sum(tl.where(tl.arange(0, BLOCK)[:, None] == i, x, 0.0), axis=0))
 
     @triton.jit
-    def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, y_ptr, ckpt_ptr, H, W, D, R: tl.constexpr,
-                         N: tl.constexpr, LOW_RANK: tl.constexpr, T: tl.constexpr, SAVE: tl.constexpr,
+    def _ss2d_fwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, Ds_ptr, y_ptr, ckpt_ptr, H, W, D,
+                         R: tl.constexpr, N: tl.constexpr, LOW_RANK: tl.constexpr, T: tl.constexpr, SAVE: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """SS2D's four scans read straight from the map; grid (batch * 4, cdiv(D, BLOCK_D)). A program walks direction
         k of a sample pixel by pixel, its (BLOCK_N, BLOCK_D) states in registers, loading the next pixel while it
         computes this one. x (B, H, W, D); proj (B, H, W, 4, R + 2N): dts, B, C; LOW_RANK: dt = softplus(w @ dts +
-        bias) here, else read from dt (B, H, W, 4, D); weights as the layer holds them. Writes y (B, H, W, 4, D) in x's
-        dtype at the pixels read; SAVE: the state before every T-th step in ckpt (programs, L/T, BLOCK_N, BLOCK_D)."""
+        bias) here, else read from dt (B, H, W, 4, D); weights as the layer holds them. Writes y (B, H, W, 4, D), with
+        the skip term Ds[k] * u, in x's dtype at the pixels read; SAVE: the state before every T-th step in ckpt
+        (programs, L/T, BLOCK_N, BLOCK_D)."""
         pid, offs_d = tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
-        A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
+        A, bias, w, skip = _ss2d_weights(w_ptr, bias_ptr, A_ptr, Ds_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
         A *= 1.4426950408889634                                 # exp(dt*A) = exp2(dt * A*log2(e))
         step, p = (1 + (k % 2) * (W - 1)) * (1 - 2 * (k // 2)), (k // 2) * (L - 1)   # +-1 or +-W; from 0 or L - 1
         nxt = _ss2d_pixel(x_ptr, proj_ptr, dt_ptr, (b * L + p).to(tl.int64), k, D, offs_d, True, R, N, LOW_RANK,
@@ -359,7 +362,7 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                               LOW_RANK, BLOCK_N, BLOCK_R)
             dt = _softplus_tl((tl.sum(w * dt.to(tl.float32), axis=0) if LOW_RANK else dt.to(tl.float32)) + bias)
             h = tl.exp2(dt[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * Bv.to(tl.float32)
-            y = tl.sum(h * Cv.to(tl.float32), axis=0)
+            y = tl.sum(h * Cv.to(tl.float32), axis=0) + skip * u.to(tl.float32)
             tl.store(y_ptr + (row * 4 + k) * D + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
 
     @triton.jit
@@ -382,23 +385,23 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return u, raw, Bv, Cv.to(tl.float32), z, a, a * h + (dt * u)[None, :] * Bv
 
     @triton.jit
-    def _ss2d_bwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, dy_ptr, ckpt_ptr, hs_ptr, dx_ptr, part_ptr,
-                         ddt_ptr, dw_ptr, dbias_ptr, dA_ptr, H, W, D, dy_pix, dy_k, R: tl.constexpr, N: tl.constexpr,
-                         LOW_RANK: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_R: tl.constexpr):
+    def _ss2d_bwd_kernel(x_ptr, proj_ptr, dt_ptr, w_ptr, bias_ptr, A_ptr, Ds_ptr, dy_ptr, ckpt_ptr, hs_ptr, dx_ptr,
+                         part_ptr, ddt_ptr, dw_ptr, dbias_ptr, dA_ptr, dDs_ptr, H, W, D, dy_pix, dy_k, R: tl.constexpr,
+                         N: tl.constexpr, LOW_RANK: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """_ss2d_fwd_kernel's backward, same grid and pixels; dy at row * dy_pix + k * dy_k. From the states the forward
         kept, a program takes direction k's segments of T steps, last first, recomputes a segment's states (hs, its
         scratch) and walks them backwards with dh = dL/dh. Writes dx (B, H, W, 4, D) and, if not LOW_RANK, dL/dz (z: dt
         before softplus) in x's dtype; float32: part (B, H, W, 4, blocks, [R +] 2N), this channel block's sums of
-        [ddts,] dB, dC; per sample dw (B, 4, D, R) (if LOW_RANK), dbias (B, 4, D), dA_logs (B, 4, N, D)."""
+        [ddts,] dB, dC; per sample dw (B, 4, D, R) (if LOW_RANK), dbias and dDs (B, 4, D), dA_logs (B, 4, N, D)."""
         pid, blk, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         offs_d, offs_n, offs_r = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
         b, k, L, d_mask = pid // 4, pid % 4, H * W, offs_d < D
-        A, bias, w = _ss2d_weights(w_ptr, bias_ptr, A_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
+        A, bias, w, skip = _ss2d_weights(w_ptr, bias_ptr, A_ptr, Ds_ptr, k, D, offs_d, R, N, LOW_RANK, BLOCK_N, BLOCK_R)
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D   # a state's rows in ckpt and hs (the forward's layout)
         n_seg, ckpt = tl.cdiv(L, T), _ss2d_ckpt(ckpt_ptr, L, T, BLOCK_N, BLOCK_D)[None, :] + tile
         hs = _ss2d_ckpt(hs_ptr, T * T, T, BLOCK_N, BLOCK_D)[None, :] + tile   # T states a program: a segment's
-        dh, dA, dbias, dw = tl.zeros_like(A), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w)
+        dh, dA, dbias, dw, dskip = tl.zeros_like(A), tl.zeros_like(A), tl.zeros_like(bias), tl.zeros_like(w), 0 * skip
         RP: tl.constexpr = R if LOW_RANK else 0                 # where dB starts in part
         for i in range(n_seg):
             start = (n_seg - 1 - i) * T
@@ -417,8 +420,8 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                 dt, dh = _softplus_tl(z), dh + dy[None, :] * Cv
                 dhb, dah = tl.sum(dh * Bv, axis=0), dh * a * h_prev     # dL/d(dt u) / B, dL/d(dt A)
                 dz = (tl.sum(dah * A, axis=0) + u * dhb) * tl.sigmoid(z)   # dL/dz, z the pre-softplus dt
-                dA, dbias, at = dA + dah * dt[None, :], dbias + dz, row * 4 + k
-                tl.store(dx_ptr + at * D + offs_d, (dt * dhb).to(dx_ptr.dtype.element_ty), mask=d_mask)
+                dA, dbias, dskip, at = dA + dah * dt[None, :], dbias + dz, dskip + dy * u, row * 4 + k
+                tl.store(dx_ptr + at * D + offs_d, (dt * dhb + skip * dy).to(dx_ptr.dtype.element_ty), mask=d_mask)
                 part = part_ptr + (at * blocks + blk) * (RP + 2 * N)
                 if LOW_RANK:
                     dw += raw * dz[None, :]
@@ -430,6 +433,7 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
                 dh = a * dh
         out, dn_mask = (b * 4 + k) * D + offs_d, (offs_n < N)[:, None] & d_mask[None, :]
         tl.store(dbias_ptr + out, dbias, mask=d_mask)
+        tl.store(dDs_ptr + out, dskip, mask=d_mask)
         dA_logs = dA * A                                        # A = -exp(A_logs)
         tl.store(dA_ptr + (b * 4 + k) * N * D + offs_n[:, None] * D + offs_d[None, :], dA_logs, mask=dn_mask)
         if LOW_RANK:
@@ -444,19 +448,17 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         return c * rstd[:, None], rstd
 
     @triton.jit
-    def _merge_norm_kernel(ys_ptr, x_ptr, z_ptr, Ds_ptr, w_ptr, b_ptr, out_ptr, m_ptr, rows, D, z_stride, eps,
-                           HAS_Z: tl.constexpr, SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out = LayerNorm(m) (* silu(z)), m = sum_k (ys[:, k] + Ds[k] * x), over D, BLOCK_M rows a program; grid
-        cdiv(rows, BLOCK_M). ys (rows, 4, D), x, out (rows, D) contiguous, z rows z_stride apart; float32 inside, out
-        x's dtype; SAVE: m (rows, D) float32 too, which the backward normalises again (_add_norm_bwd_kernel)."""
+    def _merge_norm_kernel(ys_ptr, z_ptr, w_ptr, b_ptr, out_ptr, m_ptr, rows, D, z_stride, eps, HAS_Z: tl.constexpr,
+                           SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out = LayerNorm(m) (* silu(z)), m = sum_k ys[:, k], over D, BLOCK_M rows a program; grid cdiv(rows,
+        BLOCK_M). ys (rows, 4, D), out (rows, D) contiguous, z rows z_stride apart; float32 inside, out ys's dtype;
+        SAVE: m (rows, D) float32 too, which the backward normalises again (_add_norm_bwd_kernel)."""
         offs_m, offs_d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
         col_ok, rows64 = offs_d < D, offs_m.to(tl.int64)[:, None]
         mask, at = (offs_m < rows)[:, None] & col_ok[None, :], rows64 * D + offs_d[None, :]
-        Dsum, m = tl.zeros((BLOCK_D,), tl.float32), tl.zeros((BLOCK_M, BLOCK_D), tl.float32)   # Ds: (4*D,), any dtype
+        m = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for k in tl.static_range(4):
-            Dsum += tl.load(Ds_ptr + k * D + offs_d, mask=col_ok, other=0.0).to(tl.float32)
             m += tl.load(ys_ptr + (rows64 * 4 + k) * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        m += tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) * Dsum[None, :]
         if SAVE:
             tl.store(m_ptr + at, m, mask=mask)
         w, b = tl.load(w_ptr + offs_d, mask=col_ok), tl.load(b_ptr + offs_d, mask=col_ok)
@@ -482,19 +484,16 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
         tl.store(n_ptr + at, (s_hat * w[None, :] + b.to(tl.float32)[None, :]).to(n_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _add_norm_bwd_kernel(s_ptr, dn_ptr, ds_ptr, xd_ptr, Dsum_ptr, w_ptr, dx_ptr, dh_ptr, dwb_ptr, rows, C,
-                             rows_per_program, eps, HAS_H: tl.constexpr, HAS_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
-        """Backward of _add_norm_kernel, rows_per_program rows (a multiple of BLOCK_M) a program: the gradient of s
-        (the norm's, plus ds with HAS_H) written as dx (and dh) in their dtypes; the program's sums of dn * s_hat and
-        of dn (its dw, db) in dwb[program] (programs, 2 or 3, C) float32, which the caller adds up. HAS_D (s: the
-        merge's m = ... + Dsum * xd): dh = dx * Dsum, and a third sum, of dx * xd (the gradient of Dsum)."""
+    def _add_norm_bwd_kernel(s_ptr, dn_ptr, ds_ptr, w_ptr, dx_ptr, dh_ptr, dwb_ptr, rows, C, rows_per_program, eps,
+                             HAS_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Backward of _add_norm_kernel (and of the merge's norm, on the m it kept), rows_per_program rows (a multiple
+        of BLOCK_M) a program: the gradient of s (the norm's, plus ds with HAS_H) written as dx (and dh) in their
+        dtypes; the program's sums of dn * s_hat and of dn (its dw, db) in dwb[program] (programs, 2, C) float32,
+        which the caller adds up."""
         offs_c = tl.arange(0, BLOCK_C)
         col_ok = offs_c < C
         w = tl.load(w_ptr + offs_c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        Dsum = tl.load(Dsum_ptr + offs_c, mask=col_ok & HAS_D, other=0.0).to(tl.float32)[None, :]   # HAS_D: read
-        zero = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-        dw, db, dD = zero, zero, zero
+        dw, db = tl.zeros((BLOCK_M, BLOCK_C), tl.float32), tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
         for i in range(0, rows_per_program, BLOCK_M):
             offs_m = tl.program_id(0) * rows_per_program + i + tl.arange(0, BLOCK_M)
             mask, at = (offs_m < rows)[:, None] & col_ok[None, :], offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -505,15 +504,10 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
             if HAS_H:   # the gradient of s from its other uses
                 ds += tl.load(ds_ptr + at, mask=mask, other=0.0).to(tl.float32)
                 tl.store(dh_ptr + at, ds.to(dh_ptr.dtype.element_ty), mask=mask)
-            if HAS_D:
-                dD += ds * tl.load(xd_ptr + at, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dh_ptr + at, (ds * Dsum).to(dh_ptr.dtype.element_ty), mask=mask)
             tl.store(dx_ptr + at, ds.to(dx_ptr.dtype.element_ty), mask=mask)
-        SUMS: tl.constexpr = 3 if HAS_D else 2
-        at = tl.program_id(0) * SUMS * C + offs_c
+        at = tl.program_id(0) * 2 * C + offs_c
         tl.store(dwb_ptr + at, tl.sum(dw, axis=0), mask=col_ok)
         tl.store(dwb_ptr + at + C, tl.sum(db, axis=0), mask=col_ok)
-        tl.store(dwb_ptr + at + 2 * C, tl.sum(dD, axis=0), mask=col_ok & HAS_D)
 
     return locals()
 
@@ -745,7 +739,7 @@ def _ss2d_tiles(x: Tensor, w_proj: Tensor, w_dt: Tensor, dt_bias: Tensor, A: Ten
     return merged
 
 
-# --- SS2D on the fused Triton kernels: the scan reads the map in place, one kernel merges, adds D*x and normalises.
+# --- SS2D on the fused Triton kernels: the scan reads the map in place (and adds D*x), one kernel merges, normalises.
 def _ss2d_blocks(D: int, N: int, R: int, backward: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_D, BLOCK_N, BLOCK_R) of _ss2d_fwd_kernel (or _ss2d_bwd_kernel), a channel per thread (num_warps =
     BLOCK_D / 32). BLOCK_R = 0: dt from a GEMM (16 more bytes an element) above ranks 32 (16 at N > 4; 8 at N > 8 in
@@ -761,25 +755,26 @@ def _dt_gemm(dts: Tensor, w_dt: Tensor) -> Tensor:   # (B, H, W, 4, R), (4, D, R
 _SS2D_SEGMENT = 32   # steps between the states the forward keeps for the backward: L/32 per (N, channel)
 
 
-def _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, save):   # ys and the states kept (empty unless save); its fake
+def _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, Ds, save):   # ys and the states kept (empty unless save); fake
     (b, h, w, d), (block_d, block_n, _) = x.shape, _ss2d_blocks(x.shape[3], A_logs.shape[1], w_dt.shape[2])
     shape = (b * 4 * -(-d // block_d), -(-h * w // _SS2D_SEGMENT), block_n, block_d) if save else (0,)
     return x.new_empty((b, h, w, 4, d)), x.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan", mutates_args=())
-def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor,
+def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor, Ds: Tensor,
                save: bool) -> Tuple[Tensor, Tensor]:
-    """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), and SS2D's w_dt (4, D, R), bias (4, D), A_logs (4*D, N)
-    as they are (read by the kernel in their dtype) -> ys (B, H, W, 4, D) in x's dtype: direction k's outputs at the
-    pixels they came from, without the D term; and with ``save`` every 32nd state, which the backward starts from."""
+    """x (B, H, W, D), proj (B, H, W, 4, R + 2N) (dts, B, C), and SS2D's w_dt (4, D, R), bias (4, D), A_logs (4*D, N),
+    Ds (4*D,) as they are (read by the kernel in their dtype) -> ys (B, H, W, 4, D) in x's dtype: direction k's
+    outputs, D term included, at the pixels they came from; with ``save`` every 32nd state, for the backward."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
-    (block_d, block_n, block_r), (ys, ckpt) = _ss2d_blocks(d, n, r), _ss2d_scan_outputs(x, proj, w_dt, 0, A_logs, save)
+    block_d, block_n, block_r = _ss2d_blocks(d, n, r)
+    ys, ckpt = _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, Ds, save)
     dt = proj if block_r else _dt_gemm(proj[..., :r], w_dt)         # (B, H, W, 4, D)
     _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
-        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), ys,
-        ckpt if save else ys, h, w, d, r, n, LOW_RANK=block_r > 0, T=_SS2D_SEGMENT, SAVE=save, BLOCK_D=block_d,
-        BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
+        Ds.contiguous(), ys, ckpt if save else ys, h, w, d, r, n, LOW_RANK=block_r > 0, T=_SS2D_SEGMENT, SAVE=save,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
     return ys, ckpt
 
 
@@ -787,8 +782,8 @@ _ss2d_scan.register_fake(_ss2d_scan_outputs)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::ss2d_scan_bwd", mutates_args=())
-def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor,
-                   ckpt: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tensor, Ds: Tensor,
+                   ckpt: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`_ss2d_scan`'s inputs from dys (B, H, W, 4, D) and the states it kept (ckpt), by
     _ss2d_bwd_kernel; here, the sums of its partial results over channel blocks and samples (deterministic, no
     atomics), and for a GEMM'd dt its products with dts and w_dt."""
@@ -801,20 +796,21 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
     hs = torch.empty((b * 4 * blocks, seg, block_n, block_d), **f32)   # each program's scratch: a segment's states
     dxs, ddt = x.new_empty((b, h, w, 4, d)), x.new_empty((1,) if low else (b, h, w, 4, d))
     part = torch.empty((b, h, w, 4, blocks, (r if low else 0) + 2 * n), **f32)
-    dw, dbias, dA = (torch.empty((b, 4, *shape), **f32) for shape in ((d, r if low else 1), (d,), (n, d)))
+    dw, dbias, dA, dDs = (torch.empty((b, 4, *shape), **f32) for shape in ((d, r if low else 1), (d,), (n, d), (d,)))
     _triton_kernels().ss2d_bwd_kernel[(b * 4, blocks)](
-        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(), dys,
-        ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, h, w, d, dys.stride(2), dys.stride(3), r, n,
+        x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
+        Ds.contiguous(), dys, ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, dDs, h, w, d, dys.stride(2),
+        dys.stride(3), r, n,
         LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
     dw_dt = dw.sum(0) if low else torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])   # (4, D, R)
     if not low:   # the gradient of dts through the GEMM'd dt
         dproj = torch.cat([torch.einsum("bhwkd,kdr->bhwkr", ddt, w_dt.to(ddt.dtype)).float(), dproj], -1)
     return (dxs.sum(3), dproj.to(proj.dtype), dw_dt.to(w_dt.dtype).contiguous(), dbias.sum(0).to(bias.dtype),
-            dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A_logs.dtype))
+            dA.sum(0).transpose(1, 2).reshape(4 * d, n).to(A_logs.dtype), dDs.sum(0).view(-1).to(Ds.dtype))
 
 
-_ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs[:5]))
+_ss2d_scan_bwd.register_fake(lambda dys, *inputs: tuple(t.new_empty(t.shape) for t in inputs[:6]))
 
 
 def _saved(ctx, tensors, output, save, **info):   # for setup_context: tensors, the states or map kept (save), info
@@ -829,7 +825,7 @@ def _ss2d_scan_backward(ctx, dys, _):
 
 
 _ss2d_scan.register_autograd(_ss2d_scan_backward, setup_context=lambda ctx, inputs, output: _saved(
-    ctx, inputs[:5], output, inputs[5]))
+    ctx, inputs[:6], output, inputs[6]))
 
 
 def _norm_blocks(c: int) -> Tuple[int, int]:   # (BLOCK_M, BLOCK_C) of the add_norm kernels: ~16 values a thread
@@ -854,26 +850,24 @@ def _add_norm(x: Tensor, h: Optional[Tensor], weight: Tensor, bias: Tensor, eps:
     return s, n
 
 
-def _add_norm_grads(s, dn, ds, xd, Dsum, weight, eps, x_dtype, h_dtype):   # as _add_norm_bwd returns them; its fake
+def _add_norm_grads(s, dn, ds, weight, eps, x_dtype, h_dtype):   # as _add_norm_bwd returns them; its fake
     return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape if h_dtype else 0, dtype=h_dtype or x_dtype),
-            s.new_empty((2 if xd is None else 3, s.shape[1]), dtype=torch.float32))
+            s.new_empty((2, s.shape[1]), dtype=torch.float32))
 
 
 @torch.library.custom_op(f"{_OPS_NS}::add_norm_bwd", mutates_args=())
-def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], xd: Optional[Tensor], Dsum: Optional[Tensor],
-                  weight: Tensor, eps: float, x_dtype: torch.dtype,
+def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], weight: Tensor, eps: float, x_dtype: torch.dtype,
                   h_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
     """_add_norm's gradients from s (rows, C), the normalised input, in one kernel: dx, dh (empty without h), (dw, db)
-    float32; for the merge (s = m = ... + Dsum * xd), dh = dx * Dsum and dDsum too. Sums: of at most ~4096 programs'
-    partial sums, added here (deterministic, unlike float atomics; a few rows of C against the map's millions)."""
+    float32. Sums: of at most ~4096 programs' partial sums, added here (deterministic, unlike float atomics; a few
+    rows of C against the map's millions)."""
     (rows, c), (block_m, block_c) = s.shape, _norm_blocks(s.shape[1])
     per_program = -(-rows // min(-(-rows // block_m), 4096) // block_m) * block_m   # rows, a multiple of block_m
-    dx, dh, sums = _add_norm_grads(s, dn, ds, xd, Dsum, weight, eps, x_dtype, h_dtype)
-    dwb = s.new_empty((-(-rows // per_program), *sums.shape), dtype=torch.float32)   # each program's dw, db[, dDsum]
+    dx, dh, sums = _add_norm_grads(s, dn, ds, weight, eps, x_dtype, h_dtype)
+    dwb = s.new_empty((-(-rows // per_program), *sums.shape), dtype=torch.float32)   # each program's dw, db
     _triton_kernels().add_norm_bwd_kernel[(len(dwb),)](
-        s, dn.contiguous(), dn if ds is None else ds.contiguous(), dn if xd is None else xd.contiguous(),
-        weight if Dsum is None else Dsum, weight, dx, dh if h_dtype else dx, dwb, rows, c, per_program, eps,
-        HAS_H=ds is not None, HAS_D=xd is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        s, dn.contiguous(), dn if ds is None else ds.contiguous(), weight, dx, dh if h_dtype else dx, dwb, rows, c,
+        per_program, eps, HAS_H=ds is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return dx, dh, dwb.sum(0)
 
 
@@ -889,7 +883,7 @@ def _add_norm_setup_context(ctx, inputs, output):
 def _add_norm_backward(ctx, ds, dn):
     s, weight = ctx.saved_tensors                                     # the normalised input, (rows, C)
     has_h = ctx.dtypes[1] is not None
-    dx, dh, dwb = _add_norm_bwd(s, dn, ds if has_h else None, None, None, weight, ctx.eps, *ctx.dtypes)
+    dx, dh, dwb = _add_norm_bwd(s, dn, ds if has_h else None, weight, ctx.eps, *ctx.dtypes)
     dw, db = dwb.to(weight.dtype)
     return dx.view(ctx.shape), dh.view(ctx.shape) if has_h else None, dw, db, None, None
 
@@ -898,22 +892,22 @@ _add_norm.register_fake(_add_norm_outputs)
 _add_norm.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
 
 
-def _merge_norm_outputs(ys, x, z, Ds, weight, bias, eps, save):   # out and m (empty unless save); its fake
-    m = (x.numel() // x.shape[-1], x.shape[-1]) if save else (0,)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(m, dtype=torch.float32)
+def _merge_norm_outputs(ys, z, weight, bias, eps, save):   # out and m (empty unless save); its fake
+    (*pixels, _, d), rows = ys.shape, ys.numel() // ys.shape[-1] // 4
+    return ys.new_empty((*pixels, d)), ys.new_empty((rows, d) if save else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_OPS_NS}::merge_norm", mutates_args=())
-def _merge_norm(ys: Tensor, x: Tensor, z: Optional[Tensor], Ds: Tensor, weight: Tensor, bias: Tensor, eps: float,
+def _merge_norm(ys: Tensor, z: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
                 save: bool) -> Tuple[Tensor, Tensor]:
-    """LayerNorm(m) * silu(z) (no z: no gate), m = ys.sum(3) + Ds.view(4, D).sum(0) * x: ys (B, H, W, 4, D), x, z
-    (B, H, W, D) -> x's dtype; with ``save`` also m (rows, D) float32, for the backward (else empty)."""
-    (out, m), d = _merge_norm_outputs(ys, x, z, Ds, weight, bias, eps, save), x.shape[-1]
-    zs = x if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
-    rows, (block_m, block_d) = x.numel() // d, _norm_blocks(d)
+    """LayerNorm(m) * silu(z) (no z: no gate), m = ys.sum(3): ys (B, H, W, 4, D), z (B, H, W, D) -> ys's dtype;
+    with ``save`` also m (rows, D) float32, for the backward (else empty)."""
+    (out, m), d = _merge_norm_outputs(ys, z, weight, bias, eps, save), ys.shape[-1]
+    zs = out if z is None else (z if z.stride(-1) == 1 else z.contiguous()).reshape(-1, d)   # rows zs.stride(0) apart
+    rows, (block_m, block_d) = out.numel() // d, _norm_blocks(d)
     _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
-        ys.contiguous(), x.contiguous(), zs, Ds.contiguous(), weight, bias, out, m if save else out, rows, d,
-        zs.stride(0), eps, HAS_Z=z is not None, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+        ys.contiguous(), zs, weight, bias, out, m if save else out, rows, d, zs.stride(0), eps, HAS_Z=z is not None,
+        SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out, m
 
 
@@ -921,24 +915,23 @@ _merge_norm.register_fake(_merge_norm_outputs)
 
 
 def _merge_norm_backward(ctx, g, _):
-    """LayerNorm's backward on the m the forward kept, with the D term's gradients, in the add_norm kernel; a gate's
-    in torch ops (out = y * silu(z), y = norm(m) again; silu'(z) = s * (1 + z * (1 - s)))."""
+    """LayerNorm's backward on the m the forward kept, in the add_norm kernel; a gate's in torch ops (out = y *
+    silu(z), y = norm(m) again; silu'(z) = s * (1 + z * (1 - s)))."""
     if not ctx.saved:
         raise RuntimeError("the fused merge's backward needs a forward with save=True")
-    (x, z, Ds, weight, bias, m), eps, (ys_shape, ys_dtype) = ctx.saved_tensors, ctx.info["eps"], ctx.info["ys"]
+    (z, weight, bias, m), eps, (ys_shape, ys_dtype) = ctx.saved_tensors, ctx.info["eps"], ctx.info["ys"]
     g, dz = g.reshape(m.shape), None
     if z is not None:
         y, zf = F.layer_norm(m, m.shape[-1:], weight.float(), bias.float(), eps), z.reshape(m.shape).float()
         s = torch.sigmoid(zf)
         g, dz = g * zf * s, (g * y * s * (1 + zf * (1 - s))).to(z.dtype).view(z.shape)
-    Dsum = Ds.float().view(4, -1).sum(0)                              # every direction's D * u lands on its pixel
-    dm, dx, (dw, db, dDsum) = _add_norm_bwd(m, g, None, x.reshape(m.shape), Dsum, weight, eps, ys_dtype, x.dtype)
-    return (dm.view(x.shape).unsqueeze(3).expand(ys_shape), dx.view(x.shape), dz, dDsum.to(Ds.dtype).repeat(4),
-            dw.to(weight.dtype), db.to(bias.dtype), None, None)
+    dm, _, (dw, db) = _add_norm_bwd(m, g, None, weight, eps, ys_dtype, None)
+    dys = dm.view(*ys_shape[:3], 1, ys_shape[4]).expand(ys_shape)   # the same gradient for every direction
+    return dys, dz, dw.to(weight.dtype), db.to(bias.dtype), None, None
 
 
 _merge_norm.register_autograd(_merge_norm_backward, setup_context=lambda ctx, inputs, output: _saved(
-    ctx, inputs[1:6], output, inputs[7], eps=inputs[6], ys=(inputs[0].shape, inputs[0].dtype)))   # m, not ys
+    ctx, inputs[1:4], output, inputs[5], eps=inputs[4], ys=(inputs[0].shape, inputs[0].dtype)))   # m, not ys
 
 
 def _fused_norm(x: Tensor, norm: nn.LayerNorm, h: Optional[Tensor] = None, wide: bool = False) -> Tuple[Tensor, Tensor]:
@@ -956,10 +949,10 @@ def _ss2d_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_pr
     """:func:`ss2d_core` on the fused kernels; with ``norm``, ``norm(core) * silu(z)`` (z optional) in the merge."""
     proj = torch.einsum("bhwd,kcd->bhwkc", x, x_proj_weight.to(x.dtype))   # (B, H, W, 4, R + 2N), per pixel
     save = torch.is_grad_enabled()   # keep what the backward starts from: the scans' states, the merged map
-    ys = _ss2d_scan(x, proj, dt_projs_weight, dt_projs_bias, A_logs, save)[0]   # the weights as they are
-    if norm is None:   # every direction's D * u lands on its pixel
-        return torch.addcmul(ys.sum(3, dtype=torch.float32), x, Ds.float().view(4, -1).sum(0)).to(x.dtype)
-    return _merge_norm(ys, x, z, Ds, norm.weight, norm.bias, norm.eps, save)[0]   # (B, H, W, D)
+    ys = _ss2d_scan(x, proj, dt_projs_weight, dt_projs_bias, A_logs, Ds, save)[0]   # the weights as they are
+    if norm is None:
+        return ys.sum(3, dtype=torch.float32).to(x.dtype)
+    return _merge_norm(ys, z, norm.weight, norm.bias, norm.eps, save)[0]   # (B, H, W, D)
 
 
 def _ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,

@@ -1,4 +1,4 @@
-"""SS2D's fused Triton path (the scan reading the map in place, then one kernel for the merge, the D term,
+"""SS2D's fused Triton path (the scan reading the map in place, its D term included, then one kernel for the merge,
 out_norm and the gate) against the torch backend, under the Triton interpreter on CPU (conftest.py sets
 TRITON_INTERPRET=1); and where a layer's scan path is decided (construction, moves, set_backend), never in
 forward. Sizes are tiny: the interpreter runs the sequential scan a step at a time."""
@@ -70,14 +70,14 @@ def test_fused_ss2d_matches_torch(forward_type, N, dtype, H, W, grads, d_model, 
         assert rel(got, want) < (1e-4 if dtype == torch.float32 else 5e-2), name
 
 
-def ss2d_scan_ref(x, proj, w_dt, bias, A_logs):
+def ss2d_scan_ref(x, proj, w_dt, bias, A_logs, Ds):
     """ss2d_scan through the float64 oracle: the four sequences, dt = w_dt @ dts, outputs back on their pixels."""
     (b, h, w, d), r, n = x.shape, w_dt.shape[2], A_logs.shape[1]
     dts, Bs, Cs = vmamba._to_sequences(proj.double()).split([r, n, n], -1)   # (B, L, 4, R|N|N)
     u = vmamba._to_sequences(x.double()).permute(0, 2, 3, 1).flatten(1, 2)    # (B, 4*D, L)
     delta = torch.einsum("blkr,kdr->bkdl", dts, w_dt.double()).flatten(1, 2)
     y = vmamba.selective_scan_ref(u, delta, -torch.exp(A_logs.double()), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
-                                  delta_bias=bias.flatten(), delta_softplus=True).view(b, 4, d, -1)
+                                  Ds.double(), delta_bias=bias.flatten(), delta_softplus=True).view(b, 4, d, -1)
     pixel = vmamba._to_sequences(torch.arange(h * w).view(1, h, w, 1))[0, :, :, 0]   # (L, 4): step -> pixel
     return torch.stack([y[:, k][..., pixel[:, k].argsort()].transpose(1, 2) for k in range(4)], 2).view(b, h, w, 4, d)
 
@@ -101,12 +101,13 @@ def test_fused_scan_backward_matches_float64(batch, H, W, D, N, R, dtype, broadc
     monkeypatch.setattr(vmamba, "_SS2D_SEGMENT", 4)   # segments of 4 steps: several of them on tiny maps
     torch.manual_seed(0)
     inputs = [torch.randn(batch, H, W, D).to(dtype), torch.randn(batch, H, W, 4, R + 2 * N).to(dtype),
-              (torch.randn(4, D, R) / R ** 0.5).to(dtype), torch.randn(4, D), torch.randn(4 * D, N) / 2]
+              (torch.randn(4, D, R) / R ** 0.5).to(dtype), torch.randn(4, D), torch.randn(4 * D, N) / 2,
+              torch.rand(4 * D) + 0.5]
     inputs = [t.requires_grad_() for t in inputs]
     dys = torch.randn(batch, H, W, 1 if broadcast else 4, D).to(dtype).expand(batch, H, W, 4, D)
     got = torch.autograd.grad(vmamba._ss2d_scan(*inputs, True)[0], inputs, dys)
     want = torch.autograd.grad(ss2d_scan_ref(*inputs), inputs, dys.double())
-    for name, g, ref in zip(("x", "proj", "w_dt", "bias", "A_logs"), got, want):
+    for name, g, ref in zip(("x", "proj", "w_dt", "bias", "A_logs", "Ds"), got, want):
         assert g.dtype == ref.dtype and g.shape == ref.shape, name
         assert rel(g, ref) < (1e-5 if dtype == torch.float32 else 2e-2), name
 
@@ -143,9 +144,9 @@ def test_fused_scan_finite_under_strong_decay():
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
 
 
-def merge_norm_reference(ys, x, z, Ds, weight, bias, eps):
-    """_merge_norm's math in float64: LayerNorm(ys.sum(-2) + Ds.view(4, D).sum(0) * x) * silu(z), ys (..., 4, D)."""
-    m = ys.double().sum(-2) + Ds.double().view(4, -1).sum(0) * x.double()
+def merge_norm_reference(ys, z, weight, bias, eps):
+    """_merge_norm's math in float64: LayerNorm(ys.sum(-2)) * silu(z), ys (..., 4, D)."""
+    m = ys.double().sum(-2)
     y = torch.nn.functional.layer_norm(m, m.shape[-1:], weight.double(), bias.double(), eps)
     return y if z is None else y * torch.nn.functional.silu(z.double())
 
@@ -160,27 +161,26 @@ MERGE_NORM_CASES = [(d, shape, dtype) for d, shape in ((4, (2, 5, 7)), (7, (1, 3
 @pytest.mark.parametrize("D,shape,dtype", MERGE_NORM_CASES)
 def test_merge_norm_gradients_match_float64(D, shape, dtype, gated):
     """The merge_norm op's backward (the add_norm kernel on the merged map the forward kept; every input's gradient)
-    against float64 autograd of the same math; z a strided view, as SS2D's gate is; Ds (4*D,) float32."""
+    against float64 autograd of the same math; z a strided view, as SS2D's gate is."""
     g = torch.Generator().manual_seed(D)
     ys = (torch.randn(*shape, 4, D, generator=g) + 0.5).to(dtype).requires_grad_()
-    x = torch.randn(*shape, D, generator=g).to(dtype).requires_grad_()
     z = torch.randn(*shape, 2 * D, generator=g).to(dtype).chunk(2, -1)[1].requires_grad_() if gated else None
-    Ds = (torch.rand(4 * D, generator=g) + 0.5).requires_grad_()
     weight, bias = ((torch.rand(D, generator=g) + s).to(dtype).requires_grad_() for s in (0.5, -0.5))
-    out = vmamba._merge_norm(ys, x, z, Ds, weight, bias, 1e-5, True)[0]
+    out = vmamba._merge_norm(ys, z, weight, bias, 1e-5, True)[0]
+    assert out.shape == (*shape, D) and out.dtype == dtype
     dout = torch.randn(out.shape, generator=g).to(dtype)
-    inputs = [t for t in (ys, x, z, Ds, weight, bias) if t is not None]
+    inputs = [t for t in (ys, z, weight, bias) if t is not None]
     got = torch.autograd.grad(out, inputs, dout)
     leaves = [t.detach().double().requires_grad_() for t in inputs]
-    args = leaves[:2] + ([leaves[2]] if gated else [None]) + leaves[2 + gated:]
+    args = leaves[:1] + ([leaves[1]] if gated else [None]) + leaves[1 + gated:]
     want = torch.autograd.grad(merge_norm_reference(*args, 1e-5), leaves, dout.double())
-    names = ["ys", "x"] + (["z"] if gated else []) + ["Ds", "weight", "bias"]
+    names = ["ys"] + (["z"] if gated else []) + ["weight", "bias"]
     assert got[0].stride(3) == 0   # one gradient for the four directions, read in place by the scan's backward
     for name, t, a, b in zip(names, inputs, got, want):
         assert a.dtype == t.dtype and a.shape == t.shape, name
         assert rel(a, b) < (1e-5 if a.dtype == torch.float32 else 1e-2), name
     with pytest.raises(RuntimeError, match="save=True"):   # inference keeps no merged map: no backward
-        torch.autograd.grad(vmamba._merge_norm(ys, x, z, Ds, weight, bias, 1e-5, False)[0], inputs, dout)
+        torch.autograd.grad(vmamba._merge_norm(ys, z, weight, bias, 1e-5, False)[0], inputs, dout)
 
 
 @pytest.mark.triton
@@ -190,19 +190,19 @@ def test_fused_ops_registrations_and_compile():
     x = torch.randn(1, 3, 2, 4, requires_grad=True)
     proj = torch.randn(1, 3, 2, 4, 2 + 2 * 2, requires_grad=True)
     w_dt, bias = torch.randn(4, 4, 2, requires_grad=True), torch.randn(4, 4, requires_grad=True)
-    A_logs = torch.randn(16, 2, requires_grad=True)
-    ys, ckpt = ops.ss2d_scan(x, proj, w_dt, bias, A_logs, True)
+    A_logs, Ds = torch.randn(16, 2, requires_grad=True), torch.rand(16, requires_grad=True)
+    ys, ckpt = ops.ss2d_scan(x, proj, w_dt, bias, A_logs, Ds, True)
     assert ys.shape == (1, 3, 2, 4, 4) and ys.is_contiguous() and ckpt.shape == (4, 1, 2, 32)   # (programs, L/32, N, BD)
     with pytest.raises(RuntimeError, match="save=True"):   # inference keeps no states: no backward
-        torch.autograd.grad(ops.ss2d_scan(x, proj, w_dt, bias, A_logs, False)[0].sum(), x)
+        torch.autograd.grad(ops.ss2d_scan(x, proj, w_dt, bias, A_logs, Ds, False)[0].sum(), x)
     z = torch.randn(1, 3, 2, 8).chunk(2, -1)[1].requires_grad_()   # a strided view, as SS2D's gate is
-    Ds, w, b = torch.rand(16, requires_grad=True), torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
-    for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A_logs, True)),
-                     (ops.merge_norm, (ys.detach(), x, z, Ds, w, b, 1e-5, True)),
-                     (ops.merge_norm, (ys.detach(), x, None, Ds, w, b, 1e-5, True))):
+    w, b = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
+    for op, args in ((ops.ss2d_scan, (x, proj, w_dt, bias, A_logs, Ds, True)),
+                     (ops.merge_norm, (ys.detach(), z, w, b, 1e-5, True)),
+                     (ops.merge_norm, (ys.detach(), None, w, b, 1e-5, True))):
         torch.library.opcheck(op.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    inputs = [t.detach() for t in (x, proj, w_dt, bias, A_logs, ckpt)]
+    inputs = [t.detach() for t in (x, proj, w_dt, bias, A_logs, Ds, ckpt)]
     for dys in (torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 2, 1, 4).expand(1, 3, 2, 4, 4)):   # the backward's op
         torch.library.opcheck(ops.ss2d_scan_bwd.default, (dys, *inputs), test_utils=("test_schema", "test_faketensor"))
     _, fused = layer_pair("v0", 2)

@@ -97,20 +97,18 @@ def merge_norm_job(vmamba, D, gated, save, cap, dtype):
     block_m, block_d = vmamba._norm_blocks(D)
     return dict(kernel="_merge_norm_kernel", cap=cap, ints=dict(rows=128 * 56 * 56, D=D, z_stride=2 * D),
                 floats=("eps",), consts=dict(HAS_Z=gated, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d),
-                ptrs={name: dtype for name in ("ys_ptr", "x_ptr", "z_ptr", "out_ptr")})   # m float32
+                ptrs={name: dtype for name in ("ys_ptr", "z_ptr", "out_ptr")})   # m float32
 
 
 def add_norm_job(vmamba, kernel, C, has_h, cap, dtype, merge=False):
     """The block's add + LayerNorm (forward or backward) at C channels: residual stream float32, activations dtype;
-    ``merge``: the backward as the merge's (s: the merged map, float32; D term; gradients in dtype)."""
+    ``merge``: the backward as the merge's (s: the merged map, float32; its gradient in dtype)."""
     block_m, block_c = vmamba._norm_blocks(C)
     ints = dict(rows=128 * 56 * 56, C=C) if kernel == "_add_norm_kernel" else dict(rows=128 * 56 * 56, C=C,
                                                                                   rows_per_program=4 * block_m)
     consts = dict(HAS_H=has_h, BLOCK_M=block_m, BLOCK_C=block_c)
-    if kernel == "_add_norm_bwd_kernel":
-        consts["HAS_D"] = merge
-    names = ("dn_ptr", "xd_ptr", "dx_ptr", "dh_ptr") if merge else ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")
-    return dict(kernel=kernel, cap=cap, ints=ints, floats=("eps",), consts=consts,
+    names = ("dn_ptr", "dx_ptr") if merge else ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")
+    return dict(kernel=kernel, cap=cap, ints=ints, floats=("eps",), consts=consts, merge=merge,
                 ptrs={name: dtype for name in names})
 
 
@@ -135,8 +133,8 @@ def fused_jobs(vmamba, inference=True):
             jobs.append(ss2d_job(vmamba, D, N, R, cap, dtype, backward, save))
     for cap, dtype, D, gated, save in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS, (False, True), saves):
         jobs.append(merge_norm_job(vmamba, D, gated, save, cap, dtype))
-    for cap, dtype, D in itertools.product(TARGETS, ("fp32", "bf16"), SS2D_DIMS):   # the merge's backward
-        jobs.append(add_norm_job(vmamba, "_add_norm_bwd_kernel", D, False, cap, dtype, merge=True))
+    for cap, D in itertools.product(TARGETS, SS2D_DIMS):   # the merge's backward (float32: as the blocks' norms')
+        jobs.append(add_norm_job(vmamba, "_add_norm_bwd_kernel", D, False, cap, "bf16", merge=True))
     for cap, dtype, C, has_h, kernel in itertools.product(TARGETS, ("fp32", "bf16", "fp16"), NORM_DIMS, (False, True),
                                                           ("_add_norm_kernel", "_add_norm_bwd_kernel")):
         key = (cap, dtype, has_h, kernel, C % 16 == 0, *vmamba._norm_blocks(C))   # what the compilation depends on
@@ -244,16 +242,17 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
              "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
              "VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
              "blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations float32, "
-             "bfloat16 or float16) and the merge's backward on the same kernel (HAS_D). SAVE: as training runs the "
-             "forward kernels (keeping states or the merged map).", "",
-             "| kernel | sm | dtype | R | N | LOW_RANK | SAVE | HAS_Z / HAS_H | HAS_D | C | BLOCK_D / BLOCK_C | BLOCK_M | "
-             "registers | spill bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bfloat16 or float16) and the merge's backward on the same kernel (merge: the float32 merged map in, "
+             "its gradient out in the activations' dtype). SAVE: as training runs the forward kernels (keeping "
+             "states or the merged map).", "",
+             "| kernel | sm | dtype | R | N | LOW_RANK | SAVE | HAS_Z / HAS_H | C | BLOCK_D / BLOCK_C | BLOCK_M | "
+             "registers | spill bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
                                           r.get("C", 0), r.get("BLOCK_D", 0), r.get("HAS_Z", r.get("HAS_H")),
-                                          r.get("HAS_D", False), r.get("SAVE", False))):
+                                          r.get("SAVE", False))):
         lines.append(f"| {r['kernel']} | {r['sm']} | {r['dtype']} | {r.get('R', '')} | {r.get('N', '')} | "
                      f"{r.get('LOW_RANK', '')} | {r.get('SAVE', '')} | {r.get('HAS_Z', r.get('HAS_H', ''))} | "
-                     f"{r.get('HAS_D', '')} | {r.get('C', '')} | "
+                     f"{r.get('C', '')} | "
                      f"{r.get('BLOCK_D', r.get('BLOCK_C'))} | {r.get('BLOCK_M', '')} | "
                      f"{r['registers']} | {r['spill_bytes']} |")
     path.write_text("\n".join(lines) + "\n")
@@ -286,7 +285,8 @@ def main(argv=None):
                                         for r in results)
                               for kind, fused in (("scan", False), ("fused", True))}
                 for cap in TARGETS}
-    fused = [dict(kernel=r["kernel"], sm=r["cap"], dtype=sorted(set(r["ptrs"].values()))[0],
+    fused = [dict(kernel=r["kernel"] + (" (merge)" if r.get("merge") else ""), sm=r["cap"],
+                  dtype=sorted(set(r["ptrs"].values()))[0],
                   **{k: v for k, v in r["consts"].items() if k.startswith(("BLOCK", "LOW", "HAS", "R", "N", "SAVE"))},
                   **({"C": r["ints"]["C"]} if "C" in r["ints"] else {}),
                   registers=r.get("registers"), spill_bytes=r.get("spill_bytes"))

@@ -97,14 +97,15 @@ def ss2d_old(t, m, layer):
 
 
 def ss2d_new(t, m, layer, fused_norms):
-    """The fused path: the scan reads the map in place; one kernel merges, adds D*x, normalises and gates."""
+    """The fused path: the scan reads the map in place and adds D*x to each direction; one kernel merges, normalises
+    and gates."""
     d, n, r, p = ss2d_front(t, m, layer, BF16 if fused_norms else F32)
     if vmamba._ss2d_blocks(d, n, r)[2]:   # dt made inside the scan
         t.add("fused SS2D scan kernel", 4 * m * d * BF16 + m * 4 * p * BF16, 4 * m * d * BF16, True)
     else:                                 # dt (B, H, W, 4, D) from a GEMM, read by the scan
         t.add("GEMM (dt_projs, channels-last)", m * 4 * r * BF16, m * 4 * d * BF16, True)
         t.add("fused SS2D scan kernel", 4 * m * d * BF16 * 2 + m * 4 * p * BF16, 4 * m * d * BF16, True)
-    t.add("merge + D + out_norm (+ gate) kernel", 4 * m * d * BF16 + m * d * BF16 * (2 if layer.gated else 1),
+    t.add("merge + out_norm (+ gate) kernel", 4 * m * d * BF16 + m * d * BF16 * (1 if layer.gated else 0),
           m * d * BF16, True)
     matmul(t, "out_proj", m, d, layer.out_proj.out_features, BF16, True)
 
@@ -114,17 +115,18 @@ def fuses_norms(block):
     return block.mlp is not None and not block.post_norm
 
 
-def ss2d_front_backward(t, m, layer, out_proj_in, in_proj_in=F32):
+def ss2d_front_backward(t, m, layer, out_proj_in, in_proj_in=F32, extra_add=True):
     """The gradients through out_proj, x_proj, SiLU, the depthwise conv and in_proj: the same kernels in both paths
-    but for the casts (``out_proj_in``, ``in_proj_in``: the dtypes out_proj and in_proj read). Each GEMM's backward
-    is two GEMMs (dgrad, wgrad)."""
+    but for the casts (``out_proj_in``, ``in_proj_in``: the dtypes out_proj and in_proj read) and the adds of x's
+    gradients: the scan's (or merge's), x_proj's and, with ``extra_add``, the D term's. Each GEMM's backward is two
+    GEMMs (dgrad, wgrad)."""
     c, d, n, r = layer.in_proj.in_features, layer.d_inner, layer.d_state, layer.dt_rank
     c_out, zx, p = layer.out_proj.out_features, layer.in_proj.out_features, r + 2 * n
     t.add("GEMM backward (out_proj)", m * c_out * BF16 * 2 + m * d * BF16, m * d * BF16, True)
     if out_proj_in != BF16:
         t.add("cast backward (out_proj)", m * d * BF16, m * d * out_proj_in, True)
     t.add("GEMM backward (x_proj)", m * 4 * p * BF16 * 2 + m * d * BF16, m * d * BF16, True)
-    t.add("add (gradients of x)", 2 * 2 * m * d * BF16, 2 * m * d * BF16, True)   # scan or merge, D term, x_proj
+    t.add("add (gradients of x)", 2 * m * d * BF16 * (1 + extra_add), m * d * BF16 * (1 + extra_add), True)
     t.add("SiLU backward", 2 * m * d * BF16, m * d * BF16, True)
     t.add("depthwise conv2d backward", 3 * m * d * BF16, m * d * BF16, True)
     t.add("GEMM backward (in_proj)", m * zx * BF16 * 2 + m * c * BF16, m * c * BF16, True)
@@ -154,10 +156,9 @@ def ss2d_old_backward(t, m, layer):
 
 def ss2d_new_backward(t, m, layer, fused_norms):
     """The fused path's backward. In training the merge kernel keeps its merged map m (float32), whose LayerNorm
-    backward, with the D term's gradients, is the add + LayerNorm backward kernel (a gate's gradients are torch ops,
-    float32); then the fused scan backward kernel. The scan's forward keeps every 32nd state of each direction in
-    training (written there, read here once). From
-    them the backward kernel sweeps each direction twice, per segment of 32 steps: the recomputation and the backward
+    backward is the add + LayerNorm backward kernel (a gate's gradients are torch ops, float32); then the fused scan
+    backward kernel, which also takes the D term's gradients. The scan's forward keeps every 32nd state of each
+    direction in training (written there, read here once). From them the backward kernel sweeps each direction twice, per segment of 32 steps: the recomputation and the backward
     step; the second reads what the first read 32 steps earlier, and the segment's states (32 x N x 64 floats a
     program) are re-read at once, so both count as L2 traffic, not HBM. It writes dx per direction in bfloat16 and
     partial sums over 64-channel blocks of ddts, dB and dC in float32."""
@@ -168,7 +169,7 @@ def ss2d_new_backward(t, m, layer, fused_norms):
         for name, read, write in [("LayerNorm of m", f, f), ("cast of z", h, f), ("sigmoid", f, f),
                                   ("g * z * s", h + 2 * f, 2 * f), ("dz", 9 * f, 5 * f), ("cast of dz", f, h)]:
             t.add(f"gate backward (torch ops: {name})", read, write, True)
-    t.add("merge + out_norm backward (add + LayerNorm backward kernel)", f + (f if layer.gated else h) + h, 2 * h, True)
+    t.add("merge + out_norm backward (add + LayerNorm backward kernel)", f + (f if layer.gated else h), h, True)
     block_d, _, block_r = vmamba._ss2d_blocks(d, n, r, backward=True)
     low, parts = block_r > 0, 4 * m * (d // block_d) * (2 * n + (r if block_r else 0)) * F32   # partial sums
     states = 4 * m * d * n * F32 / vmamba._SS2D_SEGMENT   # every 32nd state of each direction
@@ -180,7 +181,7 @@ def ss2d_new_backward(t, m, layer, fused_norms):
           + (0 if low else 4 * h), 4 * h + parts + (0 if low else 4 * h), True)   # x, proj, dy, [dt]
     t.add("sum of dx over directions", 4 * h, h, True)
     t.add("sum of partial ddts, dB, dC over channel blocks", parts, parts / (d // block_d) / 2, True)
-    ss2d_front_backward(t, m, layer, BF16, BF16 if fused_norms else F32)
+    ss2d_front_backward(t, m, layer, BF16, BF16 if fused_norms else F32, extra_add=False)
 
 
 def block_rest(t, m, block, fused_norms=False):

@@ -14,7 +14,7 @@ script; its numbers mean nothing.
 1. Correctness at VMamba-T sizes, float32 and bfloat16 inputs: selective_scan with the
    triton and torch backends against the float64 selective_scan_ref (y, last state and the
    gradients of every input); SS2D layers at VMamba-T's stage shapes on the fused Triton path
-   (the scan reading the map in place; merge, D term, out_norm and gate in one kernel) against
+   (the scan reading the map in place, D term included; merge, out_norm and gate in one kernel) against
    the torch backend (output and all gradients); one small model of each zoo family, forward
    and backward, triton against torch on the same weights (logits in float32; logits and every
    weight gradient in a float64 copy of the model, where only the scans round to float32).
@@ -237,8 +237,8 @@ def check_scans(run, torch, vmamba, cfg, device):
 
 
 def check_ss2d(run, torch, vmamba, cfg, device):
-    """One SS2D layer per shape, its fused Triton path (scan reading the map in place, then merge, D term,
-    out_norm and gate in one kernel) against the torch backend on the same weights: output, and the gradients of
+    """One SS2D layer per shape, its fused Triton path (scan reading the map in place, D term included, then
+    merge, out_norm and gate in one kernel) against the torch backend on the same weights: output, and the gradients of
     the input and of every parameter. bfloat16 under autocast, where the fused path rounds each direction's
     output to bfloat16 before the merge: 3e-2 on the output, 5e-2 on gradients."""
     for forward_type, n, ratio, b, h, w, c in cfg["ss2d"]:
