@@ -28,6 +28,42 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))   # in case torch was 
 # defined (at import of vmamba). The "auto" backend on CPU stays pure PyTorch regardless.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _helpers_without_repatching():
+    """The interpreter patches the triton.language modules a kernel's globals hold when the kernel starts, and again
+    at every call of a jit helper inside it (an inspect.getmembers over the language: ~1 ms a call, most of an
+    interpreted fused kernel's time), which nothing undoes before the kernel ends. Here a helper call repeats it only
+    for globals (a module: vmamba's, triton's standard library) not patched yet in the running kernel; the rest of
+    the repeats set what is set already. Where triton's interpreter is laid out otherwise, nothing is changed."""
+    try:
+        from triton.runtime import interpreter
+        launch, helper_call = interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__
+        patch, running = interpreter._patch_lang, []
+    except (ImportError, AttributeError):
+        return
+
+    def run_kernel(self, *args, **kwargs):
+        running.append({id(self.fn.__globals__)})   # the globals patched in this kernel
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    def call_helper(self, *args, **kwargs):
+        previous, done = interpreter._patch_lang, bool(running) and id(self.fn.__globals__) in running[-1]
+        if running:
+            running[-1].add(id(self.fn.__globals__))
+        interpreter._patch_lang = (lambda fn: None) if done else patch
+        try:
+            return helper_call(self, *args, **kwargs)
+        finally:
+            interpreter._patch_lang = previous
+
+    interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__ = run_kernel, call_helper
+
+
+_helpers_without_repatching()
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = Path(__file__).resolve().parent / "data"
@@ -76,6 +112,13 @@ class PeakBytes(TorchFunctionMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
         return out
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pytest.ini): a worker per core, at most 4 (each holds torch and its own Triton and inductor
+    caches; the tests are single-threaded, see OMP_NUM_THREADS above)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 def pytest_collection_modifyitems(config, items):
