@@ -753,6 +753,8 @@ def _dt_gemm(dts: Tensor, w_dt: Tensor) -> Tensor:   # (B, H, W, 4, R), (4, D, R
 
 
 _SS2D_SEGMENT = 32   # steps between the states the forward keeps for the backward: L/32 per (N, channel)
+_MAXNREG = 255       # register caps: the fused scans' (the hardware's), the norm kernels' (4 warps, 4 blocks an SM);
+_NORM_MAXNREG = 128  # without a cap ptxas may spill to fit more blocks, under these it needs no spill
 
 
 def _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, Ds, save):   # ys and the states kept (empty unless save); fake
@@ -774,7 +776,7 @@ def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tens
     _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
         x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
         Ds.contiguous(), ys, ckpt if save else ys, h, w, d, r, n, LOW_RANK=block_r > 0, T=_SS2D_SEGMENT, SAVE=save,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32, maxnreg=_MAXNREG)
     return ys, ckpt
 
 
@@ -801,7 +803,8 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
         x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
         Ds.contiguous(), dys, ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, dDs, h, w, d, dys.stride(2),
         dys.stride(3), r, n,
-        LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
+        LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32,
+        maxnreg=_MAXNREG)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
     dw_dt = dw.sum(0) if low else torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])   # (4, D, R)
     if not low:   # the gradient of dts through the GEMM'd dt
@@ -846,7 +849,7 @@ def _add_norm(x: Tensor, h: Optional[Tensor], weight: Tensor, bias: Tensor, eps:
     block_m, block_c = _norm_blocks(c)
     _triton_kernels().add_norm_kernel[(-(-n.numel() // c // block_m),)](
         x.contiguous(), x if h is None else h.contiguous(), weight, bias, s, n, n.numel() // c, c, eps,
-        HAS_H=h is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        HAS_H=h is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4, maxnreg=_NORM_MAXNREG)
     return s, n
 
 
@@ -867,7 +870,7 @@ def _add_norm_bwd(s: Tensor, dn: Tensor, ds: Optional[Tensor], weight: Tensor, e
     dwb = s.new_empty((-(-rows // per_program), *sums.shape), dtype=torch.float32)   # each program's dw, db
     _triton_kernels().add_norm_bwd_kernel[(len(dwb),)](
         s, dn.contiguous(), dn if ds is None else ds.contiguous(), weight, dx, dh if h_dtype else dx, dwb, rows, c,
-        per_program, eps, HAS_H=ds is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        per_program, eps, HAS_H=ds is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4, maxnreg=_NORM_MAXNREG)
     return dx, dh, dwb.sum(0)
 
 
@@ -907,7 +910,7 @@ def _merge_norm(ys: Tensor, z: Optional[Tensor], weight: Tensor, bias: Tensor, e
     rows, (block_m, block_d) = out.numel() // d, _norm_blocks(d)
     _triton_kernels().merge_norm_kernel[(-(-rows // block_m),)](
         ys.contiguous(), zs, weight, bias, out, m if save else out, rows, d, zs.stride(0), eps, HAS_Z=z is not None,
-        SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+        SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, maxnreg=_NORM_MAXNREG)
     return out, m
 
 

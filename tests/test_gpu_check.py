@@ -27,7 +27,7 @@ def test_no_cuda_exits_2_with_message(tmp_path):
 def test_small_mode_runs_every_section(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")
     pytest.importorskip("timm", reason="timm is not installed")
-    proc = run_script("--small", "--budget", "120", "--out", str(tmp_path))
+    proc = run_script("--small", "--budget", "150", "--out", str(tmp_path))   # room for a busy machine
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["ok"] and data["info"]["small"]

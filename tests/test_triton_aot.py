@@ -15,7 +15,8 @@ targets with float32, bfloat16 and float16 inputs. The fused SS2D kernels (scan,
 backward, and merge + LayerNorm) are compiled at every configuration their dispatcher chooses
 for VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16) on both
 targets (the test: the forward scan and merge as training runs them, keeping states or the merged
-map, which is their inference code plus stores; ``--fused`` without ``--training``: both), and
+map, which is their inference code plus stores, one rank where dt comes from a GEMM and no float16
+norms, ``--training --representative``; ``--fused`` alone: every configuration), and
 must show no spill or stack bytes under ``ptxas -v``; the fused forward scan also
 no barrier and no shuffle in its PTX (the backward sums over channels: it has both). The blocks'
 add + LayerNorm kernels, forward and backward, at C = 48..1536, with and without the residual,
@@ -218,7 +219,9 @@ def compile_job(job):
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", job["cap"], 32),
-                                  options={"num_warps": job.get("num_warps", NUM_WARPS)})
+                                  options={"num_warps": job.get("num_warps", NUM_WARPS),   # as vmamba launches
+                                           **({"maxnreg": vmamba._MAXNREG if "ss2d" in job["kernel"]
+                                               else vmamba._NORM_MAXNREG} if job["kernel"] in FUSED else {})})
         cubin, shared = compiled.asm.get("cubin"), compiled.metadata.shared
         result.update(cubin_bytes=len(cubin or b""), shared=shared, **resources(compiled.asm["ptx"], job["cap"]))
         if not cubin:
