@@ -753,8 +753,8 @@ def _dt_gemm(dts: Tensor, w_dt: Tensor) -> Tensor:   # (B, H, W, 4, R), (4, D, R
 
 
 _SS2D_SEGMENT = 32   # steps between the states the forward keeps for the backward: L/32 per (N, channel)
-_MAXNREG = 255       # register caps: the fused scans' (the hardware's), the norm kernels' (4 warps, 4 blocks an SM);
-_NORM_MAXNREG = 128  # without a cap ptxas may spill to fit more blocks, under these it needs no spill
+_MAXNREG = 255       # register caps: the backward scan's (the hardware's), the norm kernels' (4 warps, 4 blocks an
+_NORM_MAXNREG = 128  # SM); without one ptxas may spill a few bytes to fit more blocks (the forward scan needs none)
 
 
 def _ss2d_scan_outputs(x, proj, w_dt, bias, A_logs, Ds, save):   # ys and the states kept (empty unless save); fake
@@ -776,7 +776,7 @@ def _ss2d_scan(x: Tensor, proj: Tensor, w_dt: Tensor, bias: Tensor, A_logs: Tens
     _triton_kernels().ss2d_fwd_kernel[(b * 4, -(-d // block_d))](
         x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
         Ds.contiguous(), ys, ckpt if save else ys, h, w, d, r, n, LOW_RANK=block_r > 0, T=_SS2D_SEGMENT, SAVE=save,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32, maxnreg=_MAXNREG)
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32)
     return ys, ckpt
 
 

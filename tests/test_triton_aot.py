@@ -220,8 +220,9 @@ def compile_job(job):
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", job["cap"], 32),
                                   options={"num_warps": job.get("num_warps", NUM_WARPS),   # as vmamba launches
-                                           **({"maxnreg": vmamba._MAXNREG if "ss2d" in job["kernel"]
-                                               else vmamba._NORM_MAXNREG} if job["kernel"] in FUSED else {})})
+                                           **({"maxnreg": vmamba._MAXNREG} if job["kernel"] == "_ss2d_bwd_kernel"
+                                              else {"maxnreg": vmamba._NORM_MAXNREG} if "norm" in job["kernel"]
+                                              else {})})
         cubin, shared = compiled.asm.get("cubin"), compiled.metadata.shared
         result.update(cubin_bytes=len(cubin or b""), shared=shared, **resources(compiled.asm["ptx"], job["cap"]))
         if not cubin:
