@@ -247,7 +247,8 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
     command = "python tests/test_triton_aot.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["# Registers of the fused kernels (sm_80, sm_90)", "",
              f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
-             "the PTX triton generates; no GPU involved). One row per configuration the dispatcher can choose for "
+             "the PTX triton generates, with the register caps vmamba launches them with: 255 for the backward "
+             "scan, 128 for the norm kernels; no GPU involved). One row per configuration the dispatcher can choose for "
              "VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
              "blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations float32, "
              "bfloat16 or float16) and the merge's backward on the same kernel (merge: the float32 merged map in, "
