@@ -248,12 +248,12 @@ def write_markdown(path, fused, triton_version, ptxas_version, argv):
     lines = ["# Registers of the fused kernels (sm_80, sm_90)", "",
              f"`{command}` on {datetime.date.today()}: triton {triton_version}, ptxas {ptxas_version} (`ptxas -v` on "
              "the PTX triton generates, with the register caps vmamba launches them with: 255 for the backward "
-             "scan, 128 for the norm kernels; no GPU involved). One row per configuration the dispatcher can choose for "
-             "VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations), and for the "
-             "blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations float32, "
-             "bfloat16 or float16) and the merge's backward on the same kernel (merge: the float32 merged map in, "
-             "its gradient out in the activations' dtype). SAVE: as training runs the forward kernels (keeping "
-             "states or the merged map).", "",
+             "scan, 128 for the norm kernels; no GPU involved). One row per configuration the dispatcher can "
+             "choose for VMamba (D = 96..1536, N = 1, 4, 8 and 16, ranks 6..48, float32 and bfloat16 activations),"
+             " and for the blocks' add + LayerNorm kernels (C = 48..1536, residual stream float32, activations "
+             "float32, bfloat16 or float16) and the merge's backward on the same kernel (merge: the float32 merged"
+             " map in, its gradient out in the activations' dtype). SAVE: as training runs the forward kernels "
+             "(keeping states or the merged map).", "",
              "| kernel | sm | dtype | R | N | LOW_RANK | SAVE | HAS_Z / HAS_H | C | BLOCK_D / BLOCK_C | BLOCK_M | "
              "registers | spill bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(fused, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r.get("N", 0), r.get("R", 0),
@@ -307,7 +307,8 @@ def main(argv=None):
         write_markdown(args.markdown, fused, triton.__version__, version.strip().splitlines()[-1], argv)
     print(json.dumps(dict(
         triton=triton.__version__, ptxas=f"{ptxas}: {version.strip().splitlines()[-1]}", tiles=n_tiles,
-        jobs=len(jobs), compiled=compiled, failed=failed, fused=fused, slowest=sorted(results, key=lambda r: -r["seconds"])[:3],
+        jobs=len(jobs), compiled=compiled, failed=failed, fused=fused,
+        slowest=sorted(results, key=lambda r: -r["seconds"])[:3],
         seconds=round(time.perf_counter() - start, 1))))
     return 1 if failed else 0
 
