@@ -802,9 +802,8 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
     _triton_kernels().ss2d_bwd_kernel[(b * 4, blocks)](
         x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
         Ds.contiguous(), dys, ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, dDs, h, w, d, dys.stride(2),
-        dys.stride(3), r, n,
-        LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1), num_warps=block_d // 32,
-        maxnreg=_MAXNREG)
+        dys.stride(3), r, n, LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
+        num_warps=block_d // 32, maxnreg=_MAXNREG)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
     dw_dt = dw.sum(0) if low else torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])   # (4, D, R)
     if not low:   # the gradient of dts through the GEMM'd dt
