@@ -753,7 +753,7 @@ def _dt_gemm(dts: Tensor, w_dt: Tensor) -> Tensor:   # (B, H, W, 4, R), (4, D, R
 
 
 _SS2D_SEGMENT = 32   # steps between the states the forward keeps for the backward: L/32 per (N, channel)
-_MAXNREG = 255       # register caps: the backward scan's (the hardware's), the norm kernels' (4 warps, 4 blocks an
+_BWD_MAXNREG = 255   # register caps: the backward scan's (the hardware's), the norm kernels' (4 warps, 4 blocks an
 _NORM_MAXNREG = 128  # SM); without one ptxas may spill a few bytes to fit more blocks (the forward scan needs none)
 
 
@@ -803,7 +803,7 @@ def _ss2d_scan_bwd(dys: Tensor, x: Tensor, proj: Tensor, w_dt: Tensor, bias: Ten
         x.contiguous(), proj.contiguous(), dt, w_dt.contiguous(), bias.contiguous(), A_logs.contiguous(),
         Ds.contiguous(), dys, ckpt.contiguous(), hs, dxs, part, ddt, dw, dbias, dA, dDs, h, w, d, dys.stride(2),
         dys.stride(3), r, n, LOW_RANK=low, T=seg, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=max(block_r, 1),
-        num_warps=block_d // 32, maxnreg=_MAXNREG)
+        num_warps=block_d // 32, maxnreg=_BWD_MAXNREG)
     dproj = part.sum(4)                                               # (B, H, W, 4, [R +] 2N)
     dw_dt = dw.sum(0) if low else torch.einsum("bhwkd,bhwkr->kdr", ddt, proj[..., :r])   # (4, D, R)
     if not low:   # the gradient of dts through the GEMM'd dt

@@ -90,13 +90,15 @@ def ss2d_job(vmamba, D, N, R, cap, dtype, backward=False, save=False):
         job["kernel"] = "_ss2d_bwd_kernel"
         del job["consts"]["SAVE"]
         job["ints"].update(dy_pix=D, dy_k=0)
+        job["maxnreg"] = vmamba._BWD_MAXNREG
         job["ptrs"] = {name: dtype for name in ("x_ptr", "proj_ptr", "dt_ptr", "dy_ptr", "dx_ptr", "ddt_ptr")}
     return job
 
 
 def merge_norm_job(vmamba, D, gated, save, cap, dtype):
     block_m, block_d = vmamba._norm_blocks(D)
-    return dict(kernel="_merge_norm_kernel", cap=cap, ints=dict(rows=128 * 56 * 56, D=D, z_stride=2 * D),
+    return dict(kernel="_merge_norm_kernel", cap=cap, maxnreg=vmamba._NORM_MAXNREG,
+                ints=dict(rows=128 * 56 * 56, D=D, z_stride=2 * D),
                 floats=("eps",), consts=dict(HAS_Z=gated, SAVE=save, BLOCK_M=block_m, BLOCK_D=block_d),
                 ptrs={name: dtype for name in ("ys_ptr", "z_ptr", "out_ptr")})   # m float32
 
@@ -109,7 +111,8 @@ def add_norm_job(vmamba, kernel, C, has_h, cap, dtype, merge=False):
                                                                                   rows_per_program=4 * block_m)
     consts = dict(HAS_H=has_h, BLOCK_M=block_m, BLOCK_C=block_c)
     names = ("dn_ptr", "dx_ptr") if merge else ("h_ptr", "n_ptr", "dn_ptr", "dh_ptr")
-    return dict(kernel=kernel, cap=cap, ints=ints, floats=("eps",), consts=consts, merge=merge,
+    return dict(kernel=kernel, cap=cap, maxnreg=vmamba._NORM_MAXNREG, ints=ints, floats=("eps",), consts=consts,
+                merge=merge,
                 ptrs={name: dtype for name in names})
 
 
@@ -220,9 +223,7 @@ def compile_job(job):
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", job["cap"], 32),
                                   options={"num_warps": job.get("num_warps", NUM_WARPS),   # as vmamba launches
-                                           **({"maxnreg": vmamba._MAXNREG} if job["kernel"] == "_ss2d_bwd_kernel"
-                                              else {"maxnreg": vmamba._NORM_MAXNREG} if "norm" in job["kernel"]
-                                              else {})})
+                                           "maxnreg": job.get("maxnreg")})
         cubin, shared = compiled.asm.get("cubin"), compiled.metadata.shared
         result.update(cubin_bytes=len(cubin or b""), shared=shared, **resources(compiled.asm["ptx"], job["cap"]))
         if not cubin:

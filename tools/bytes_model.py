@@ -158,10 +158,11 @@ def ss2d_new_backward(t, m, layer, fused_norms):
     """The fused path's backward. In training the merge kernel keeps its merged map m (float32), whose LayerNorm
     backward is the add + LayerNorm backward kernel (a gate's gradients are torch ops, float32); then the fused scan
     backward kernel, which also takes the D term's gradients. The scan's forward keeps every 32nd state of each
-    direction in training (written there, read here once). From them the backward kernel sweeps each direction twice, per segment of 32 steps: the recomputation and the backward
-    step; the second reads what the first read 32 steps earlier, and the segment's states (32 x N x 64 floats a
-    program) are re-read at once, so both count as L2 traffic, not HBM. It writes dx per direction in bfloat16 and
-    partial sums over 64-channel blocks of ddts, dB and dC in float32."""
+    direction in training (written there, read here once). From them the backward kernel sweeps each direction
+    twice, per segment of 32 steps: the recomputation and the backward step; the second reads what the first read 32
+    steps earlier, and the segment's states (32 x N x 64 floats a program) are re-read at once, so both count as L2
+    traffic, not HBM. It writes dx per direction in bfloat16 and partial sums over 64-channel blocks of ddts, dB and
+    dC in float32."""
     d, n, r = layer.d_inner, layer.d_state, layer.dt_rank
     f, h = m * d * F32, m * d * BF16
     t.add("merge kernel: the merged map kept for the backward", 0, f, True)
