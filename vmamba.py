@@ -512,12 +512,16 @@ def _define_triton_kernels() -> Dict[str, Any]:  # run by _triton_kernels(), wit
     return locals()
 
 
+def _require_triton() -> None:
+    if not _HAS_TRITON:
+        raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
+
+
 @functools.cache
 def _triton_kernels() -> types.SimpleNamespace:
     """Import triton and define the kernels (once), or raise saying how to install it. The definitions run with
     triton and tl in a globals dict of their own, where the interpreter also finds the helpers a kernel calls."""
-    if not _HAS_TRITON:
-        raise RuntimeError(f"backend 'triton' is not available; install it with: {_INSTALL_HINTS['triton']}")
+    _require_triton()
     import triton, triton.language as tl
     scope = dict(globals(), triton=triton, tl=tl)
     kernels = types.FunctionType(_define_triton_kernels.__code__, scope)()
@@ -598,8 +602,8 @@ def _resolve_backend(backend: str, device: torch.device, ss2d: bool = False) -> 
                                f"install it with: {_INSTALL_HINTS['mamba_ssm']}")
         if device.type != "cuda":
             raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got tensors on {device}")
-    if backend == "triton" and not _triton_usable(device):
-        _triton_kernels()
+    if backend == "triton" and not _triton_usable(device):   # kernels defined here would stay so (not interpreted)
+        _require_triton()
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {device}")
     return backend
 

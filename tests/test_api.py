@@ -105,11 +105,15 @@ def test_bad_inputs_fail_clearly(x, error, match):
         model(x)
 
 
-def test_backend_selection_errors():
+def test_backend_selection_errors(monkeypatch):
     u = torch.randn(1, 8, 5)
     args = (u, u, -torch.ones(8, 2), torch.randn(1, 4, 2, 5), torch.randn(1, 4, 2, 5))
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         vmamba.selective_scan(*args, backend="cuda")
+    with monkeypatch.context() as patch:   # without triton: how to install it
+        patch.setattr(vmamba, "_HAS_TRITON", False)
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available; install it with"):
+            vmamba.selective_scan(*args, backend="triton")
     if vmamba._mamba_selective_scan_fn is None:
         with pytest.raises(RuntimeError, match="pip install mamba-ssm"):
             vmamba.selective_scan(*args, backend="mamba_ssm")

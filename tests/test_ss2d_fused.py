@@ -230,11 +230,13 @@ def test_scan_path_is_decided_at_build_move_and_set_backend(monkeypatch):
         vmamba.set_backend(None)
     layer.backend = "triton"
     assert layer._path == "triton"
+    vmamba._triton_kernels.cache_clear()
     monkeypatch.delenv("TRITON_INTERPRET")                          # a move decides again: triton cannot run here
     layer.float()
     assert layer._path is None
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         layer(torch.randn(1, 2, 2, 4))
+    assert vmamba._triton_kernels.cache_info().currsize == 0        # none defined here, to stay uninterpreted
     layer.backend = "torch"
     assert layer._path == "torch" and layer(torch.randn(1, 2, 2, 4)).shape == (1, 2, 2, 4)
     with pytest.raises(ValueError, match="unknown backend"):
